@@ -1,0 +1,160 @@
+"""Capture each block's real call (its arguments and output) with hooks, and re-call a block as a function.
+
+:func:`probe_mode` puts a model into the state a probe needs (eval, differentiable attention, no
+parameter gradients) and restores the caller's state afterwards. :func:`capture_block_calls` runs one
+sequence through the model and records, for every block, the hidden-state input, the other positional and
+keyword arguments (masks, rotary embeddings, position ids), and the hidden-state output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignscope.models import CACHE_KWARGS, BlockAdapter
+
+
+@dataclass
+class BlockCall:
+    """One recorded block call for a batch of one sequence.
+
+    ``input`` and ``output``: ``[1, T, d]`` hidden states; ``args``: positional arguments after the hidden
+    states; ``kwargs``: keyword arguments (the hidden states removed if they were passed by keyword).
+    """
+
+    input: Tensor
+    output: Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+    hidden_keyword: bool = False
+
+
+@contextlib.contextmanager
+def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
+    """Eval mode, ``attention`` implementation (``"eager"`` default, or ``"sdpa"`` with the math kernel),
+    no parameter gradients; the model's training flags, attention setting and ``requires_grad`` flags are
+    restored on exit, also after an error. Parameter values are never touched."""
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"attention must be 'eager' or 'sdpa' (math kernel), got {attention!r}")
+    training = {m: m.training for m in model.modules()}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    config = getattr(model, "config", None)
+    previous_attn = getattr(config, "_attn_implementation", None)
+    switched = False
+    try:
+        model.eval()
+        for p in requires_grad:
+            p.requires_grad_(False)
+        if (
+            previous_attn is not None
+            and previous_attn != attention
+            and hasattr(model, "set_attn_implementation")
+        ):
+            model.set_attn_implementation(attention)
+            switched = True
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
+            yield
+    finally:
+        if switched:
+            model.set_attn_implementation(previous_attn)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def capture_block_calls(
+    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, input_ids: Tensor
+) -> list[BlockCall]:
+    """Run ``input_ids`` (``[1, T]``) through ``model`` and record every block's call, in block order."""
+    records: list[dict[str, Any]] = [{} for _ in blocks]
+    handles = []
+
+    def pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kw = dict(kwargs)
+            if args:
+                hidden, rest, by_keyword = args[0], tuple(args[1:]), False
+            else:
+                hidden, rest, by_keyword = kw.pop("hidden_states"), (), True
+            records[index].update(input=hidden.detach(), args=rest, kwargs=kw, hidden_keyword=by_keyword)
+
+        return hook
+
+    def post_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            records[index]["output"] = adapter.hidden_from_output(output).detach()
+
+        return hook
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, **_forward_kwargs(model))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i, r in enumerate(records) if "output" not in r]
+    if missing:
+        raise RuntimeError(
+            f"blocks {missing} were not called during the forward pass; the adapter's block list does not "
+            "match the model's forward"
+        )
+    return [BlockCall(**r) for r in records]
+
+
+def _prepare(value: Any, n: int, dtype: torch.dtype) -> Any:
+    """Broadcast a captured argument from batch 1 to batch ``n`` and cast floating tensors to ``dtype``."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            value = value.to(dtype)
+        if value.ndim >= 2 and value.shape[0] == 1 and n != 1:
+            value = value.expand(n, *value.shape[1:])
+        return value
+    if isinstance(value, tuple):
+        return tuple(_prepare(v, n, dtype) for v in value)
+    if isinstance(value, list):
+        return [_prepare(v, n, dtype) for v in value]
+    return value
+
+
+def block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
+    """The block as a function ``[n, T, d] -> [n, T, d]`` of its hidden-state input, every other argument
+    as captured (no KV cache). If the block's parameters are not in ``dtype``, a cast copy is called."""
+    param = next(block.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        block = copy.deepcopy(block).to(dtype)
+    kwargs = dict(call.kwargs)
+    for name in CACHE_KWARGS:
+        if name in kwargs:
+            kwargs[name] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+
+    def fn(hidden: Tensor) -> Tensor:
+        n = hidden.shape[0]
+        args = _prepare(call.args, n, dtype)
+        kw = _prepare(kwargs, n, dtype)
+        if call.hidden_keyword:
+            out = block(*args, hidden_states=hidden, **kw)
+        else:
+            out = block(hidden, *args, **kw)
+        return adapter.hidden_from_output(out)
+
+    return fn

@@ -1,0 +1,139 @@
+"""Jacobian engines: the derivative of one block's output at a token w.r.t. its input at a token.
+
+An engine sees a block only as a function ``block_fn: [n, T, d] -> [n, T, d]`` (a batch of ``n`` copies of
+one sequence) and the block input ``x: [T, d]`` of that sequence. For each requested pair ``k`` it returns
+``d y[t_out_k] / d x[t_in_k]`` (``d x d``, rows index output coordinates), every other token's input held fixed
+at its value in ``x``. The identity is *not* subtracted here (see :func:`residual_jacobian`).
+
+Engines are interchangeable behind :class:`JacobianEngine`; the metrics never see how a Jacobian was made.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+BlockFn = Callable[[Tensor], Tensor]
+"""A block as a function of its hidden-state input: ``[n, T, d] -> [n, T, d]``."""
+
+
+@runtime_checkable
+class JacobianEngine(Protocol):
+    """Computes token-to-token Jacobians of one block for one sequence."""
+
+    name: str
+
+    def __call__(self, block_fn: BlockFn, x: Tensor, t_in: Tensor, t_out: Tensor) -> Tensor:
+        """Return ``[n, d, d]`` with ``out[k, a, b] = d block_fn(x)[t_out[k], a] / d x[t_in[k], b]``.
+
+        ``x``: ``[T, d]``; ``t_in``, ``t_out``: ``[n]`` integer positions.
+        """
+        ...
+
+
+@dataclass
+class ReverseModeEngine:
+    """Exact Jacobians by reverse mode over the rows of the identity, through the full-sequence block call.
+
+    One forward pass per group of token pairs (each pair is one copy of the sequence in the batch, with its
+    own input row as the variable), then ``d / chunk_size`` vector-Jacobian products, each batched over
+    ``chunk_size`` identity rows (``is_grads_batched``; ``vectorize=False`` uses a plain loop of
+    ``torch.autograd.grad``, one row at a time). The graph is retained across the products and freed after
+    each group, so memory is bounded by about ``chunk_size * copies * T`` activation rows.
+
+    Args:
+        chunk_size: identity rows per vector-Jacobian product.
+        vectorize: batch the rows with ``is_grads_batched`` (falls back to the loop if vmap fails).
+        max_rows: upper bound on ``chunk_size * copies * T``, which sets how many token pairs share one
+            forward pass.
+    """
+
+    chunk_size: int = 32
+    vectorize: bool = True
+    max_rows: int = 16384
+    name: str = "reverse"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.max_rows, int) or self.max_rows < 1:
+            raise ValueError(f"max_rows must be a positive integer, got {self.max_rows!r}")
+
+    def __call__(self, block_fn: BlockFn, x: Tensor, t_in: Tensor, t_out: Tensor) -> Tensor:
+        if x.ndim != 2:
+            raise ValueError(f"x must be [T, d], got shape {tuple(x.shape)}")
+        t_in = torch.as_tensor(t_in, dtype=torch.long, device=x.device).reshape(-1)
+        t_out = torch.as_tensor(t_out, dtype=torch.long, device=x.device).reshape(-1)
+        if t_in.shape != t_out.shape:
+            raise ValueError("t_in and t_out must have the same length")
+        seq_len, d = x.shape
+        chunk = min(self.chunk_size, d)
+        group = max(1, self.max_rows // (seq_len * (chunk if self.vectorize else 1)))
+        out = x.new_empty(len(t_in), d, d)
+        for start in range(0, len(t_in), group):
+            sl = slice(start, start + group)
+            out[sl] = self._group(block_fn, x, t_in[sl], t_out[sl], chunk)
+        return out
+
+    def _group(self, block_fn: BlockFn, x: Tensor, t_in: Tensor, t_out: Tensor, chunk: int) -> Tensor:
+        n, (seq_len, d) = len(t_in), x.shape
+        rows = torch.arange(n, device=x.device)
+        with torch.enable_grad():
+            variable = x.detach()[t_in].clone().requires_grad_(True)  # [n, d]
+            hidden = x.detach().unsqueeze(0).repeat(n, 1, 1).index_put((rows, t_in), variable)
+            y = block_fn(hidden)[rows, t_out]  # [n, d]
+        jac = x.new_zeros(n, d, d)
+        if not y.requires_grad:  # output does not depend on the variable (e.g. a token that cannot see t_in)
+            return jac
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        vectorize = self.vectorize
+        for r0 in range(0, d, chunk if vectorize else 1):
+            r1 = min(d, r0 + (chunk if vectorize else 1))
+            if vectorize:
+                try:
+                    g = eye[r0:r1, None, :].expand(r1 - r0, n, d)
+                    (grad,) = torch.autograd.grad(
+                        y, variable, g, retain_graph=True, is_grads_batched=True, allow_unused=True
+                    )
+                    if grad is not None:
+                        jac[:, r0:r1] = grad.transpose(0, 1)
+                    continue
+                except RuntimeError as err:  # an op without a batching rule: fall back to the plain loop
+                    warnings.warn(f"vectorized VJP failed ({err}); falling back to a row loop", stacklevel=2)
+                    vectorize = False
+            for r in range(r0, r1):
+                (grad,) = torch.autograd.grad(
+                    y, variable, eye[r].expand(n, d), retain_graph=True, allow_unused=True
+                )
+                if grad is not None:
+                    jac[:, r] = grad
+        return jac
+
+
+def residual_jacobian(jacobian: Tensor) -> Tensor:
+    """``J - I`` for ``[..., d, d]`` Jacobians of a block's output w.r.t. the same token's input."""
+    d = jacobian.shape[-1]
+    return jacobian - torch.eye(d, dtype=jacobian.dtype, device=jacobian.device)
+
+
+ENGINES: dict[str, Callable[..., JacobianEngine]] = {"reverse": ReverseModeEngine}
+
+
+def make_engine(engine: str | JacobianEngine | None = None, **options) -> JacobianEngine:
+    """An engine by name (``"reverse"``) or pass-through of an engine instance; ``None`` gives the default."""
+    if engine is None:
+        engine = "reverse"
+    if isinstance(engine, str):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown Jacobian engine {engine!r}; choose one of {sorted(ENGINES)}")
+        return ENGINES[engine](**options)
+    if options:
+        raise ValueError("engine options can only be given with an engine name, not an engine instance")
+    if not isinstance(engine, JacobianEngine):
+        raise TypeError(f"engine must be a name or a JacobianEngine, got {type(engine).__name__}")
+    return engine

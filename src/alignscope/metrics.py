@@ -1,0 +1,201 @@
+"""Metrics on residual Jacobians and token trajectories (plain torch; definitions as in DESIGN.md).
+
+Conventions: ``L`` blocks, model width ``d``; Jacobians are residual Jacobians ``J = dx^l/dx^{l-1} - I``.
+A value that cannot be computed (non-finite input, a degenerate fit) is NaN, never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SVD(NamedTuple):
+    """``J = U diag(S) V^T``; singular values descending. Shapes ``[..., d, d]``, ``[..., d]``, ``[..., d, d]``."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+
+def svd(jacobians: Tensor) -> SVD:
+    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors."""
+    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
+    safe = torch.where(finite[..., None, None], jacobians, torch.zeros_like(jacobians))
+    U, S, Vh = torch.linalg.svd(safe, full_matrices=True)
+    V = Vh.transpose(-2, -1)
+    nan = torch.tensor(float("nan"), dtype=jacobians.dtype, device=jacobians.device)
+    U = torch.where(finite[..., None, None], U, nan)
+    V = torch.where(finite[..., None, None], V, nan)
+    S = torch.where(finite[..., None], S, nan)
+    return SVD(U, S, V)
+
+
+def _check_k(k: int, d: int) -> int:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"K must be a positive integer, got {k!r}")
+    return min(k, d)
+
+
+def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD | None = None) -> Tensor:
+    """Coupling ``m_K`` for every ordered block pair: ``[L, d, d] -> [L, L]``.
+
+    ``out[i, j] = m_K(J_i, J_j) = || |A_{j,K}^T J_i B_{j,K}| - diag(s_{i,1..K}) ||_F / ||s_{i,1..K}||_2``
+    with ``(A, B) = (U, V)`` for ``form="ujv"`` (the paper's metric) and ``(V, U)`` for ``form="vju"``;
+    ``U_{j,K}, V_{j,K}`` are the top-K singular vectors of ``J_j``, ``s_i`` the singular values of ``J_i``,
+    ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form.
+    """
+    if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
+        raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
+    if form not in ("ujv", "vju"):
+        raise ValueError(f"form must be 'ujv' or 'vju', got {form!r}")
+    k = _check_k(k, jacobians.shape[-1])
+    U, S, V = factors if factors is not None else svd(jacobians)
+    left, right = (U[..., :k], V[..., :k]) if form == "ujv" else (V[..., :k], U[..., :k])
+    s_k = S[:, :k]  # [L, K]
+    # projected[i, j] = left_j^T J_i right_j : [L, L, K, K]
+    projected = torch.einsum("jak,iab,jbl->ijkl", left, jacobians, right)
+    diff = projected.abs() - torch.diag_embed(s_k)[:, None]  # diag(s_i) broadcast over j
+    return torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
+
+
+def coupling_summary(m: Tensor) -> Tensor:
+    """``coupling_K = mean over ordered pairs i != j of (1 - m_K(J_i, J_j)^2)``: ``[..., L, L] -> [...]``.
+
+    Higher means more coupled (1 for identical bases). NaN when there are fewer than two blocks.
+    """
+    return off_diagonal_mean(1 - m**2)
+
+
+def coupling_per_block(m: Tensor) -> Tensor:
+    """Row means over ``j != i`` of ``1 - m_K(J_i, J_j)^2``: ``[..., L, L] -> [..., L]``."""
+    n = m.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=m.device)
+    vals = torch.where(off, 1 - m**2, torch.zeros_like(m)).sum(-1)
+    return vals / (n - 1) if n > 1 else torch.full_like(vals, float("nan"))
+
+
+def off_diagonal_mean(a: Tensor) -> Tensor:
+    """Mean of the off-diagonal entries of ``[..., n, n]``; NaN for ``n < 2``."""
+    n = a.shape[-1]
+    if n < 2:
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
+    off = ~torch.eye(n, dtype=torch.bool, device=a.device)
+    return torch.where(off, a, torch.zeros_like(a)).sum((-2, -1)) / (n * (n - 1))
+
+
+def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
+    """Left/right singular-vector alignment: ``[L, d, d], [L, d, d] -> [L, L]``.
+
+    ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``. The diagonal is the within-block alignment
+    ``a_K(J_i) = || |U_{i,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (0 for a symmetric PSD Jacobian).
+    """
+    k = _check_k(k, U.shape[-1])
+    overlap = torch.einsum("jak,ial->ijkl", U[..., :k], V[..., :k]).abs()
+    eye = torch.eye(k, dtype=U.dtype, device=U.device)
+    return torch.linalg.matrix_norm(overlap - eye) / math.sqrt(k)
+
+
+def line_shape_score(trajectory: Tensor) -> Tensor:
+    """Line-shape score of a trajectory ``[L + 1, d] -> []`` (Gai & Zhang 2021).
+
+    Unit-step path ``y^0 = x^0``, ``y^l = y^{l-1} + (x^l - x^{l-1}) / ||x^l - x^{l-1}||``;
+    ``LSS = L / ||y^L - y^0||`` (>= 1; 1 for a straight line walked in one direction). A zero step gives NaN.
+    """
+    steps = trajectory[1:] - trajectory[:-1]
+    norms = torch.linalg.vector_norm(steps, dim=-1, keepdim=True)
+    unit = torch.where(norms > 0, steps / norms, torch.full_like(steps, float("nan")))
+    return steps.shape[0] / torch.linalg.vector_norm(unit.sum(0))
+
+
+class LinearFit(NamedTuple):
+    """Least-squares ``y ~ slope * x + intercept`` and its ``R^2`` (NaN when ``y`` is constant or non-finite)."""
+
+    slope: Tensor
+    intercept: Tensor
+    r2: Tensor
+
+
+def linear_fit(x: Tensor, y: Tensor) -> LinearFit:
+    """Least-squares line through points ``(x, y)``, both ``[n]``; ``R^2 = 1 - SS_res / SS_tot``."""
+    x, y = x.to(y.dtype), y
+    if x.numel() < 2:
+        nan = torch.tensor(float("nan"), dtype=y.dtype)
+        return LinearFit(nan, nan, nan)
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = (xc**2).sum()
+    slope = (xc * yc).sum() / sxx if sxx > 0 else torch.tensor(float("nan"), dtype=y.dtype)
+    intercept = y.mean() - slope * x.mean()
+    ss_tot = (yc**2).sum()
+    ss_res = ((y - slope * x - intercept) ** 2).sum()
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else torch.tensor(float("nan"), dtype=y.dtype)
+    return LinearFit(slope, intercept, r2)
+
+
+class Expodistance(NamedTuple):
+    """Exponential-growth fits of a trajectory: slopes are growth rates of the log per layer."""
+
+    step_slope: Tensor
+    step_r2: Tensor
+    norm_slope: Tensor
+    norm_r2: Tensor
+
+
+def expodistance(trajectory: Tensor) -> Expodistance:
+    """Fit ``log ||x^l - x^{l-1}||`` (``l = 1..L``) and ``log ||x^l||`` (``l = 0..L``) against ``l``.
+
+    ``trajectory``: ``[L + 1, d]``. Zero norms give ``-inf`` logs and hence NaN fits.
+    """
+    depth = torch.arange(trajectory.shape[0], dtype=trajectory.dtype, device=trajectory.device)
+    steps = torch.linalg.vector_norm(trajectory[1:] - trajectory[:-1], dim=-1).log()
+    norms = torch.linalg.vector_norm(trajectory, dim=-1).log()
+    step_fit, norm_fit = _finite_fit(depth[1:], steps), _finite_fit(depth, norms)
+    return Expodistance(step_fit.slope, step_fit.r2, norm_fit.slope, norm_fit.r2)
+
+
+def _finite_fit(x: Tensor, y: Tensor) -> LinearFit:
+    if not torch.isfinite(y).all():
+        nan = torch.tensor(float("nan"), dtype=y.dtype)
+        return LinearFit(nan, nan, nan)
+    return linear_fit(x, y)
+
+
+def stable_rank(singular_values: Tensor) -> Tensor:
+    """``||J||_F^2 / s_1^2 = sum_i s_i^2 / s_1^2`` from descending singular values ``[..., d] -> [...]``."""
+    return (singular_values**2).sum(-1) / singular_values[..., 0] ** 2
+
+
+def inverse_top_singular_fit(top_singular: Tensor, depth: Tensor | None = None) -> LinearFit:
+    """Fit of ``1 / s_1`` against block depth (1-based block number unless given): ``[L] -> LinearFit``."""
+    if depth is None:
+        depth = torch.arange(1, top_singular.shape[0] + 1)
+    return _finite_fit(depth.to(top_singular.dtype), 1 / top_singular)
+
+
+def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:
+    """Cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``; ``jacobians``: ``[L, d, d]`` in block order."""
+    z = x0
+    for J in jacobians:
+        z = z + J @ z
+    return torch.nn.functional.cosine_similarity(z, xL, dim=0)
+
+
+def trajectory_pca(trajectories: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D PCA of token trajectories ``[P, L + 1, d]`` (all points pooled, centred).
+
+    Returns coordinates ``[P, L + 1, 2]`` and the explained-variance ratios ``[2]``.
+    """
+    P, n, d = trajectories.shape
+    points = trajectories.reshape(P * n, d)
+    centred = points - points.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    comps = min(2, vh.shape[0])
+    coords = centred @ vh[:comps].T
+    if comps < 2:
+        coords = torch.cat([coords, coords.new_zeros(P * n, 2 - comps)], dim=1)
+    var = s**2
+    ratio = var[:2] / var.sum() if var.sum() > 0 else torch.full((2,), float("nan"))
+    return coords.reshape(P, n, 2), torch.nn.functional.pad(ratio, (0, 2 - ratio.numel()))

@@ -1,0 +1,295 @@
+"""``probe()``: run prompts through a model, take residual Jacobians of its blocks, and compute every metric.
+
+Each prompt runs alone, with its padding removed (the probed tokens index the prompt's real tokens), so
+padding side and batch composition cannot change a result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignscope import metrics
+from alignscope.capture import block_function, capture_block_calls, probe_mode
+from alignscope.jacobian import JacobianEngine, make_engine, residual_jacobian
+from alignscope.models import get_adapter, resolve_layers
+from alignscope.result import ProbeResult
+
+TokenSpec = str | int | Sequence[int]
+"""``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
+
+
+def probe(
+    model: nn.Module,
+    input_ids: Tensor | Sequence[Sequence[int]] | str | Sequence[str],
+    attention_mask: Tensor | None = None,
+    layers: Sequence[int] | int | None = None,
+    tokens: TokenSpec = "last",
+    ks: Sequence[int] = (10, 30, 50),
+    keep_jacobians: bool = False,
+    *,
+    tokenizer: Any = None,
+    engine: str | JacobianEngine | None = None,
+    chunk_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    attention: str = "eager",
+    progress: bool = False,
+) -> ProbeResult:
+    """Probe ``model``'s blocks on prompts and return a :class:`ProbeResult`.
+
+    Args:
+        model: a Hugging Face model whose ``config.model_type`` has a registered adapter.
+        input_ids: ``[B, T]`` or ``[T]`` token ids, a list of id lists, or text (with ``tokenizer``).
+        attention_mask: ``[B, T]``, 1 for real tokens; padding (either side) is removed per prompt.
+        layers: block indices to probe (0-based, default all). Trajectories always cover all blocks.
+        tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens.
+        ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``).
+        keep_jacobians: keep the ``[P, L', d, d]`` residual Jacobians in the result.
+        tokenizer: required when ``input_ids`` is text.
+        engine: Jacobian engine name or instance (default: exact reverse mode with ``chunk_size``).
+        dtype: compute dtype of the Jacobians (float32 default, float64 on request).
+        attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
+        progress: show a progress bar over (prompt, block).
+
+    The model's parameters, training flags and attention setting are as before when this returns.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    ks = _validate_ks(ks)
+    jac_engine = (
+        make_engine(engine, chunk_size=chunk_size)
+        if engine is None or isinstance(engine, str)
+        else (make_engine(engine))
+    )
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    probed = resolve_layers(layers, len(blocks))
+    sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
+    positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
+    device = _input_device(model)
+
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    per_token: list[dict[str, Any]] = []
+    token_index: list[tuple[int, int]] = []
+    chain_gap = 0.0
+    bar = tqdm(total=len(sequences) * len(probed), desc="probe", unit="block", disable=not progress)
+    with probe_mode(model, attention):
+        for b, seq in enumerate(sequences):
+            calls = capture_block_calls(model, adapter, blocks, seq[None].to(device))
+            chain_gap = max(chain_gap, _chain_gap(calls))
+            pos = torch.tensor(positions[b], dtype=torch.long)
+            traj = torch.stack([calls[0].input[0]] + [c.output[0] for c in calls], dim=1)  # [T, L+1, d]
+            traj = traj[pos.to(traj.device)].to(dtype).cpu()  # [n, L+1, d]
+            d = traj.shape[-1]
+            jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype)
+            for li, layer in enumerate(probed):
+                call = calls[layer]
+                fn = block_function(blocks[layer], call, adapter, dtype)
+                x = call.input[0].to(dtype)
+                p = pos.to(x.device)
+                jac[:, li] = residual_jacobian(jac_engine(fn, x, p, p)).cpu()
+                bar.update(1)
+            for n, t in enumerate(positions[b]):
+                per_token.append(_analyze(jac[n], traj[n], probed, ks, len(blocks), keep_jacobians))
+                token_index.append((b, t))
+    bar.close()
+
+    d = per_token[0]["hidden_states"].shape[-1]
+    meta = {
+        "model_class": type(model).__name__,
+        "model_type": model.config.model_type,
+        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+        "init_seed": getattr(model.config, "alignscope_init_seed", None),
+        "num_blocks": len(blocks),
+        "d_model": d,
+        "residual_form": adapter.residual_form,
+        "dtype": str(dtype).removeprefix("torch."),
+        "engine": getattr(jac_engine, "name", type(jac_engine).__name__),
+        "chunk_size": getattr(jac_engine, "chunk_size", None),
+        "attention": attention,
+        "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
+        "prompt_lengths": [len(s) for s in sequences],
+        "ks_requested": list(ks),
+        "k_effective": {str(k): min(k, d) for k in ks},
+        "k_clipped": [k for k in ks if k > d],
+        "block_chain_max_gap": chain_gap,
+        "seconds": time.perf_counter() - started,
+    }
+    return _assemble(per_token, token_index, probed, ks, len(blocks), meta)
+
+
+def _validate_ks(ks: Sequence[int]) -> list[int]:
+    if isinstance(ks, int):
+        ks = [ks]
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks is empty; give at least one K, e.g. ks=(10, 30, 50)")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"every K in ks must be a positive integer, got {k!r}")
+    return sorted(set(ks))
+
+
+def _sequences(
+    input_ids: Any, attention_mask: Tensor | None, tokenizer: Any, vocab: int | None
+) -> list[Tensor]:
+    """Per-prompt 1-D id tensors with padding removed."""
+    if isinstance(input_ids, str) or (
+        isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(s, str) for s in input_ids)
+    ):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: probe(model, texts, tokenizer=tokenizer)")
+        texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+        seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for token ids; text prompts are tokenized one by one")
+    elif isinstance(input_ids, Tensor):
+        ids = input_ids
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if attention_mask is not None:
+            mask = attention_mask if attention_mask.ndim == 2 else attention_mask[None]
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}"
+                )
+            seqs = [row[m.bool()] for row, m in zip(ids, mask)]
+        else:
+            seqs = list(ids)
+        seqs = [s.long().cpu() for s in seqs]
+    elif isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only supported with a tensor of input_ids")
+        seqs = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in input_ids]
+    else:
+        raise TypeError(
+            f"input_ids must be a tensor, a list of id lists, or text; got {type(input_ids).__name__}"
+        )
+    if not seqs:
+        raise ValueError("no prompts given: input_ids is empty")
+    for b, s in enumerate(seqs):
+        if s.numel() == 0:
+            raise ValueError(f"prompt {b} has no real tokens (empty, or fully masked by attention_mask)")
+        if vocab is not None and (int(s.max()) >= vocab or int(s.min()) < 0):
+            raise ValueError(f"prompt {b} has token ids outside the model's vocabulary [0, {vocab})")
+    return seqs
+
+
+def _positions(tokens: TokenSpec, length: int, prompt: int) -> list[int]:
+    if tokens == "last":
+        return [length - 1]
+    if tokens == "all":
+        return list(range(length))
+    if isinstance(tokens, str):
+        raise ValueError(f"tokens must be 'last', 'all' or a list of positions, got {tokens!r}")
+    wanted = [tokens] if isinstance(tokens, int) else list(tokens)
+    if not wanted:
+        raise ValueError("tokens is an empty list; give positions, 'last' or 'all'")
+    out = []
+    for t in wanted:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"token positions must be integers, got {t!r}")
+        if not -length <= t < length:
+            raise IndexError(
+                f"token position {t} is beyond prompt {prompt}, which has {length} real tokens "
+                f"(valid: 0..{length - 1}, or negative from the end)"
+            )
+        out.append(t % length)
+    return sorted(set(out))
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _chain_gap(calls: list) -> float:
+    """Largest relative gap between block l's output and block l+1's input (0 for a plain block chain)."""
+    gap = 0.0
+    for prev, nxt in zip(calls, calls[1:]):
+        a, b = prev.output.float(), nxt.input.float().to(prev.output.device)
+        gap = max(gap, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return gap
+
+
+def _analyze(
+    jac: Tensor, traj: Tensor, layers: list[int], ks: list[int], num_blocks: int, keep: bool
+) -> dict[str, Any]:
+    """All per-token metrics from residual Jacobians ``[L', d, d]`` and a trajectory ``[L + 1, d]``."""
+    factors = metrics.svd(jac)
+    depth = torch.tensor([layer + 1 for layer in layers])
+    expo = metrics.expodistance(traj)
+    inv_fit = metrics.inverse_top_singular_fit(factors.S[:, 0], depth)
+    out: dict[str, Any] = {
+        "hidden_states": traj,
+        "singular_values": factors.S,
+        "nonfinite": ~torch.isfinite(jac).all(dim=(-2, -1)),
+        "coupling": {k: metrics.coupling_matrix(jac, k, "ujv", factors) for k in ks},
+        "coupling_vju": {k: metrics.coupling_matrix(jac, k, "vju", factors) for k in ks},
+        "alignment": {k: metrics.alignment_matrix(factors.U, factors.V, k) for k in ks},
+        "lss": metrics.line_shape_score(traj),
+        "step_slope": expo.step_slope,
+        "step_r2": expo.step_r2,
+        "norm_slope": expo.norm_slope,
+        "norm_r2": expo.norm_r2,
+        "stable_rank": metrics.stable_rank(factors.S),
+        "inv_s1_slope": inv_fit.slope,
+        "inv_s1_r2": inv_fit.r2,
+    }
+    if len(layers) == num_blocks:
+        out["linearization_cosine"] = metrics.linearization_cosine(jac, traj[0], traj[-1])
+    if keep:
+        out["jacobians"] = jac
+    return out
+
+
+def _assemble(
+    per_token: list[dict[str, Any]],
+    token_index: list[tuple[int, int]],
+    layers: list[int],
+    ks: list[int],
+    num_blocks: int,
+    meta: dict[str, Any],
+) -> ProbeResult:
+    def stack(name: str) -> Tensor | None:
+        if name not in per_token[0]:
+            return None
+        return torch.stack([t[name] for t in per_token])
+
+    def stack_keyed(name: str) -> dict[int, Tensor]:
+        return {k: torch.stack([t[name][k] for t in per_token]) for k in ks}
+
+    return ProbeResult(
+        tokens=torch.tensor(token_index, dtype=torch.long),
+        layers=list(layers),
+        hidden_states=stack("hidden_states"),
+        singular_values=stack("singular_values"),
+        nonfinite=stack("nonfinite"),
+        coupling=stack_keyed("coupling"),
+        coupling_vju=stack_keyed("coupling_vju"),
+        alignment=stack_keyed("alignment"),
+        lss=stack("lss"),
+        step_slope=stack("step_slope"),
+        step_r2=stack("step_r2"),
+        norm_slope=stack("norm_slope"),
+        norm_r2=stack("norm_r2"),
+        stable_rank=stack("stable_rank"),
+        inv_s1_slope=stack("inv_s1_slope"),
+        inv_s1_r2=stack("inv_s1_r2"),
+        linearization_cosine=stack("linearization_cosine"),
+        jacobians=stack("jacobians"),
+        meta=meta,
+    )
