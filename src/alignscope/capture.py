@@ -57,8 +57,8 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
             and previous_attn != attention
             and hasattr(model, "set_attn_implementation")
         ):
-            model.set_attn_implementation(attention)
-            switched = True
+            model.set_attn_implementation(attention)  # some models (e.g. Falcon) keep theirs: math SDPA below
+            switched = getattr(config, "_attn_implementation", None) != previous_attn
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():

@@ -81,7 +81,7 @@ class ReverseModeEngine:
         return out
 
     def _group(self, block_fn: BlockFn, x: Tensor, t_in: Tensor, t_out: Tensor, chunk: int) -> Tensor:
-        n, (seq_len, d) = len(t_in), x.shape
+        n, (_seq_len, d) = len(t_in), x.shape
         rows = torch.arange(n, device=x.device)
         with torch.enable_grad():
             variable = x.detach()[t_in].clone().requires_grad_(True)  # [n, d]

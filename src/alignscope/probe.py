@@ -6,6 +6,7 @@ padding side and batch composition cannot change a result.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -219,7 +220,7 @@ def _input_device(model: nn.Module) -> torch.device:
 def _chain_gap(calls: list) -> float:
     """Largest relative gap between block l's output and block l+1's input (0 for a plain block chain)."""
     gap = 0.0
-    for prev, nxt in zip(calls, calls[1:]):
+    for prev, nxt in itertools.pairwise(calls):
         a, b = prev.output.float(), nxt.input.float().to(prev.output.device)
         gap = max(gap, float((a - b).norm() / b.norm().clamp_min(1e-30)))
     return gap
@@ -293,3 +294,56 @@ def _assemble(
         jacobians=stack("jacobians"),
         meta=meta,
     )
+
+
+def token_jacobians(
+    model: nn.Module,
+    input_ids: Tensor | Sequence[int],
+    layers: Sequence[int] | int | None = None,
+    pairs: Sequence[tuple[int, int]] = (),
+    *,
+    engine: str | JacobianEngine | None = None,
+    dtype: torch.dtype = torch.float32,
+    attention: str = "eager",
+) -> Tensor:
+    """Cross-token (context-coupling) Jacobians of one prompt: ``[len(pairs), L', d, d]``.
+
+    ``out[k, i] = d x^{l}_{t2} / d x^{l-1}_{t1}`` for ``pairs[k] = (t1, t2)`` and block ``l = layers[i]``;
+    the identity is *not* subtracted (for ``t1 == t2`` subtract it to get the residual Jacobian).
+    ``input_ids``: ``[T]`` or ``[1, T]`` real tokens (no padding).
+    """
+    jac_engine = make_engine(engine)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    probed = resolve_layers(layers, len(blocks))
+    (seq,) = (
+        _sequences(
+            input_ids if isinstance(input_ids, Tensor) else torch.as_tensor(input_ids),
+            None,
+            None,
+            getattr(model.config, "vocab_size", None),
+        )[:1]
+        if _single(input_ids)
+        else _too_many()
+    )
+    if not pairs:
+        raise ValueError("pairs is empty; give (t_in, t_out) token pairs")
+    t_in = torch.tensor([_positions(p[0], len(seq), 0)[0] for p in pairs])
+    t_out = torch.tensor([_positions(p[1], len(seq), 0)[0] for p in pairs])
+    with probe_mode(model, attention):
+        calls = capture_block_calls(model, adapter, blocks, seq[None].to(_input_device(model)))
+        out = []
+        for layer in probed:
+            fn = block_function(blocks[layer], calls[layer], adapter, dtype)
+            x = calls[layer].input[0].to(dtype)
+            out.append(jac_engine(fn, x, t_in.to(x.device), t_out.to(x.device)).cpu())
+    return torch.stack(out, dim=1)
+
+
+def _single(input_ids: Any) -> bool:
+    ids = input_ids if isinstance(input_ids, Tensor) else torch.as_tensor(input_ids)
+    return ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] == 1)
+
+
+def _too_many():
+    raise ValueError("token_jacobians takes one prompt: input_ids of shape [T] or [1, T]")

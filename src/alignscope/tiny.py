@@ -1,0 +1,51 @@
+"""Tiny random-init models of each supported family, built from configs (no download).
+
+Used by the demo job and the tests; every model is seeded and small enough to probe in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+_COMMON = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=128
+)
+_GQA = dict(_COMMON, num_key_value_heads=2)
+
+TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # family: (config class, model class, config kwargs)
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0),
+    ),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(_COMMON)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_GQA)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_GQA)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_GQA)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_GQA, head_dim=8)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(_COMMON)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(_COMMON, eos_token_id=0, pad_token_id=1)),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=128),
+    ),
+    "bert": ("BertConfig", "BertModel", dict(_COMMON, max_position_embeddings=64)),
+}
+"""The families the adapters are tested on."""
+
+
+def tiny_model(family: str = "gpt2", seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny random-init model of ``family`` (see ``TINY_CONFIGS``), eval mode, float32, seeded."""
+    import transformers
+
+    from alignscope.models import random_init_twin
+
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(TINY_CONFIGS)}")
+    config_name, model_name, kwargs = TINY_CONFIGS[family]
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
+    return random_init_twin(config, seed=seed, model_class=getattr(transformers, model_name))

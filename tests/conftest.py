@@ -1,0 +1,70 @@
+"""Shared helpers: tiny models and an independent whole-model Jacobian by torch.autograd.functional."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from alignscope.models import get_adapter
+from alignscope.tiny import TINY_CONFIGS, tiny_model
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def prompt_ids(batch: int = 2, length: int = 7, seed: int = 1, vocab: int = 128) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def whole_model_jacobian(model, input_ids: torch.Tensor, layer: int, t_in, t_out: int) -> torch.Tensor:
+    """``d x^layer_{t_out} / d x^{layer-1}_{t_in}`` by autograd through the *whole model's* forward.
+
+    A forward pre-hook adds a perturbation ``delta`` to block ``layer``'s input at token(s) ``t_in`` (a list
+    means the same ``delta`` at each of them); a forward hook reads the block's output at ``t_out``.
+    Nothing of alignscope's capture/re-call machinery is used. ``input_ids``: ``[1, T]``.
+    """
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[layer]
+    positions = [t_in] if isinstance(t_in, int) else list(t_in)
+
+    def run(delta: torch.Tensor) -> torch.Tensor:
+        seen = {}
+
+        def pre(module, args, kwargs):
+            if args:
+                h = args[0].clone()
+                h[:, positions] = h[:, positions] + delta
+                return (h, *args[1:]), kwargs
+            h = kwargs["hidden_states"].clone()
+            h[:, positions] = h[:, positions] + delta
+            return args, {**kwargs, "hidden_states": h}
+
+        def post(module, args, kwargs, output):
+            seen["y"] = adapter.hidden_from_output(output)[0, t_out]
+
+        handles = [
+            block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.register_forward_hook(post, with_kwargs=True),
+        ]
+        try:
+            model(input_ids=input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen["y"]
+
+    d = model.config.hidden_size
+    return torch.autograd.functional.jacobian(run, torch.zeros(d))
+
+
+__all__ = ["FAMILIES", "prompt_ids", "tiny_model", "whole_model_jacobian"]

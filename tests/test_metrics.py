@@ -1,0 +1,217 @@
+"""Metrics against hand-built matrices and trajectories with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignscope import metrics
+
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q
+
+
+def matrix_with(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return U @ torch.diag(s) @ V.T
+
+
+def test_svd_reconstructs_and_sorts():
+    J = torch.randn(3, 6, 6, dtype=torch.float64)
+    U, S, V = metrics.svd(J)
+    assert torch.allclose(U @ torch.diag_embed(S) @ V.transpose(-2, -1), J, atol=1e-12)
+    assert (S[..., :-1] >= S[..., 1:]).all()
+
+
+def test_svd_nonfinite_gives_nan_not_error():
+    J = torch.randn(2, 4, 4)
+    J[1, 0, 0] = float("inf")
+    U, S, _V = metrics.svd(J)
+    assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all() and torch.isnan(U[1]).all()
+
+
+def test_coupling_of_a_matrix_with_itself_is_zero():
+    J = torch.randn(1, 8, 8, dtype=torch.float64).repeat(2, 1, 1)
+    m = metrics.coupling_matrix(J, 5)
+    assert torch.allclose(m, torch.zeros(2, 2, dtype=torch.float64), atol=1e-12)
+    assert metrics.coupling_summary(m) == pytest.approx(1.0)
+
+
+def test_coupling_invariant_under_singular_vector_sign_flips():
+    d, k = 7, 4
+    U, V = random_orthogonal(d, 0), random_orthogonal(d, 1)
+    s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    J = torch.stack([matrix_with(U, s, V), torch.randn(d, d, dtype=torch.float64)])
+    factors = metrics.svd(J)
+    flip = torch.tensor([1, -1, 1, -1, -1, 1, 1], dtype=torch.float64)
+    flipped = metrics.SVD(factors.U * flip, factors.S, factors.V * flip)  # u_k, v_k flipped together
+    a = metrics.coupling_matrix(J, k, factors=factors)
+    b = metrics.coupling_matrix(J, k, factors=flipped)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert a[0, 1] > 0.05  # not trivially zero
+
+
+def test_coupling_known_case_by_hand():
+    # J_j = diag(2, 1) (U = V = I); J_i = [[1, 1], [0, 1]] with known singular values.
+    J_j = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    J_i = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    # s(J_i) = golden ratio and its inverse: sqrt((3 +- sqrt(5)) / 2)
+    phi = (1 + math.sqrt(5)) / 2
+    s1, s2 = phi, 1 / phi
+    # K = 1: |e1^T J_i e1| = 1; m = |1 - s1| / s1
+    m = metrics.coupling_matrix(torch.stack([J_i, J_j]), 1)
+    assert m[0, 1] == pytest.approx(abs(1 - s1) / s1, abs=1e-12)
+    # K = 2: |J_i| - diag(s1, s2) = [[1 - s1, 1], [0, 1 - s2]]
+    m2 = metrics.coupling_matrix(torch.stack([J_i, J_j]), 2)
+    expect = math.sqrt((1 - s1) ** 2 + 1 + (1 - s2) ** 2) / math.sqrt(s1**2 + s2**2)
+    assert m2[0, 1] == pytest.approx(expect, abs=1e-12)
+    # reverse pair: J_j projected on J_i's bases
+    Ui, _Si, Vi = metrics.svd(J_i[None])
+    proj = (Ui[0, :, :1].T @ J_j @ Vi[0, :, :1]).abs()
+    assert m[1, 0] == pytest.approx(float(abs(proj[0, 0] - 2.0) / 2.0), abs=1e-12)
+
+
+def test_coupling_vju_form_by_hand():
+    d = 5
+    U, V = random_orthogonal(d, 2), random_orthogonal(d, 3)
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    Ji, Jj = torch.randn(d, d, dtype=torch.float64), matrix_with(U, s, V)
+    k = 3
+    Uj, _, Vj = metrics.svd(Jj[None])
+    si = torch.linalg.svdvals(Ji)[:k]
+    expect = torch.linalg.norm(
+        (Vj[0, :, :k].T @ Ji @ Uj[0, :, :k]).abs() - torch.diag(si)
+    ) / torch.linalg.norm(si)
+    m = metrics.coupling_matrix(torch.stack([Ji, Jj]), k, form="vju")
+    assert m[0, 1] == pytest.approx(float(expect), abs=1e-12)
+
+
+def test_unrelated_bases_give_coupling_near_one():
+    d, k = 200, 5
+    Js = torch.stack(
+        [
+            matrix_with(
+                random_orthogonal(d, i),
+                torch.linspace(2, 0.1, d, dtype=torch.float64),
+                random_orthogonal(d, 10 + i),
+            )
+            for i in range(2)
+        ]
+    )
+    m = metrics.coupling_matrix(Js, k)
+    assert 0.9 < float(m[0, 1]) < 1.1
+
+
+def test_coupling_k_is_clipped_to_d():
+    J = torch.randn(2, 3, 3, dtype=torch.float64)
+    assert torch.allclose(metrics.coupling_matrix(J, 50), metrics.coupling_matrix(J, 3))
+    with pytest.raises(ValueError, match="positive integer"):
+        metrics.coupling_matrix(J, 0)
+
+
+def test_alignment_symmetric_psd_is_zero_and_rotation_known():
+    A = torch.randn(6, 6, dtype=torch.float64)
+    sym = A @ A.T + torch.eye(6, dtype=torch.float64)  # U = V
+    U, _S, V = metrics.svd(sym[None])
+    assert metrics.alignment_matrix(U, V, 3)[0, 0] == pytest.approx(0.0, abs=1e-10)
+    # A 90-degree rotation in each of 3 planes: J = R, U = R, V = I up to signs: |U^T V| is a permutation
+    # with zeros on the diagonal -> ||P - I||_F^2 = 2K -> a = sqrt(2)
+    R = torch.zeros(6, 6, dtype=torch.float64)
+    for p in range(3):
+        R[2 * p, 2 * p + 1], R[2 * p + 1, 2 * p] = -1.0, 1.0
+    U, _S, V = metrics.svd(R[None])
+    a = metrics.alignment_matrix(U, V, 6)[0, 0]
+    assert a == pytest.approx(math.sqrt(2.0), abs=1e-10)
+
+
+def test_alignment_across_blocks_uses_uj_and_vi():
+    U = torch.stack([random_orthogonal(4, 0), random_orthogonal(4, 1)])
+    V = torch.stack([random_orthogonal(4, 2), random_orthogonal(4, 3)])
+    k = 2
+    expect = torch.linalg.norm(
+        (U[1, :, :k].T @ V[0, :, :k]).abs() - torch.eye(k, dtype=torch.float64)
+    ) / math.sqrt(k)
+    assert metrics.alignment_matrix(U, V, k)[0, 1] == pytest.approx(float(expect), abs=1e-12)
+
+
+def test_line_shape_score_straight_line_is_one():
+    direction = torch.randn(5, dtype=torch.float64)
+    steps = torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64)[:, None] * direction
+    traj = torch.cat([torch.randn(1, 5, dtype=torch.float64), steps]).cumsum(0)
+    assert float(metrics.line_shape_score(traj)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_line_shape_score_zigzag_by_hand():
+    # steps e1, 2 e2, 3 e1, 4 e2 -> unit steps sum to (2, 2): LSS = 4 / (2 sqrt 2) = sqrt 2
+    steps = torch.tensor([[1.0, 0], [0, 2.0], [3.0, 0], [0, 4.0]], dtype=torch.float64)
+    traj = torch.cat([torch.zeros(1, 2, dtype=torch.float64), steps]).cumsum(0)
+    assert float(metrics.line_shape_score(traj)) == pytest.approx(math.sqrt(2), abs=1e-12)
+    # back and forth: unit steps cancel -> infinite score
+    back = torch.tensor([[0.0, 0], [1.0, 0], [0.0, 0]], dtype=torch.float64)
+    assert math.isinf(float(metrics.line_shape_score(back)))
+
+
+def test_line_shape_score_zero_step_is_nan():
+    traj = torch.tensor([[0.0, 0], [1.0, 0], [1.0, 0]], dtype=torch.float64)
+    assert math.isnan(float(metrics.line_shape_score(traj)))
+
+
+def test_expodistance_exact_on_geometric_steps():
+    rate = 1.3
+    steps = torch.tensor([rate**l for l in range(1, 9)], dtype=torch.float64)[:, None] * torch.tensor(
+        [[1.0, 0.0]]
+    )
+    traj = torch.cat([torch.tensor([[1.0, 0.0]], dtype=torch.float64), steps]).cumsum(0)
+    fit = metrics.expodistance(traj)
+    assert float(fit.step_slope) == pytest.approx(math.log(rate), abs=1e-12)
+    assert float(fit.step_r2) == pytest.approx(1.0, abs=1e-12)
+    # norms: ||x^l|| = 1 + sum_{i<=l} rate^i, checked against a direct least-squares fit
+    norms = traj.norm(dim=-1).log()
+    A = torch.stack([torch.arange(9, dtype=torch.float64), torch.ones(9, dtype=torch.float64)], 1)
+    slope = torch.linalg.lstsq(A, norms[:, None]).solution[0, 0]
+    assert float(fit.norm_slope) == pytest.approx(float(slope), abs=1e-10)
+    assert 0.9 < float(fit.norm_r2) <= 1.0
+
+
+def test_linear_fit_degenerate_is_nan():
+    fit = metrics.linear_fit(torch.arange(4.0), torch.ones(4))
+    assert float(fit.slope) == 0.0 and math.isnan(float(fit.r2))
+    assert math.isnan(float(metrics.linear_fit(torch.ones(1), torch.ones(1)).slope))
+
+
+def test_stable_rank_of_known_matrix():
+    s = torch.tensor([[3.0, 2.0, 1.0]])
+    assert float(metrics.stable_rank(s)[0]) == pytest.approx((9 + 4 + 1) / 9)
+    J = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    assert float(metrics.stable_rank(metrics.svd(J).S)) == pytest.approx(14 / 9, rel=1e-6)
+
+
+def test_inverse_top_singular_fit_exact():
+    depth = torch.arange(1, 6)
+    s1 = 1 / (0.5 * depth + 2.0)
+    fit = metrics.inverse_top_singular_fit(s1.double())
+    assert float(fit.slope) == pytest.approx(0.5) and float(fit.r2) == pytest.approx(1.0)
+
+
+def test_linearization_cosine_exact_for_linear_blocks():
+    L, d = 4, 5
+    Js = torch.randn(L, d, d, dtype=torch.float64) * 0.3
+    x0 = torch.randn(d, dtype=torch.float64)
+    x = x0
+    for J in Js:  # linear blocks x^l = x^{l-1} + J x^{l-1}
+        x = x + J @ x
+    assert float(metrics.linearization_cosine(Js, x0, x)) == pytest.approx(1.0, abs=1e-12)
+    assert float(metrics.linearization_cosine(Js, x0, -x)) == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_trajectory_pca_recovers_a_plane():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(10, 2, generator=g, dtype=torch.float64))[0]
+    coords = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    pts, ratio = metrics.trajectory_pca(coords @ basis.T)
+    assert pts.shape == (3, 5, 2)
+    assert float(ratio.sum()) == pytest.approx(1.0, abs=1e-10)
