@@ -92,3 +92,7 @@ def test_random_init_twin_from_config():
     model = tiny_model("gpt2")
     twin = random_init_twin(model.config, seed=0)
     assert twin.config.model_type == "gpt2" and not twin.training
+
+
+def test_every_registered_adapter_is_tested_on_a_tiny_model():
+    assert set(ADAPTERS) <= set(FAMILIES)

@@ -34,6 +34,11 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=128),
     ),
     "bert": ("BertConfig", "BertModel", dict(_COMMON, max_position_embeddings=64)),
+    "roberta": ("RobertaConfig", "RobertaModel", dict(_COMMON, max_position_embeddings=72, pad_token_id=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_GQA, head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GQA, head_dim=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, eos_token_id=0, pad_token_id=1)),
 }
 """The families the adapters are tested on."""
 
