@@ -207,3 +207,31 @@ def test_bad_inputs():
         probe(model, torch.rand(1, 4))
     with pytest.raises(ValueError, match="does not match"):
         probe(model, prompt_ids(1, 4), attention_mask=torch.ones(1, 5))
+
+
+def test_short_prompts_single_block_and_caller_inference_mode():
+    model = tiny_model("llama")
+    one = probe(model, torch.tensor([[5]]))
+    assert one.tokens.tolist() == [[0, 0]] and math.isfinite(one.scalars()["coupling/k10"])
+    single = probe(model, torch.tensor([[5, 6, 7]]), layers=[1])
+    assert math.isnan(single.scalars()["coupling/k10"])  # no block pairs: reported as NaN, not dropped
+    assert single.coupling[10].shape == (1, 1, 1)
+    with torch.inference_mode():
+        inside = probe(model, torch.tensor([[5, 6, 7]]))
+    assert torch.equal(inside.coupling[10], probe(model, torch.tensor([[5, 6, 7]])).coupling[10])
+
+
+def test_bfloat16_model_probed_in_float32():
+    model = tiny_model("llama").to(torch.bfloat16)
+    res = probe(model, prompt_ids(1, 5), keep_jacobians=True)
+    assert res.jacobians.dtype == torch.float32 and next(model.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(res.scalars()["coupling/k10"])
+
+
+def test_token_jacobians_takes_one_prompt():
+    from alignscope.probe import token_jacobians
+
+    with pytest.raises(ValueError, match="one prompt"):
+        token_jacobians(tiny_model("gpt2"), prompt_ids(2, 4), pairs=[(0, 1)])
+    with pytest.raises(ValueError, match="pairs is empty"):
+        token_jacobians(tiny_model("gpt2"), prompt_ids(1, 4))

@@ -61,7 +61,7 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
             switched = getattr(config, "_attn_implementation", None) != previous_attn
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
+        with sdpa_kernel([SDPBackend.MATH]), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         if switched:

@@ -316,16 +316,12 @@ def token_jacobians(
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     probed = resolve_layers(layers, len(blocks))
-    (seq,) = (
-        _sequences(
-            input_ids if isinstance(input_ids, Tensor) else torch.as_tensor(input_ids),
-            None,
-            None,
-            getattr(model.config, "vocab_size", None),
-        )[:1]
-        if _single(input_ids)
-        else _too_many()
-    )
+    ids = input_ids if isinstance(input_ids, Tensor) else torch.as_tensor(input_ids)
+    if not (ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] == 1)):
+        raise ValueError(
+            f"token_jacobians takes one prompt: input_ids of shape [T] or [1, T], got {tuple(ids.shape)}"
+        )
+    (seq,) = _sequences(ids, None, None, getattr(model.config, "vocab_size", None))
     if not pairs:
         raise ValueError("pairs is empty; give (t_in, t_out) token pairs")
     t_in = torch.tensor([_positions(p[0], len(seq), 0)[0] for p in pairs])
@@ -338,12 +334,3 @@ def token_jacobians(
             x = calls[layer].input[0].to(dtype)
             out.append(jac_engine(fn, x, t_in.to(x.device), t_out.to(x.device)).cpu())
     return torch.stack(out, dim=1)
-
-
-def _single(input_ids: Any) -> bool:
-    ids = input_ids if isinstance(input_ids, Tensor) else torch.as_tensor(input_ids)
-    return ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] == 1)
-
-
-def _too_many():
-    raise ValueError("token_jacobians takes one prompt: input_ids of shape [T] or [1, T]")
