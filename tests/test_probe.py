@@ -235,3 +235,12 @@ def test_token_jacobians_takes_one_prompt():
         token_jacobians(tiny_model("gpt2"), prompt_ids(2, 4), pairs=[(0, 1)])
     with pytest.raises(ValueError, match="pairs is empty"):
         token_jacobians(tiny_model("gpt2"), prompt_ids(1, 4))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sdpa_math_kernel_matches_eager(family):
+    model = tiny_model(family)
+    ids = prompt_ids(2, 6)
+    eager = probe(model, ids, tokens="all", keep_jacobians=True)
+    sdpa = probe(model, ids, tokens="all", keep_jacobians=True, attention="sdpa")
+    assert torch.allclose(eager.jacobians, sdpa.jacobians, atol=1e-5)
