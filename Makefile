@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.alignscope-installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run demo test lint bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: venv
+	$(VENV)/bin/alignscope-train
+
+demo: venv
 	$(VENV)/bin/alignscope-demo
 
 test: venv
@@ -30,6 +33,7 @@ lint: venv
 
 bench: venv
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -26,10 +26,10 @@ def test_demo_app_prints_and_saves(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "LlamaForCausalLM at random init (seed 0): 6 blocks, d=64" in out.stdout
+    assert "LlamaForCausalLM at random init (seed 0): 4 blocks, d=128" in out.stdout
     assert "coupling/k10" in out.stdout and "linearization/cosine" in out.stdout
     saved = ProbeResult.load(run_dir / "probe")
-    assert saved.hidden_states.shape == (2, 7, 64)
+    assert saved.hidden_states.shape == (2, 5, 128)
     assert (
         json.loads((run_dir / "probe" / "scalars.json").read_text())["coupling/k10"]
         == saved.scalars()["coupling/k10"]

@@ -174,3 +174,66 @@ def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | No
             model = cls._from_config(config)
     model.config.alignscope_init_seed = seed
     return model.to(torch.float32).eval()
+
+
+def build_causal_lm(
+    model_type: str | None = None,
+    config: dict[str, Any] | None = None,
+    config_name: str | None = None,
+    init: str = "random",
+    pretrained: str | None = None,
+    revision: str | None = None,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    token_ids: dict[str, int] | None = None,
+    name: str | None = None,
+) -> nn.Module:
+    """A Hugging Face causal LM, at random init (seeded) or pretrained.
+
+    ``init="random"``: the config is ``AutoConfig.for_model(model_type, **config)`` or
+    ``AutoConfig.from_pretrained(config_name, **config)`` (hub name or local path), with ``vocab_size`` set
+    when given (e.g. from a tokenizer trained on the data), built with the library's initializer under
+    ``seed``; ``token_ids`` (e.g. ``{"eos_token_id": 0}``) set the special-token ids of a fresh config.
+    ``init="pretrained"``: ``AutoModelForCausalLM.from_pretrained(pretrained, revision=...)``.
+    ``name`` is a label only (used for run names).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    overrides = dict(config or {})
+    if init == "pretrained":
+        if not pretrained:
+            raise ValueError("init='pretrained' needs model.pretrained=<hub id or local path>")
+        model = AutoModelForCausalLM.from_pretrained(pretrained, revision=revision, **overrides)
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but {pretrained} has only {model.config.vocab_size}: "
+                "use the model's own tokenizer (data.tokenizer=hub with its name)"
+            )
+        return model
+    if init != "random":
+        raise ValueError(f"model init must be 'random' or 'pretrained', got {init!r}")
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    for key, value in (token_ids or {}).items():
+        overrides.setdefault(key, value)
+    if config_name:
+        cfg = AutoConfig.from_pretrained(config_name, revision=revision, **overrides)
+    elif model_type:
+        cfg = AutoConfig.for_model(model_type, **overrides)
+    else:
+        raise ValueError("give model.model_type (with model.config) or model.config_name to build a model")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value >= cfg.vocab_size:
+            setattr(cfg, attr, None)
+    return random_init_twin(cfg, seed=seed, model_class=AutoModelForCausalLM._model_mapping[type(cfg)])
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position scheme supports, when its config says so."""
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

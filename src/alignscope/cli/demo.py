@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model)(vocab_size=cfg.prompts.vocab_size)
     g = torch.Generator().manual_seed(cfg.prompts.seed)
     ids = torch.randint(0, model.config.vocab_size, (cfg.prompts.num, cfg.prompts.length), generator=g)
     result = instantiate(cfg.probe)(model, ids)

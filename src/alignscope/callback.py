@@ -1,0 +1,400 @@
+"""``AlignmentMonitor``: a Lightning callback that probes the model during training (any Lightning project).
+
+Probes at step 0 before the first optimizer step (the random-init point), at log-spaced steps
+(1, 2, 4, 8, ... up to ``every_n_steps``) when asked, every ``every_n_steps`` steps, when a checkpoint is saved (option), and at the
+end of fit. The prompts are a fixed, seeded sample of validation sequences, the same at every probe.
+Every probe goes to disk as soon as it is computed (``probes/step_<N>/`` and one line of ``probes.jsonl``),
+every scalar is logged to all the trainer's loggers at ``trainer.global_step``, and at the end of fit
+``summary.json`` and figures are written to the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from alignscope.result import ProbeResult
+
+HEADLINE = (
+    "coupling/k10",
+    "coupling/k30",
+    "coupling/k50",
+    "alignment/k10",
+    "lss/mean",
+    "expodistance/step_slope",
+    "expodistance/norm_slope",
+    "spectra/s1_mean",
+    "spectra/stable_rank_mean",
+    "linearization/cosine",
+)
+"""Scalars put into ``trainer.callback_metrics``, the summary table and the metrics-against-step figure."""
+
+
+class MonitorConfigError(ValueError):
+    """An AlignmentMonitor argument that cannot work; the message says what to change."""
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MonitorConfigError(f"AlignmentMonitor: {name} must be a positive integer, got {value!r}")
+
+
+class AlignmentMonitor(pl.Callback):
+    """Probe residual-Jacobian metrics on a schedule and log them as trajectories over training steps.
+
+    Args:
+        every_n_steps: probe every N optimizer steps (None: only the other triggers).
+        log_spaced: also probe at steps 1, 2, 4, 8, ... below ``every_n_steps`` (early training is where
+            things change; later the regular cadence takes over).
+        prompts: ``[B, T]`` token ids to probe; default: ``num_prompts`` validation sequences, seeded.
+        num_prompts, prompt_length, seed: the default prompt sample (``prompt_length`` first tokens of each).
+        layers, tokens, ks, chunk_size: passed to :func:`alignscope.probe`.
+        on_checkpoint: also probe whenever a checkpoint is saved.
+        at_end: probe at the end of fit.
+        dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
+            (default: the trainer's ``log_dir`` or ``default_root_dir``).
+        figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
+        prefix: prefix of logged names, e.g. ``align/coupling/k10``.
+        model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 100,
+        log_spaced: bool = True,
+        prompts: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        num_prompts: int = 8,
+        prompt_length: int | None = 64,
+        seed: int = 0,
+        layers: Sequence[int] | None = None,
+        tokens: str | Sequence[int] = "last",
+        ks: Sequence[int] = (10, 30, 50),
+        chunk_size: int = 32,
+        on_checkpoint: bool = False,
+        at_end: bool = True,
+        dirpath: str | None = None,
+        figures: bool = True,
+        prefix: str = "align/",
+        model_attr: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        _positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _positive_int("num_prompts", num_prompts)
+        _positive_int("prompt_length", prompt_length, allow_none=True)
+        _positive_int("chunk_size", chunk_size)
+        if not isinstance(log_spaced, bool):
+            raise MonitorConfigError(
+                f"AlignmentMonitor: log_spaced must be true or false, got {log_spaced!r}"
+            )
+        ks = [ks] if isinstance(ks, int) else list(ks)
+        if not ks:
+            raise MonitorConfigError("AlignmentMonitor: ks is empty; give K values such as [10, 30, 50]")
+        for k in ks:
+            _positive_int("every K in ks", k)
+        if isinstance(tokens, str):
+            if tokens not in ("last", "all"):
+                raise MonitorConfigError(
+                    f"AlignmentMonitor: tokens must be 'last', 'all' or positions, got {tokens!r}"
+                )
+        else:
+            tokens = list(tokens)
+            if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise MonitorConfigError(
+                    f"AlignmentMonitor: token positions must be integers, got {tokens!r}"
+                )
+        if layers is not None:
+            layers = list(layers)
+            if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+                raise MonitorConfigError(
+                    f"AlignmentMonitor: layers must be block indices or null, got {layers!r}"
+                )
+        if prompts is not None:
+            prompts = torch.as_tensor(prompts)
+            if prompts.ndim != 2 or prompts.numel() == 0 or prompts.dtype.is_floating_point:
+                raise MonitorConfigError(
+                    "AlignmentMonitor: prompts must be a non-empty [B, T] tensor of token ids"
+                )
+        if not (every_n_steps or log_spaced or on_checkpoint or at_end):
+            raise MonitorConfigError(
+                "AlignmentMonitor would only probe step 0: set every_n_steps, log_spaced, on_checkpoint or at_end"
+            )
+        self.every_n_steps = every_n_steps
+        self.log_spaced = log_spaced
+        self.prompts = prompts.long() if prompts is not None else None
+        self.num_prompts = num_prompts
+        self.prompt_length = prompt_length
+        self.seed = seed
+        self.layers = layers
+        self.tokens = tokens
+        self.ks = tuple(ks)
+        self.chunk_size = chunk_size
+        self.on_checkpoint = on_checkpoint
+        self.at_end = at_end
+        self.dirpath = dirpath
+        self.figures = figures
+        self.prefix = prefix
+        self.model_attr = model_attr
+        self.verbose = verbose
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._first: ProbeResult | None = None
+        self._latest: ProbeResult | None = None
+
+    # ----------------------------------------------------------------- schedule and state
+    def scheduled(self, step: int) -> bool:
+        """Whether ``step`` is on the probe schedule (checkpoint and end-of-fit probes come on top)."""
+        if step == 0:
+            return True
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return True
+        early = not self.every_n_steps or step < self.every_n_steps
+        return self.log_spaced and early and step & (step - 1) == 0
+
+    @property
+    def probed_steps(self) -> list[int]:
+        return [int(h["step"]) for h in self.history]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "prompts": self.prompts.tolist() if self.prompts is not None else None,
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        if state_dict.get("prompts") is not None:
+            self.prompts = torch.tensor(state_dict["prompts"], dtype=torch.long)
+        self.seconds = float(state_dict.get("seconds", 0.0))
+
+    # ----------------------------------------------------------------- lightning hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._model(pl_module)  # fail early if there is no Hugging Face model
+        if self.prompts is None:
+            self.prompts = self._sample_prompts(trainer)
+        if trainer.is_global_zero:
+            self._run_dir(trainer).mkdir(parents=True, exist_ok=True)
+            self._rewrite_jsonl(trainer)  # after a resume: exactly the restored trajectory
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scheduled(trainer.global_step):
+            self._maybe_probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.scheduled(trainer.global_step):
+            self._maybe_probe(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        if self.on_checkpoint and trainer.global_step not in self.probed_steps:
+            self._maybe_probe(trainer, pl_module)
+            # the checkpoint's callback state was taken before this hook: refresh it
+            for key in list(checkpoint.get("callbacks", {})):
+                if key == self.state_key:
+                    checkpoint["callbacks"][key] = self.state_dict()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # also runs when no training step is taken (max_steps=0: load and probe only)
+        if self.at_end or not self.history:
+            self._maybe_probe(trainer, pl_module)
+        if trainer.is_global_zero and self.history:
+            self._finish(trainer)
+        trainer.strategy.barrier("alignment_monitor_end")
+
+    # ----------------------------------------------------------------- probing
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step in self.probed_steps:
+            return
+        if trainer.is_global_zero:
+            self._probe(trainer, pl_module, step)
+        else:
+            self.history.append({"step": step})  # keep the schedule in step on other ranks
+        trainer.strategy.barrier("alignment_monitor")
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        from alignscope.probe import probe
+
+        start = time.perf_counter()
+        model = self._model(pl_module)
+        result = probe(
+            model,
+            self.prompts,
+            layers=self.layers,
+            tokens=self.tokens,
+            ks=self.ks,
+            chunk_size=self.chunk_size,
+        )
+        result.meta["step"] = step
+        scalars = result.scalars()
+        run_dir = self._run_dir(trainer)
+        result.save(run_dir / "probes" / f"step_{step:07d}")
+        entry = {"step": step, **scalars}
+        with open(run_dir / "probes.jsonl", "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        self.history.append(entry)
+        if self._first is None and step == self.history[0]["step"]:
+            self._first = result
+        self._latest = result
+        metrics = {f"{self.prefix}{k}": v for k, v in scalars.items()}
+        metrics[f"{self.prefix}probe_seconds"] = time.perf_counter() - start
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        for name in HEADLINE:
+            if name in scalars:
+                trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(scalars[name])
+        self.seconds += time.perf_counter() - start
+
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.model_attr is not None:
+            model = getattr(pl_module, self.model_attr, None)
+            if model is None:
+                raise MonitorConfigError(
+                    f"AlignmentMonitor: the LightningModule has no attribute {self.model_attr!r}"
+                )
+            return model
+        for module in [pl_module, *pl_module.children()]:
+            if hasattr(getattr(module, "config", None), "model_type"):
+                return module
+        raise MonitorConfigError(
+            "AlignmentMonitor: no Hugging Face model found on the LightningModule; pass model_attr='<attribute>'"
+        )
+
+    def _sample_prompts(self, trainer: pl.Trainer) -> torch.Tensor:
+        dataset = None
+        dm = trainer.datamodule
+        if dm is not None:
+            if hasattr(dm, "setup") and getattr(dm, "val_dataset", None) is None:
+                dm.setup("fit")
+            dataset = getattr(dm, "val_dataset", None)
+        if dataset is None:
+            loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else None
+            if loaders is None:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise MonitorConfigError(
+                "AlignmentMonitor: no validation data set to sample prompts from; pass prompts=[B, T] token ids"
+            )
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(dataset), generator=g)[: self.num_prompts].sort().values
+        rows = []
+        for i in idx.tolist():
+            item = dataset[i]
+            if isinstance(item, dict):
+                item = item["input_ids"]
+            elif isinstance(item, (tuple, list)):
+                item = item[0]
+            row = torch.as_tensor(item).reshape(-1)
+            rows.append(row[: self.prompt_length] if self.prompt_length else row)
+        length = min(len(r) for r in rows)
+        return torch.stack([r[:length] for r in rows]).long()
+
+    # ----------------------------------------------------------------- files and summary
+    def _run_dir(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _rewrite_jsonl(self, trainer: pl.Trainer) -> None:
+        path = self._run_dir(trainer) / "probes.jsonl"
+        lines = [json.dumps(h) for h in self.history if len(h) > 1]
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def summary(self) -> dict[str, Any]:
+        """Init (first probe) and final (latest probe) value of each headline metric, and their change."""
+        first, last = self.history[0], self.history[-1]
+        out: dict[str, Any] = {
+            "init_step": first["step"],
+            "final_step": last["step"],
+            "monitor_seconds": self.seconds,
+        }
+        for name in HEADLINE:
+            if name in first and name in last:
+                a, b = first[name], last[name]
+                out[name] = {"init": a, "final": b, "change": b - a}
+        return out
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        start = time.perf_counter()
+        run_dir = self._run_dir(trainer)
+        if self.figures:
+            self._figures(trainer, run_dir)
+        self.seconds += time.perf_counter() - start
+        summary = self.summary()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.verbose:
+            rank_zero_only(print)(format_summary(summary), flush=True)
+
+    def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
+        from alignscope import plots
+
+        first = self._first or self._load_probe(run_dir, int(self.history[0]["step"]))
+        latest = self._latest or self._load_probe(run_dir, int(self.history[-1]["step"]))
+        paths: dict[str, Path] = {}
+        if first is not None and latest is not None:
+            pair = {
+                f"step {first.meta.get('step', 0)}": first,
+                f"step {latest.meta.get('step', '?')}": latest,
+            }
+            for k in self.ks:
+                paths[f"coupling_k{k}"] = plots.save(
+                    plots.coupling_heatmaps(pair, k), run_dir / "figures" / f"coupling_k{k}.png"
+                )
+            paths["trajectories_pca"] = plots.save(
+                plots.trajectory_pca(pair), run_dir / "figures" / "trajectories_pca.png"
+            )
+        names = [
+            n
+            for n in HEADLINE
+            if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in self.ks))
+        ]
+        paths["metrics_vs_step"] = plots.save(
+            plots.metrics_vs_step([h for h in self.history if len(h) > 1], names),
+            run_dir / "figures" / "metrics_vs_step.png",
+        )
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                step = int(self.history[-1]["step"])
+                for key, path in paths.items():
+                    logger.log_image(key=f"{self.prefix}figures/{key}", images=[str(path)], step=step)
+
+    @staticmethod
+    def _load_probe(run_dir: Path, step: int) -> ProbeResult | None:
+        folder = run_dir / "probes" / f"step_{step:07d}"
+        return ProbeResult.load(folder) if folder.is_dir() else None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a short text table."""
+    init, final = summary["init_step"], summary["final_step"]
+    rows = [(k, v) for k, v in summary.items() if isinstance(v, dict)]
+    width = max([len(k) for k, _ in rows] + [6])
+    lines = [f"{'metric':<{width}}  {'step ' + str(init):>12}  {'step ' + str(final):>12}  {'change':>9}"]
+    for name, v in rows:
+        lines.append(
+            f"{name:<{width}}  {_fmt(v['init']):>12}  {_fmt(v['final']):>12}  {_fmt(v['change'], sign=True):>9}"
+        )
+    lines.append(f"(alignment monitor: {summary['monitor_seconds']:.1f} s in probes)")
+    return "\n".join(lines)
+
+
+def _fmt(x: float, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:+.4f}" if sign else f"{x:.4f}"

@@ -1,0 +1,139 @@
+"""``alignscope-train`` (also ``python -m alignscope.train``): train a causal LM with the AlignmentMonitor.
+
+Hydra app over ``conf/train.yaml``; every object is built from its config group with ``_target_``. Bad
+settings fail before any training step, and every W&B run is finished, also when training fails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from alignscope.cli.config import config_dir
+
+
+class TrainConfigError(ValueError):
+    """A training setting that cannot work; the message says what to change."""
+
+
+def run_group(cfg: DictConfig) -> str:
+    """The W&B group: ``cfg.group`` if set, else the sweep's name in a multirun, else the run name."""
+    if cfg.get("group"):
+        return str(cfg.group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            sweep = Path(hc.sweep.dir)
+            return f"{hc.job.name}-{sweep.parent.name}-{sweep.name}"
+        return str(cfg.run_name)
+    except ValueError:  # not inside a Hydra app
+        return str(cfg.run_name)
+
+
+def build(spec: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a configuration error (``ValueError``/``TypeError``) of the
+    built object itself, so that the message that says what to fix comes first."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(spec, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise cause from None
+        raise
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, spec in (cfg.get("logger") or {}).items():
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise TrainConfigError(
+                f"logger.{name} needs a _target_ (choose logger=wandb, logger=csv or logger=none)"
+            )
+        kwargs = {"group": run_group(cfg)} if "WandbLogger" in spec._target_ else {}
+        loggers.append(build(spec, **kwargs))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    return [build(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build data, model, loggers and callbacks from ``cfg``; fit; return final metrics."""
+    import lightning.pytorch as pl
+
+    from alignscope.lm import CausalLMModule
+    from alignscope.models import context_length
+
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # 1. validate everything that can be validated before any heavy work
+    callbacks = build_callbacks(cfg)  # AlignmentMonitor validates its arguments here
+    datamodule = build(cfg.data)
+    datamodule.prepare()  # tokenizer and packed data (cached); empty-corpus errors surface here
+    tok = datamodule.tokenizer
+    model = build(cfg.model)(
+        vocab_size=len(tok),
+        token_ids={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": None},
+    )
+    limit = context_length(model)
+    if limit is not None and datamodule.seq_len > limit:
+        raise TrainConfigError(
+            f"data.seq_len={datamodule.seq_len} is beyond the model's context of {limit} positions: "
+            f"lower data.seq_len or raise the model's position limit (e.g. model.config.n_positions)"
+        )
+    module = CausalLMModule(model, **OmegaConf.to_container(cfg.optim, resolve=True))
+    loggers = build_loggers(cfg)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(
+                {"data/unigram_loss": datamodule.unigram_loss, "data/vocab_size": len(tok)}
+            )
+        trainer = build(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir)
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        final["data/unigram_loss"] = datamodule.unigram_loss
+        final["global_step"] = trainer.global_step
+        (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        if "val/loss" in final:
+            print(
+                f"val/loss {final['val/loss']:.3f} nats/token after {trainer.global_step} steps "
+                f"(unigram baseline {datamodule.unigram_loss:.3f}); run folder: {run_dir}"
+            )
+        _finish_wandb(loggers, exit_code=0)
+        return final
+    except BaseException:
+        _finish_wandb(loggers, exit_code=1)
+        raise
+
+
+def _finish_wandb(loggers: list[Any], exit_code: int) -> None:
+    """Close W&B runs so that the next job of a multirun gets its own run."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

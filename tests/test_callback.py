@@ -1,0 +1,118 @@
+"""AlignmentMonitor inside a plain Lightning project (not alignscope's app): schedule, logging, state."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from alignscope.callback import AlignmentMonitor, MonitorConfigError
+from conftest import tiny_model
+
+
+class PlainLM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model("llama").train()
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.net(input_ids=ids, labels=ids).loss
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.net(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 128, (64, 12), generator=g))
+    return DataLoader(data, batch_size=8), DataLoader(
+        TensorDataset(torch.randint(0, 128, (16, 12), generator=g))
+    )
+
+
+def test_monitor_in_a_plain_lightning_project(tmp_path):
+    monitor = AlignmentMonitor(
+        every_n_steps=3, log_spaced=False, num_prompts=4, prompt_length=8, dirpath=str(tmp_path)
+    )
+    module = PlainLM()
+    trainer = pl.Trainer(
+        max_steps=7,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    assert monitor.probed_steps == [0, 3, 6, 7]
+    assert monitor.prompts.shape == (4, 8)
+    assert "align/coupling/k10" in trainer.callback_metrics
+    assert module.net.training  # train mode restored after every probe
+    assert all(p.requires_grad for p in module.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "probes.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 3, 6, 7]
+    # step 0 is before the first optimizer step: the probe saw the initial weights
+    assert lines[0]["coupling/k10"] != lines[-1]["coupling/k10"]
+
+
+def test_prompts_are_fixed_and_seeded(tmp_path):
+    a = AlignmentMonitor(num_prompts=3, prompt_length=5, seed=1, dirpath=str(tmp_path))
+    b = AlignmentMonitor(num_prompts=3, prompt_length=5, seed=1, dirpath=str(tmp_path))
+    for m in (a, b):
+        trainer = pl.Trainer(
+            max_steps=1,
+            logger=False,
+            callbacks=[m],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(PlainLM(), *loaders())
+    assert torch.equal(a.prompts, b.prompts)
+
+
+def test_schedule():
+    m = AlignmentMonitor(every_n_steps=100, log_spaced=True)
+    assert [s for s in range(300) if m.scheduled(s)] == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200]
+    m = AlignmentMonitor(every_n_steps=None, log_spaced=False)
+    assert [s for s in range(10) if m.scheduled(s)] == [0]
+    m = AlignmentMonitor(every_n_steps=None, log_spaced=True)
+    assert [s for s in range(300) if m.scheduled(s)] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(every_n_steps=0), "every_n_steps must be a positive integer"),
+        (dict(num_prompts=-1), "num_prompts"),
+        (dict(ks=[10, 0]), "every K in ks"),
+        (dict(tokens="middle"), "tokens must be"),
+        (dict(layers=[]), "layers must be"),
+        (dict(prompts=torch.rand(2, 3)), "prompts must be"),
+        (dict(every_n_steps=None, log_spaced=False, at_end=False), "only probe step 0"),
+        (dict(log_spaced="yes"), "log_spaced"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(MonitorConfigError, match=match):
+        AlignmentMonitor(**kwargs)
+
+
+def test_state_dict_round_trip():
+    m = AlignmentMonitor(prompts=[[1, 2, 3]])
+    m.history = [{"step": 0, "coupling/k10": 0.1}]
+    n = AlignmentMonitor()
+    n.load_state_dict(m.state_dict())
+    assert n.probed_steps == [0] and torch.equal(n.prompts, torch.tensor([[1, 2, 3]]))

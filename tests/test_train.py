@@ -1,0 +1,132 @@
+"""The training app: real configs composed, short fits, W&B offline, multirun, resume, bad settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from alignscope.cli.config import config_dir
+
+SMOKE = ["experiment=smoke"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("alignscope-cache"))
+
+
+def compose_train(run_dir: Path, cache_dir: str, *overrides: str):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(
+            "train", overrides=[*SMOKE, f"paths.run_dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides]
+        )
+
+
+def jsonl_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "probes.jsonl").read_text().splitlines()]
+
+
+def test_short_fit_with_csv_logger(tmp_path, cache_dir):
+    from alignscope.train import train
+
+    run = tmp_path / "run"
+    final = train(compose_train(run, cache_dir, "logger=csv"))
+    assert final["global_step"] == 12
+    steps = jsonl_steps(run)
+    assert steps == [0, 1, 2, 4, 5, 10, 12]  # step 0, log-spaced below 5, every 5, end of fit
+    with open(run / "csv" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = {int(r["step"]) for r in rows if r.get("align/coupling/k10")}
+    assert {0, 12} <= logged and logged == set(steps)
+    assert "align/spectra/s1/block_01" in rows[0]
+    for step in steps:
+        assert (run / "probes" / f"step_{step:07d}" / "tensors.safetensors").is_file()
+    for name in ("coupling_k10", "coupling_k30", "coupling_k50", "metrics_vs_step", "trajectories_pca"):
+        assert (run / "figures" / f"{name}.png").stat().st_size > 1000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["init_step"] == 0 and summary["final_step"] == 12
+    c = summary["coupling/k10"]
+    assert c["change"] == pytest.approx(c["final"] - c["init"])
+    assert "val/loss" in final and final["data/unigram_loss"] > 0
+
+
+def test_wandb_offline_run_has_history(tmp_path, cache_dir):
+    from alignscope.train import train
+
+    run = tmp_path / "run"
+    train(compose_train(run, cache_dir, "logger=wandb", "group=unit-test"))
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (history,) = runs[0].glob("run-*.wandb")
+    blob = history.read_bytes()
+    assert b"align/coupling/k10" in blob and b"train/loss" in blob and b"unit-test" in blob
+    assert (runs[0] / "files" / "media").is_dir()  # figures logged as wandb.Image
+
+
+def _run_cli(args: list[str], cache_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGNSCOPE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    out = subprocess.run(
+        [sys.executable, "-m", "alignscope.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_two_job_multirun(tmp_path, cache_dir, launcher):
+    sweep = tmp_path / "sweep"
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    _run_cli(["-m", *SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}", "trainer.max_steps=4", *extra], cache_dir)
+    groups = set()
+    for job in ("0", "1"):
+        run = sweep / job
+        assert jsonl_steps(run)[0] == 0 and (run / "summary.json").is_file()
+        (wandb_run,) = (run / "wandb").glob("offline-run-*")
+        blob = next(wandb_run.glob("run-*.wandb")).read_bytes()
+        assert b"align/coupling/k10" in blob
+        groups.add(f"train-{sweep.parent.name}-{sweep.name}".encode() in blob)
+    assert groups == {True}  # both jobs in the group named after the sweep
+
+
+def test_resume_continues_the_trajectory(tmp_path, cache_dir):
+    from alignscope.train import train
+
+    run = tmp_path / "run"
+    train(compose_train(run, cache_dir, "logger=csv", "trainer.max_steps=6"))
+    assert jsonl_steps(run) == [0, 1, 2, 4, 5, 6]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    train(compose_train(run, cache_dir, "logger=csv", f"ckpt_path={ckpt}"))
+    steps = jsonl_steps(run)
+    assert steps == sorted(set(steps))  # no duplicates, in order
+    # the same trajectory as an uninterrupted run (the end-of-fit probe at step 6 was not in the checkpoint)
+    assert steps == [0, 1, 2, 4, 5, 10, 12]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["callbacks.alignment_monitor.every_n_steps=0"], "every_n_steps must be a positive integer"),
+        (["callbacks.alignment_monitor.ks=[]"], "ks is empty"),
+        (["callbacks.alignment_monitor.tokens=first"], "tokens must be 'last', 'all'"),
+        (["data=text_files", "data.corpus.paths=[/nonexistent/**/*.txt]"], "empty corpus: no files match"),
+        (["data.seq_len=64", "model.config.n_positions=32"], "beyond the model's context of 32"),
+        (["data.seq_len=4000"], "corpus is too small for seq_len=4000|beyond the model's context"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, cache_dir, overrides, match):
+    from alignscope.train import train
+
+    with pytest.raises(ValueError, match=match):
+        train(compose_train(tmp_path / "run", cache_dir, "logger=csv", *overrides))
+    assert not (tmp_path / "run" / "probes.jsonl").exists()
