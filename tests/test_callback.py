@@ -116,3 +116,47 @@ def test_state_dict_round_trip():
     n = AlignmentMonitor()
     n.load_state_dict(m.state_dict())
     assert n.probed_steps == [0] and torch.equal(n.prompts, torch.tensor([[1, 2, 3]]))
+
+
+def test_probe_on_checkpoint_is_in_the_checkpoint_state(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monitor = AlignmentMonitor(
+        every_n_steps=None,
+        log_spaced=False,
+        on_checkpoint=True,
+        num_prompts=2,
+        prompt_length=6,
+        dirpath=str(tmp_path),
+        figures=False,
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=7,
+        logger=False,
+        callbacks=[monitor, ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(PlainLM(), *loaders())
+    assert monitor.probed_steps == [0, 3, 6, 7]
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=False)["callbacks"]
+    (saved,) = [v for k, v in state.items() if k.startswith("AlignmentMonitor")]
+    assert [h["step"] for h in saved["history"]] == [0, 3]
+
+
+def test_ddp_two_ranks_probe_once_and_stay_in_step(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "ddp_fit.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x)["step"] for x in (tmp_path / "probes.jsonl").read_text().splitlines()]
+    assert lines == [0, 2, 4, 5]  # written once, by rank 0
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"steps": [0, 2, 4, 5], "global_step": 5}

@@ -130,3 +130,36 @@ def test_bad_settings_fail_before_training(tmp_path, cache_dir, overrides, match
     with pytest.raises(ValueError, match=match):
         train(compose_train(tmp_path / "run", cache_dir, "logger=csv", *overrides))
     assert not (tmp_path / "run" / "probes.jsonl").exists()
+
+
+def test_fine_tune_a_pretrained_model_from_a_local_path(tmp_path, cache_dir):
+    from alignscope.tiny import tiny_model
+    from alignscope.train import train
+
+    local = tmp_path / "pretrained"
+    tiny_model("gpt2", vocab_size=600, n_positions=64).save_pretrained(local)
+    run = tmp_path / "run"
+    final = train(
+        compose_train(
+            run,
+            cache_dir,
+            "logger=csv",
+            "model=hf",
+            "model.init=pretrained",
+            f"model.pretrained={local}",
+            "~model.config",
+            "trainer.max_steps=2",
+        )
+    )
+    assert final["global_step"] == 2 and jsonl_steps(run) == [0, 1, 2]
+
+
+def test_wandb_run_is_finished_when_training_fails(tmp_path, cache_dir):
+    import wandb
+
+    from alignscope.train import train
+
+    with pytest.raises(Exception, match="precision"):
+        train(compose_train(tmp_path / "run", cache_dir, "logger=wandb", "trainer.precision=bogus"))
+    assert wandb.run is None
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
