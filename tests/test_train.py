@@ -163,3 +163,44 @@ def test_wandb_run_is_finished_when_training_fails(tmp_path, cache_dir):
         train(compose_train(tmp_path / "run", cache_dir, "logger=wandb", "trainer.precision=bogus"))
     assert wandb.run is None
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny_llama"],
+        ["model=tiny_neox"],
+        ["model=hf"],
+        ["trainer=gpu"],
+        ["trainer=ddp"],
+        ["logger=none"],
+        ["logger=csv"],
+        ["data=text_files", "data.corpus.paths=[a.txt]"],
+        ["data=hf"],
+        ["experiment=depth_sweep"],
+        ["experiment=smoke"],
+    ],
+)
+def test_every_config_option_composes(tmp_path, overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.run_dir={tmp_path}"])
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["_target_"] == "alignscope.models.build_causal_lm"
+    assert "_target_" in resolved["trainer"] and "_target_" in resolved["data"]
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_neox"])
+def test_model_options_build_and_probe(tmp_path, name):
+    import torch
+    from hydra.utils import instantiate
+
+    from alignscope import probe
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", f"paths.run_dir={tmp_path}"])
+    model = instantiate(cfg.model)(vocab_size=512, token_ids={"eos_token_id": 0})
+    assert model.config.vocab_size == 512 and model.config.alignscope_init_seed == 0
+    res = probe(model, torch.randint(0, 512, (1, 8)), ks=(10,))
+    assert res.coupling[10].shape == (1, 4, 4)
