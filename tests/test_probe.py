@@ -244,3 +244,24 @@ def test_sdpa_math_kernel_matches_eager(family):
     eager = probe(model, ids, tokens="all", keep_jacobians=True)
     sdpa = probe(model, ids, tokens="all", keep_jacobians=True, attention="sdpa")
     assert torch.allclose(eager.jacobians, sdpa.jacobians, atol=1e-5)
+
+
+def test_keep_blocks_and_concat(tmp_path):
+    model = tiny_model("gpt2")
+    ids = prompt_ids(3, 6)
+    whole = probe(model, ids, keep_blocks=[0, 2], keep_jacobians=True)
+    assert whole.extras["block_jacobians"].shape == (3, 2, 32, 32)
+    assert torch.equal(whole.extras["block_jacobians"], whole.jacobians[:, [0, 2]])
+    assert whole.meta["kept_blocks"] == [0, 2] and whole.meta["num_params"] > 0
+    parts = [probe(model, ids[i : i + 1], keep_blocks=[0, 2], keep_jacobians=True) for i in range(3)]
+    joined = ProbeResult.concat(parts)
+    assert joined.tokens.tolist() == whole.tokens.tolist()
+    assert torch.allclose(joined.coupling[10], whole.coupling[10], atol=1e-6)
+    assert torch.allclose(joined.extras["block_jacobians"], whole.extras["block_jacobians"], atol=1e-6)
+    assert joined.meta["prompt_lengths"] == [6, 6, 6]
+    back = ProbeResult.load(joined.save(tmp_path / "r"))
+    assert torch.equal(back.extras["block_jacobians"], joined.extras["block_jacobians"])
+    with pytest.raises(ValueError, match="not among the probed layers"):
+        probe(model, ids, layers=[1], keep_blocks=[0])
+    with pytest.raises(ValueError, match="differ in layers"):
+        ProbeResult.concat([parts[0], probe(model, ids[:1], layers=[0, 1])])

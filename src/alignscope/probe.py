@@ -33,6 +33,7 @@ def probe(
     ks: Sequence[int] = (10, 30, 50),
     keep_jacobians: bool = False,
     *,
+    keep_blocks: Sequence[int] | None = None,
     tokenizer: Any = None,
     engine: str | JacobianEngine | None = None,
     chunk_size: int = 32,
@@ -50,6 +51,8 @@ def probe(
         tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens.
         ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``).
         keep_jacobians: keep the ``[P, L', d, d]`` residual Jacobians in the result.
+        keep_blocks: keep only these blocks' Jacobians, as ``extras["block_jacobians"]`` ``[P, n, d, d]``
+            (for figures such as the ``|U_j^T J_i V_j|`` grid without storing every block).
         tokenizer: required when ``input_ids`` is text.
         engine: Jacobian engine name or instance (default: exact reverse mode with ``chunk_size``).
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
@@ -69,6 +72,10 @@ def probe(
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     probed = resolve_layers(layers, len(blocks))
+    kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
+    if not set(kept) <= set(probed):
+        raise ValueError(f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}")
+    kept_index = [probed.index(b) for b in kept]
     sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
     positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
     device = _input_device(model)
@@ -98,6 +105,8 @@ def probe(
                 bar.update(1)
             for n, t in enumerate(positions[b]):
                 per_token.append(_analyze(jac[n], traj[n], probed, ks, len(blocks), keep_jacobians))
+                if kept:
+                    per_token[-1]["block_jacobians"] = jac[n, kept_index].clone()
                 token_index.append((b, t))
     bar.close()
 
@@ -108,6 +117,8 @@ def probe(
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
         "init_seed": getattr(model.config, "alignscope_init_seed", None),
         "num_blocks": len(blocks),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "kept_blocks": kept,
         "d_model": d,
         "residual_form": adapter.residual_form,
         "dtype": str(dtype).removeprefix("torch."),
@@ -122,7 +133,10 @@ def probe(
         "block_chain_max_gap": chain_gap,
         "seconds": time.perf_counter() - started,
     }
-    return _assemble(per_token, token_index, probed, ks, len(blocks), meta)
+    result = _assemble(per_token, token_index, probed, ks, len(blocks), meta)
+    if kept:
+        result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in per_token])
+    return result
 
 
 def _validate_ks(ks: Sequence[int]) -> list[int]:

@@ -54,6 +54,7 @@ class ProbeResult:
         linearization_cosine: ``[P]``, only when every block was probed, else None.
         jacobians: ``[P, L', d, d]`` residual Jacobians when ``keep_jacobians=True``, else None.
         meta: JSON-safe run facts (model, ks requested and effective, engine, dtype, ...).
+        extras: further tensors, e.g. ``block_jacobians`` ``[P, n, d, d]`` for ``meta["kept_blocks"]``.
     """
 
     tokens: Tensor
@@ -75,6 +76,7 @@ class ProbeResult:
     linearization_cosine: Tensor | None = None
     jacobians: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def ks(self) -> list[int]:
@@ -140,6 +142,8 @@ class ProbeResult:
         for name in _KEYED:
             for k, value in getattr(self, name).items():
                 tensors[f"{name}.k{k}"] = value.detach().cpu().contiguous()
+        for name, value in self.extras.items():
+            tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
         save_file(tensors, str(folder / "tensors.safetensors"))
         meta = {"layers": self.layers, "ks": self.ks, **self.meta}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -161,7 +165,37 @@ class ProbeResult:
         layers, ks = meta.pop("layers"), meta.pop("ks")
         keyed = {name: {k: tensors[f"{name}.k{k}"] for k in ks} for name in _KEYED}
         plain = {name: tensors.get(name) for name in _PLAIN}
-        return cls(layers=layers, meta=meta, **keyed, **plain)
+        extras = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(layers=layers, meta=meta, extras=extras, **keyed, **plain)
+
+    @classmethod
+    def concat(cls, results: list[ProbeResult]) -> ProbeResult:
+        """Join results of the same model, layers and ks along the token axis ``P`` (prompt indices are
+        renumbered in order; ``meta`` is the first result's, with prompt lengths joined and seconds summed)."""
+        if not results:
+            raise ValueError("nothing to concatenate")
+        first = results[0]
+        for r in results[1:]:
+            if r.layers != first.layers or r.ks != first.ks:
+                raise ValueError("results differ in layers or ks and cannot be joined")
+        tokens, offset = [], 0
+        for r in results:
+            t = r.tokens.clone()
+            t[:, 0] += offset
+            offset += len(r.meta.get("prompt_lengths", [])) or int(t[:, 0].max()) + 1
+            tokens.append(t)
+
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(r, name) for r in results]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        meta = dict(first.meta)
+        meta["prompt_lengths"] = [n for r in results for n in r.meta.get("prompt_lengths", [])]
+        meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in results)
+        plain = {name: cat(name) for name in _PLAIN if name != "tokens"}
+        keyed = {name: {k: torch.cat([getattr(r, name)[k] for r in results]) for k in first.ks} for name in _KEYED}
+        extras = {k: torch.cat([r.extras[k] for r in results]) for k in first.extras if all(k in r.extras for r in results)}
+        return cls(layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed)
 
 
 def _f(value: Tensor) -> float:
