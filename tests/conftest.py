@@ -78,10 +78,13 @@ def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):
     from alignscope.prompts import default_prompts
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(default_prompts() * 3, vocab_size=300, min_frequency=1, special_tokens=["<eos>"],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        default_prompts() * 3, vocab_size=300, min_frequency=1, special_tokens=["<eos>"], show_progress=False
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
-    model = tiny_model(family, seed=seed, vocab_size=300, **({"n_positions": 128} if family == "gpt2" else {}))
+    model = tiny_model(
+        family, seed=seed, vocab_size=300, **({"n_positions": 128} if family == "gpt2" else {})
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

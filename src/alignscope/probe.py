@@ -74,7 +74,9 @@ def probe(
     probed = resolve_layers(layers, len(blocks))
     kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
     if not set(kept) <= set(probed):
-        raise ValueError(f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}")
+        raise ValueError(
+            f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}"
+        )
     kept_index = [probed.index(b) for b in kept]
     sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
     positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]

@@ -44,10 +44,18 @@ def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
     from alignscope.train import build
 
     out = []
-    for name, spec in (cfg.get("logger") or {}).items():
+    for _name, spec in (cfg.get("logger") or {}).items():
         if "WandbLogger" in spec.get("_target_", ""):
-            out.append(build(spec, group=cfg.get("group") or cfg.model.name, job_type="probe", tags=tags,
-                             name=f"{cfg.model.name}-{cfg.model.init}" + (f"-{cfg.model.revision}" if cfg.model.revision else "")))
+            out.append(
+                build(
+                    spec,
+                    group=cfg.get("group") or cfg.model.name,
+                    job_type="probe",
+                    tags=tags,
+                    name=f"{cfg.model.name}-{cfg.model.init}"
+                    + (f"-{cfg.model.revision}" if cfg.model.revision else ""),
+                )
+            )
         else:
             out.append(build(spec))
     return out
@@ -74,12 +82,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)()
     tokenizer = load_tokenizer(**model_cfg)
     num_blocks = len(get_adapter(model).blocks(model))
-    keep = list(cfg.report_blocks) if cfg.get("report_blocks") is not None else sorted({0, num_blocks // 2, num_blocks - 1})
+    keep = (
+        list(cfg.report_blocks)
+        if cfg.get("report_blocks") is not None
+        else sorted({0, num_blocks // 2, num_blocks - 1})
+    )
     probe_fn = instantiate(cfg.probe)
     info = {
-        "model": cfg.model.name, "init": cfg.model.init, "revision": cfg.model.revision,
-        "step": revision_step(cfg.model.revision), "seed": cfg.seed, "source": cfg.model.source,
-        "hub_id": cfg.model.get("hub_id"), "dtype": cfg.model.dtype, "prompts": texts,
+        "model": cfg.model.name,
+        "init": cfg.model.init,
+        "revision": cfg.model.revision,
+        "step": revision_step(cfg.model.revision),
+        "seed": cfg.seed,
+        "source": cfg.model.source,
+        "hub_id": cfg.model.get("hub_id"),
+        "dtype": cfg.model.dtype,
+        "prompts": texts,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
@@ -89,12 +107,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
         parts = []
         done = {json.loads(line)["prompt"] for line in _lines(run_dir / "probes.jsonl")}
-        for i, text in enumerate(tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")):
+        for i, text in enumerate(
+            tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")
+        ):
             folder = run_dir / "prompts" / f"p{i:03d}"
             if i in done and folder.is_dir():
                 parts.append(ProbeResult.load(folder))
                 continue
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.max_length)["input_ids"]
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.max_length)[
+                "input_ids"
+            ]
             part = probe_fn(model, ids, keep_blocks=keep, progress=False)
             part.save(folder)
             with open(run_dir / "probes.jsonl", "a") as fh:
@@ -106,18 +128,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
         scalars = result.scalars()
         (run_dir / "scalars.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
         figures = {
-            f"coupling_k{k}": plots.save(plots.coupling_heatmaps({cfg.model.init: result}, k), run_dir / "figures" / f"coupling_k{k}.png")
+            f"coupling_k{k}": plots.save(
+                plots.coupling_heatmaps({cfg.model.init: result}, k),
+                run_dir / "figures" / f"coupling_k{k}.png",
+            )
             for k in result.ks
         }
-        figures["trajectories_pca"] = plots.save(plots.trajectory_pca({cfg.model.init: result}), run_dir / "figures" / "trajectories_pca.png")
+        figures["trajectories_pca"] = plots.save(
+            plots.trajectory_pca({cfg.model.init: result}), run_dir / "figures" / "trajectories_pca.png"
+        )
         for logger in loggers:
             logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
             if type(logger).__name__ == "WandbLogger":
                 for key, path in figures.items():
                     logger.log_image(key=f"align/figures/{key}", images=[str(path)], step=info["step"])
         width = max(len(n) for n in HEADLINE)
-        print(f"{cfg.model.name} ({cfg.model.init}{', ' + cfg.model.revision if cfg.model.revision else ''}): "
-              f"{len(result.tokens)} prompts, run folder {run_dir}")
+        print(
+            f"{cfg.model.name} ({cfg.model.init}{', ' + cfg.model.revision if cfg.model.revision else ''}): "
+            f"{len(result.tokens)} prompts, run folder {run_dir}"
+        )
         for name in HEADLINE:
             if name in scalars:
                 print(f"  {name:<{width}}  {scalars[name]: .4f}")

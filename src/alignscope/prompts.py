@@ -39,7 +39,9 @@ def load_prompts(
     elif source == "file":
         if not path or not Path(path).expanduser().is_file():
             raise PromptConfigError(f"prompts.source=file needs prompts.path=<text file>, got {path!r}")
-        pool = [x.strip() for x in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if x.strip()]
+        pool = [
+            x.strip() for x in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if x.strip()
+        ]
     elif source == "hf":
         import datasets
 

@@ -193,9 +193,17 @@ class ProbeResult:
         meta["prompt_lengths"] = [n for r in results for n in r.meta.get("prompt_lengths", [])]
         meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in results)
         plain = {name: cat(name) for name in _PLAIN if name != "tokens"}
-        keyed = {name: {k: torch.cat([getattr(r, name)[k] for r in results]) for k in first.ks} for name in _KEYED}
-        extras = {k: torch.cat([r.extras[k] for r in results]) for k in first.extras if all(k in r.extras for r in results)}
-        return cls(layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed)
+        keyed = {
+            name: {k: torch.cat([getattr(r, name)[k] for r in results]) for k in first.ks} for name in _KEYED
+        }
+        extras = {
+            k: torch.cat([r.extras[k] for r in results])
+            for k in first.extras
+            if all(k in r.extras for r in results)
+        }
+        return cls(
+            layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed
+        )
 
 
 def _f(value: Tensor) -> float:

