@@ -82,6 +82,8 @@ _ENCODER = BlockAdapter(
 ADAPTERS: dict[str, BlockAdapter] = {
     "gpt2": _GPT2_STYLE,
     "falcon": _GPT2_STYLE,
+    "gpt_neo": _GPT2_STYLE,
+    "mpt": BlockAdapter(block_paths=("transformer.blocks", "blocks")),
     "gpt_neox": BlockAdapter(block_paths=("gpt_neox.layers", "layers")),
     "llama": _DECODER,
     "mistral": _DECODER,
