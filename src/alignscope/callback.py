@@ -22,21 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from alignscope.result import ProbeResult
-
-HEADLINE = (
-    "coupling/k10",
-    "coupling/k30",
-    "coupling/k50",
-    "alignment/k10",
-    "lss/mean",
-    "expodistance/step_slope",
-    "expodistance/norm_slope",
-    "spectra/s1_mean",
-    "spectra/stable_rank_mean",
-    "linearization/cosine",
-)
-"""Scalars put into ``trainer.callback_metrics``, the summary table and the metrics-against-step figure."""
+from alignscope.result import HEADLINE, ProbeResult
 
 
 class MonitorConfigError(ValueError):

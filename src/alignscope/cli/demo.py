@@ -9,29 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from alignscope.cli.config import config_dir
-
-HEADLINE = (
-    "coupling/k10",
-    "coupling/k30",
-    "coupling/k50",
-    "coupling_vju/k10",
-    "alignment/k10",
-    "lss/mean",
-    "expodistance/step_slope",
-    "expodistance/step_r2",
-    "expodistance/norm_slope",
-    "spectra/s1_mean",
-    "spectra/stable_rank_mean",
-    "spectra/inv_s1_slope",
-    "linearization/cosine",
-)
-
-
-def format_scalars(scalars: dict[str, float], names=HEADLINE) -> str:
-    """A two-column text table of the named scalars that are present."""
-    rows = [(n, scalars[n]) for n in names if n in scalars]
-    width = max(len(n) for n, _ in rows)
-    return "\n".join(f"{n:<{width}}  {v: .4f}" for n, v in rows)
+from alignscope.result import format_scalars
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="demo")
