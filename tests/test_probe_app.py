@@ -273,3 +273,47 @@ def test_offline_zoo_models_probe(name, family, tmp_path):
     a, b = pre.scalars()["coupling/k10"], ran.scalars()["coupling/k10"]
     assert math.isfinite(a) and math.isfinite(b) and a != b
     assert os.path.isdir(zoo.cache_root() / name / "hf")
+
+
+def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):
+    from alignscope.probe_app import run
+
+    local = save_tiny_local_model(tmp_path / "model", seed=5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt here\n\nsecond prompt here\nthird prompt here\n")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "probe_app",
+            overrides=[
+                f"paths.run_dir={tmp_path / 'run'}",
+                "logger=wandb",
+                "model=local",
+                f"model.path={local}",
+                "model.init=random",
+                "prompts=file",
+                f"prompts.path={prompts}",
+                "prompts.num=2",
+                "prompts.seed=3",
+            ],
+        )
+    run(cfg)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(info["prompts"]) == 2 and set(info["prompts"]) <= {
+        "first prompt here",
+        "second prompt here",
+        "third prompt here",
+    }
+    (wandb_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    blob = next(wandb_run.glob("run-*.wandb")).read_bytes()
+    for expected in (b"align/coupling/k10", b"local-random", b"init-random", b"probe"):
+        assert expected in blob, expected
+
+
+def test_prompt_selection_is_seeded():
+    from alignscope.prompts import default_prompts, load_prompts
+
+    a, b = load_prompts(num=5, seed=1), load_prompts(num=5, seed=1)
+    assert a == b and a != load_prompts(num=5, seed=2)
+    pool = default_prompts()
+    assert [pool.index(x) for x in a] == sorted(pool.index(x) for x in a)  # original order kept
+    assert len(load_prompts(num=None)) == len(pool) >= 30
