@@ -158,3 +158,115 @@ def block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dty
         return adapter.hidden_from_output(out)
 
     return fn
+
+
+# ------------------------------------------------------------------------------------ single-token calls
+def _find_cache(call: BlockCall) -> Any:
+    from transformers import Cache
+
+    for value in (*call.args, *call.kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def capture_token_calls(
+    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, input_ids: Tensor, t: int
+) -> list[BlockCall]:
+    """Record every block's call for token ``t`` *alone*, against the model's own KV cache of tokens ``< t``.
+
+    The prefix ``input_ids[:, :t]`` fills a cache, then token ``t`` runs as one decoding step with hooks on
+    the blocks; the cache is put back to its prefix state afterwards. Each ``BlockCall`` has ``[1, 1, d]``
+    input and output and holds the cache object among its arguments.
+    """
+    from transformers import DynamicCache
+
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    with torch.no_grad():
+        if t > 0:
+            out = model(input_ids=input_ids[:, :t], use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+        else:
+            cache = DynamicCache(config=model.config)
+        snapshot = _snapshot(cache)
+        records: list[dict[str, Any]] = [{} for _ in blocks]
+        handles = []
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(_record_input(records[i]), with_kwargs=True))
+            handles.append(block.register_forward_hook(_record_output(records[i], adapter), with_kwargs=True))
+        try:
+            model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
+        finally:
+            for h in handles:
+                h.remove()
+            _restore(cache, snapshot)
+    missing = [i for i, r in enumerate(records) if "output" not in r]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were not called during the decoding step")
+    return [BlockCall(**r) for r in records]
+
+
+def _record_input(record: dict[str, Any]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = dict(kwargs)
+        if args:
+            hidden, rest, by_keyword = args[0], tuple(args[1:]), False
+        else:
+            hidden, rest, by_keyword = kw.pop("hidden_states"), (), True
+        record.update(input=hidden.detach(), args=rest, kwargs=kw, hidden_keyword=by_keyword)
+
+    return hook
+
+
+def _record_output(record: dict[str, Any], adapter: BlockAdapter):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        record["output"] = adapter.hidden_from_output(output).detach()
+
+    return hook
+
+
+def _snapshot(cache: Any) -> list[dict[str, Any]]:
+    """The cache's per-layer state (tensor references and counters); updates replace, never mutate, tensors."""
+    return [dict(layer.__dict__) for layer in cache.layers]
+
+
+def _restore(cache: Any, snapshot: list[dict[str, Any]]) -> None:
+    del cache.layers[len(snapshot) :]
+    for layer, state in zip(cache.layers, snapshot):
+        layer.__dict__.clear()
+        layer.__dict__.update(state)
+
+
+def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
+    """Block ``l`` for one token: ``[1, 1, d] -> [1, 1, d]``, attending to the cached keys and values of the
+    earlier tokens (constants), the cache put back after every call. Only batch 1 (one token) is allowed."""
+    cache = _find_cache(call)
+    if cache is None:
+        raise RuntimeError("the captured decoding step has no KV cache argument")
+    param = next(block.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        block = copy.deepcopy(block).to(dtype)
+        cache = copy.deepcopy(cache)
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                value = getattr(layer, name, None)
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    setattr(layer, name, value.to(dtype))
+    original = _find_cache(call)
+    swap = lambda v: cache if v is original else v  # noqa: E731
+    args = tuple(swap(a) for a in call.args)
+    kwargs = {k: swap(v) for k, v in call.kwargs.items()}
+
+    def fn(hidden: Tensor) -> Tensor:
+        if hidden.shape[0] != 1:
+            raise ValueError("the single-token block call takes one token at a time (batch 1)")
+        snapshot = _snapshot(cache)
+        try:
+            a, kw = _prepare(args, 1, dtype), _prepare(kwargs, 1, dtype)
+            out = block(*a, hidden_states=hidden, **kw) if call.hidden_keyword else block(hidden, *a, **kw)
+            return adapter.hidden_from_output(out)
+        finally:
+            _restore(cache, snapshot)
+
+    return fn

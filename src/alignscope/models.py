@@ -29,11 +29,14 @@ class BlockAdapter:
         residual_form: ``"pre-norm"`` (``x^l = x^{l-1} + f(x^{l-1})``) or ``"post-norm"``
             (``x^l = LN(x^{l-1} + f(x^{l-1}))``, BERT-style); documentation only, the Jacobian is the same
             ``d x^l / d x^{l-1} - I`` either way.
+        causal: the blocks are causal decoders with a Hugging Face KV cache, so a token can be evaluated
+            alone against the cached keys and values of the tokens before it (the single-token engine).
     """
 
     block_paths: tuple[str, ...]
     output_index: int = 0
     residual_form: str = "pre-norm"
+    causal: bool = True
     families: tuple[str, ...] = field(default=())
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -76,7 +79,9 @@ def _get_path(root: nn.Module, path: str) -> Any:
 _DECODER = BlockAdapter(block_paths=("model.layers", "layers"))
 _GPT2_STYLE = BlockAdapter(block_paths=("transformer.h", "h"))
 _ENCODER = BlockAdapter(
-    block_paths=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), residual_form="post-norm"
+    block_paths=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
+    residual_form="post-norm",
+    causal=False,
 )
 
 ADAPTERS: dict[str, BlockAdapter] = {

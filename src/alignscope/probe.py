@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from alignscope import metrics
-from alignscope.capture import block_function, capture_block_calls, probe_mode
+from alignscope.capture import (
+    block_function,
+    capture_block_calls,
+    capture_token_calls,
+    probe_mode,
+    token_block_function,
+)
 from alignscope.jacobian import JacobianEngine, make_engine, residual_jacobian
 from alignscope.models import get_adapter, resolve_layers
 from alignscope.result import ProbeResult
@@ -35,7 +41,7 @@ def probe(
     *,
     keep_blocks: Sequence[int] | None = None,
     tokenizer: Any = None,
-    engine: str | JacobianEngine | None = None,
+    engine: str | JacobianEngine | None = "auto",
     chunk_size: int = 32,
     dtype: torch.dtype = torch.float32,
     attention: str = "eager",
@@ -54,7 +60,13 @@ def probe(
         keep_blocks: keep only these blocks' Jacobians, as ``extras["block_jacobians"]`` ``[P, n, d, d]``
             (for figures such as the ``|U_j^T J_i V_j|`` grid without storing every block).
         tokenizer: required when ``input_ids`` is text.
-        engine: Jacobian engine name or instance (default: exact reverse mode with ``chunk_size``).
+        engine: ``"auto"`` (default: ``"single_token"`` for causal decoders, else ``"exact"``), ``"exact"``
+            (reverse mode through the block's full-sequence call), ``"single_token"`` (reverse mode through
+            the block called on the probed token alone against the model's KV cache of the earlier tokens;
+            the same Jacobian, far cheaper for long prompts), or a ``JacobianEngine`` instance (full
+            sequence). ``meta["engine"]`` says which ran. With ``dtype=torch.float64`` on a float32 model the
+            single-token path uses the cached keys and values of the earlier tokens as the model computed
+            them (float32), so it agrees with ``"exact"`` to float32 rounding.
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
@@ -64,13 +76,9 @@ def probe(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     ks = _validate_ks(ks)
-    jac_engine = (
-        make_engine(engine, chunk_size=chunk_size)
-        if engine is None or isinstance(engine, str)
-        else (make_engine(engine))
-    )
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
+    path, jac_engine = _choose_engine(engine, adapter, chunk_size)
     probed = resolve_layers(layers, len(blocks))
     kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
     if not set(kept) <= set(probed):
@@ -88,27 +96,25 @@ def probe(
     per_token: list[dict[str, Any]] = []
     token_index: list[tuple[int, int]] = []
     chain_gap = 0.0
-    bar = tqdm(total=len(sequences) * len(probed), desc="probe", unit="block", disable=not progress)
+    bar = tqdm(
+        total=sum(len(p) for p in positions) * len(probed), desc="probe", unit="block", disable=not progress
+    )
     with probe_mode(model, attention):
         for b, seq in enumerate(sequences):
-            calls = capture_block_calls(model, adapter, blocks, seq[None].to(device))
-            chain_gap = max(chain_gap, _chain_gap(calls))
-            pos = torch.tensor(positions[b], dtype=torch.long)
-            traj = torch.stack([calls[0].input[0]] + [c.output[0] for c in calls], dim=1)  # [T, L+1, d]
-            traj = traj[pos.to(traj.device)].to(dtype).cpu()  # [n, L+1, d]
-            d = traj.shape[-1]
-            jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype)
-            for li, layer in enumerate(probed):
-                call = calls[layer]
-                fn = block_function(blocks[layer], call, adapter, dtype)
-                x = call.input[0].to(dtype)
-                p = pos.to(x.device)
-                jac[:, li] = residual_jacobian(jac_engine(fn, x, p, p)).cpu()
-                bar.update(1)
-            for n, t in enumerate(positions[b]):
-                per_token.append(_analyze(jac[n], traj[n], probed, ks, len(blocks), keep_jacobians))
+            ids = seq[None].to(device)
+            if path == "single_token":
+                tokens_out = _single_token_jacobians(
+                    model, adapter, blocks, ids, positions[b], probed, jac_engine, dtype, bar
+                )
+            else:
+                tokens_out = _sequence_jacobians(
+                    model, adapter, blocks, ids, positions[b], probed, jac_engine, dtype, bar
+                )
+            for t, jac, traj, gap in tokens_out:
+                chain_gap = max(chain_gap, gap)
+                per_token.append(_analyze(jac, traj, probed, ks, len(blocks), keep_jacobians))
                 if kept:
-                    per_token[-1]["block_jacobians"] = jac[n, kept_index].clone()
+                    per_token[-1]["block_jacobians"] = jac[kept_index].clone()
                 token_index.append((b, t))
     bar.close()
 
@@ -124,7 +130,7 @@ def probe(
         "d_model": d,
         "residual_form": adapter.residual_form,
         "dtype": str(dtype).removeprefix("torch."),
-        "engine": getattr(jac_engine, "name", type(jac_engine).__name__),
+        "engine": path,
         "chunk_size": getattr(jac_engine, "chunk_size", None),
         "attention": attention,
         "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
@@ -139,6 +145,67 @@ def probe(
     if kept:
         result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in per_token])
     return result
+
+
+ENGINE_NAMES = ("auto", "exact", "reverse", "single_token")
+
+
+def _choose_engine(engine: Any, adapter: Any, chunk_size: int) -> tuple[str, JacobianEngine]:
+    """``(path, engine)``: the block-call path (``exact`` full sequence or ``single_token``) and the engine."""
+    if engine is None or isinstance(engine, str):
+        name = engine or "auto"
+        if name not in ENGINE_NAMES:
+            raise ValueError(
+                f"unknown engine {name!r}; choose one of {ENGINE_NAMES} or pass a JacobianEngine"
+            )
+        if name == "auto":
+            name = "single_token" if adapter.causal else "exact"
+        if name == "single_token" and not adapter.causal:
+            raise ValueError(
+                "engine='single_token' needs a causal decoder with a KV cache; use engine='exact'"
+            )
+        return ("single_token" if name == "single_token" else "exact"), make_engine(
+            "reverse", chunk_size=chunk_size
+        )
+    return "exact", make_engine(engine)
+
+
+def _sequence_jacobians(model, adapter, blocks, ids, positions, probed, engine, dtype, bar):
+    """Per probed token: ``(t, J [L', d, d], trajectory [L + 1, d], chain gap)`` from full-sequence calls."""
+    calls = capture_block_calls(model, adapter, blocks, ids)
+    gap = _chain_gap(calls)
+    pos = torch.tensor(positions, dtype=torch.long)
+    traj = torch.stack([calls[0].input[0]] + [c.output[0] for c in calls], dim=1)  # [T, L+1, d]
+    traj = traj[pos.to(traj.device)].to(dtype).cpu()
+    d = traj.shape[-1]
+    jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype)
+    for li, layer in enumerate(probed):
+        call = calls[layer]
+        fn = block_function(blocks[layer], call, adapter, dtype)
+        x = call.input[0].to(dtype)
+        p = pos.to(x.device)
+        jac[:, li] = residual_jacobian(engine(fn, x, p, p)).cpu()
+        bar.update(len(pos))
+    return [(t, jac[n], traj[n], gap) for n, t in enumerate(positions)]
+
+
+def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engine, dtype, bar):
+    """Per probed token: the same as :func:`_sequence_jacobians`, each block called on the token alone."""
+    out = []
+    zero = torch.zeros(1, dtype=torch.long)
+    for t in positions:
+        calls = capture_token_calls(model, adapter, blocks, ids, t)
+        traj = torch.stack([calls[0].input[0, 0]] + [c.output[0, 0] for c in calls]).to(dtype).cpu()
+        d = traj.shape[-1]
+        jac = torch.empty(len(probed), d, d, dtype=dtype)
+        for li, layer in enumerate(probed):
+            call = calls[layer]
+            fn = token_block_function(blocks[layer], call, adapter, dtype)
+            x = call.input[0].to(dtype)  # [1, d]
+            jac[li] = residual_jacobian(engine(fn, x, zero.to(x.device), zero.to(x.device))[0]).cpu()
+            bar.update(1)
+        out.append((t, jac, traj, _chain_gap(calls)))
+    return out
 
 
 def _validate_ks(ks: Sequence[int]) -> list[int]:
