@@ -45,7 +45,7 @@ class AlignmentMonitor(pl.Callback):
             things change; later the regular cadence takes over).
         prompts: ``[B, T]`` token ids to probe; default: ``num_prompts`` validation sequences, seeded.
         num_prompts, prompt_length, seed: the default prompt sample (``prompt_length`` first tokens of each).
-        layers, tokens, ks, chunk_size: passed to :func:`alignscope.probe`.
+        layers, tokens, ks, chunk_size, engine: passed to :func:`alignscope.probe`.
         on_checkpoint: also probe whenever a checkpoint is saved.
         at_end: probe at the end of fit.
         dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
@@ -66,7 +66,8 @@ class AlignmentMonitor(pl.Callback):
         layers: Sequence[int] | None = None,
         tokens: str | Sequence[int] = "last",
         ks: Sequence[int] = (10, 30, 50),
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
+        engine: str = "auto",
         on_checkpoint: bool = False,
         at_end: bool = True,
         dirpath: str | None = None,
@@ -79,7 +80,11 @@ class AlignmentMonitor(pl.Callback):
         _positive_int("every_n_steps", every_n_steps, allow_none=True)
         _positive_int("num_prompts", num_prompts)
         _positive_int("prompt_length", prompt_length, allow_none=True)
-        _positive_int("chunk_size", chunk_size)
+        _positive_int("chunk_size", chunk_size, allow_none=True)
+        if engine not in ("auto", "exact", "single_token"):
+            raise MonitorConfigError(
+                f"AlignmentMonitor: engine must be auto, exact or single_token, got {engine!r}"
+            )
         if not isinstance(log_spaced, bool):
             raise MonitorConfigError(
                 f"AlignmentMonitor: log_spaced must be true or false, got {log_spaced!r}"
@@ -126,6 +131,7 @@ class AlignmentMonitor(pl.Callback):
         self.tokens = tokens
         self.ks = tuple(ks)
         self.chunk_size = chunk_size
+        self.engine = engine
         self.on_checkpoint = on_checkpoint
         self.at_end = at_end
         self.dirpath = dirpath
@@ -223,6 +229,7 @@ class AlignmentMonitor(pl.Callback):
             tokens=self.tokens,
             ks=self.ks,
             chunk_size=self.chunk_size,
+            engine=self.engine,
         )
         result.meta["step"] = step
         scalars = result.scalars()

@@ -42,7 +42,7 @@ def probe(
     keep_blocks: Sequence[int] | None = None,
     tokenizer: Any = None,
     engine: str | JacobianEngine | None = "auto",
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     attention: str = "eager",
     progress: bool = False,
@@ -70,6 +70,8 @@ def probe(
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
+        chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path, 1024 on
+            the single-token path; larger is faster until memory runs short).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
@@ -150,7 +152,13 @@ def probe(
 ENGINE_NAMES = ("auto", "exact", "reverse", "single_token")
 
 
-def _choose_engine(engine: Any, adapter: Any, chunk_size: int) -> tuple[str, JacobianEngine]:
+SEQUENCE_CHUNK = 32
+"""Default identity rows per VJP through a full-sequence call (memory grows with chunk x T)."""
+TOKEN_CHUNK = 1024
+"""Default identity rows per VJP through a single-token call (one token: all rows at once up to d = 1024)."""
+
+
+def _choose_engine(engine: Any, adapter: Any, chunk_size: int | None) -> tuple[str, JacobianEngine]:
     """``(path, engine)``: the block-call path (``exact`` full sequence or ``single_token``) and the engine."""
     if engine is None or isinstance(engine, str):
         name = engine or "auto"
@@ -164,9 +172,9 @@ def _choose_engine(engine: Any, adapter: Any, chunk_size: int) -> tuple[str, Jac
             raise ValueError(
                 "engine='single_token' needs a causal decoder with a KV cache; use engine='exact'"
             )
-        return ("single_token" if name == "single_token" else "exact"), make_engine(
-            "reverse", chunk_size=chunk_size
-        )
+        path = "single_token" if name == "single_token" else "exact"
+        chunk = chunk_size or (TOKEN_CHUNK if path == "single_token" else SEQUENCE_CHUNK)
+        return path, make_engine("reverse", chunk_size=chunk)
     return "exact", make_engine(engine)
 
 

