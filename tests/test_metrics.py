@@ -215,3 +215,24 @@ def test_trajectory_pca_recovers_a_plane():
     pts, ratio = metrics.trajectory_pca(coords @ basis.T)
     assert pts.shape == (3, 5, 2)
     assert float(ratio.sum()) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_coupling_matrices_match_a_naive_double_loop():
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(4, 9, 9, generator=g, dtype=torch.float64)
+    many = metrics.coupling_matrices(J, [2, 5, 20], "ujv")
+    many_vju = metrics.coupling_matrices(J, [2, 5, 20], "vju")
+    for k in (2, 5, 20):
+        kc = min(k, 9)
+        for i in range(4):
+            for j in range(4):
+                Uj, _, Vhj = torch.linalg.svd(J[j])
+                si = torch.linalg.svdvals(J[i])[:kc]
+                ujv = (Uj[:, :kc].T @ J[i] @ Vhj.T[:, :kc]).abs() - torch.diag(si)
+                vju = (Vhj.T[:, :kc].T @ J[i] @ Uj[:, :kc]).abs() - torch.diag(si)
+                assert float(many[k][i, j]) == pytest.approx(
+                    float(torch.linalg.norm(ujv) / torch.linalg.norm(si)), abs=1e-12
+                )
+                assert float(many_vju[k][i, j]) == pytest.approx(
+                    float(torch.linalg.norm(vju) / torch.linalg.norm(si)), abs=1e-12
+                )

@@ -48,18 +48,37 @@ def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD |
     ``U_{j,K}, V_{j,K}`` are the top-K singular vectors of ``J_j``, ``s_i`` the singular values of ``J_i``,
     ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form.
     """
+    return coupling_matrices(jacobians, [k], form, factors)[k]
+
+
+def coupling_matrices(
+    jacobians: Tensor, ks: list[int], form: str = "ujv", factors: SVD | None = None
+) -> dict[int, Tensor]:
+    """:func:`coupling_matrix` for several K at once: ``{K: [L, L]}``.
+
+    The projections ``A_{j,K}^T J_i B_{j,K}`` are formed once for the largest K (one ``[L d, d] x [d, L K]``
+    matrix product) and every smaller K reads their top-left ``K x K`` block.
+    """
     if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
         raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
     if form not in ("ujv", "vju"):
         raise ValueError(f"form must be 'ujv' or 'vju', got {form!r}")
-    k = _check_k(k, jacobians.shape[-1])
+    n, d = jacobians.shape[0], jacobians.shape[-1]
+    clipped = {k: _check_k(k, d) for k in ks}
+    kmax = max(clipped.values())
     U, S, V = factors if factors is not None else svd(jacobians)
-    left, right = (U[..., :k], V[..., :k]) if form == "ujv" else (V[..., :k], U[..., :k])
-    s_k = S[:, :k]  # [L, K]
-    # projected[i, j] = left_j^T J_i right_j : [L, L, K, K]
-    projected = torch.einsum("jak,iab,jbl->ijkl", left, jacobians, right)
-    diff = projected.abs() - torch.diag_embed(s_k)[:, None]  # diag(s_i) broadcast over j
-    return torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
+    left, right = (U[..., :kmax], V[..., :kmax]) if form == "ujv" else (V[..., :kmax], U[..., :kmax])
+    # applied[i, :, j, :] = J_i @ right_j : one GEMM [L d, d] x [d, L K]
+    applied = (jacobians.reshape(n * d, d) @ right.permute(1, 0, 2).reshape(d, n * kmax)).reshape(
+        n, d, n, kmax
+    )
+    projected = torch.einsum("jak,iajl->ijkl", left, applied)  # [L, L, K, K]: left_j^T J_i right_j
+    out = {}
+    for k, kc in clipped.items():
+        s_k = S[:, :kc]  # [L, K]
+        diff = projected[..., :kc, :kc].abs() - torch.diag_embed(s_k)[:, None]  # diag(s_i) broadcast over j
+        out[k] = torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
+    return out
 
 
 def coupling_summary(m: Tensor) -> Tensor:
@@ -123,15 +142,15 @@ def linear_fit(x: Tensor, y: Tensor) -> LinearFit:
     """Least-squares line through points ``(x, y)``, both ``[n]``; ``R^2 = 1 - SS_res / SS_tot``."""
     x, y = x.to(y.dtype), y
     if x.numel() < 2:
-        nan = torch.tensor(float("nan"), dtype=y.dtype)
+        nan = torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
         return LinearFit(nan, nan, nan)
     xc, yc = x - x.mean(), y - y.mean()
     sxx = (xc**2).sum()
-    slope = (xc * yc).sum() / sxx if sxx > 0 else torch.tensor(float("nan"), dtype=y.dtype)
+    slope = (xc * yc).sum() / sxx if sxx > 0 else torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
     intercept = y.mean() - slope * x.mean()
     ss_tot = (yc**2).sum()
     ss_res = ((y - slope * x - intercept) ** 2).sum()
-    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else torch.tensor(float("nan"), dtype=y.dtype)
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
     return LinearFit(slope, intercept, r2)
 
 
@@ -158,7 +177,7 @@ def expodistance(trajectory: Tensor) -> Expodistance:
 
 def _finite_fit(x: Tensor, y: Tensor) -> LinearFit:
     if not torch.isfinite(y).all():
-        nan = torch.tensor(float("nan"), dtype=y.dtype)
+        nan = torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
         return LinearFit(nan, nan, nan)
     return linear_fit(x, y)
 
@@ -172,7 +191,7 @@ def inverse_top_singular_fit(top_singular: Tensor, depth: Tensor | None = None) 
     """Fit of ``1 / s_1`` against block depth (1-based block number unless given): ``[L] -> LinearFit``."""
     if depth is None:
         depth = torch.arange(1, top_singular.shape[0] + 1)
-    return _finite_fit(depth.to(top_singular.dtype), 1 / top_singular)
+    return _finite_fit(depth.to(top_singular.dtype).to(top_singular.device), 1 / top_singular)
 
 
 def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:

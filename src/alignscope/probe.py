@@ -114,9 +114,10 @@ def probe(
                 )
             for t, jac, traj, gap in tokens_out:
                 chain_gap = max(chain_gap, gap)
-                per_token.append(_analyze(jac, traj, probed, ks, len(blocks), keep_jacobians))
+                out = _analyze(jac, traj, probed, ks, len(blocks), keep_jacobians)  # on the compute device
                 if kept:
-                    per_token[-1]["block_jacobians"] = jac[kept_index].clone()
+                    out["block_jacobians"] = jac[kept_index]
+                per_token.append(_to_cpu(out))
                 token_index.append((b, t))
     bar.close()
 
@@ -184,15 +185,15 @@ def _sequence_jacobians(model, adapter, blocks, ids, positions, probed, engine, 
     gap = _chain_gap(calls)
     pos = torch.tensor(positions, dtype=torch.long)
     traj = torch.stack([calls[0].input[0]] + [c.output[0] for c in calls], dim=1)  # [T, L+1, d]
-    traj = traj[pos.to(traj.device)].to(dtype).cpu()
+    traj = traj[pos.to(traj.device)].to(dtype)
     d = traj.shape[-1]
-    jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype)
+    jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype, device=traj.device)
     for li, layer in enumerate(probed):
         call = calls[layer]
         fn = block_function(blocks[layer], call, adapter, dtype)
         x = call.input[0].to(dtype)
         p = pos.to(x.device)
-        jac[:, li] = residual_jacobian(engine(fn, x, p, p)).cpu()
+        jac[:, li] = residual_jacobian(engine(fn, x, p, p)).to(jac.device)
         bar.update(len(pos))
     return [(t, jac[n], traj[n], gap) for n, t in enumerate(positions)]
 
@@ -203,17 +204,27 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
     zero = torch.zeros(1, dtype=torch.long)
     for t in positions:
         calls = capture_token_calls(model, adapter, blocks, ids, t)
-        traj = torch.stack([calls[0].input[0, 0]] + [c.output[0, 0] for c in calls]).to(dtype).cpu()
+        traj = torch.stack(
+            [calls[0].input[0, 0]] + [c.output[0, 0].to(calls[0].input.device) for c in calls]
+        ).to(dtype)
         d = traj.shape[-1]
-        jac = torch.empty(len(probed), d, d, dtype=dtype)
+        jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
         for li, layer in enumerate(probed):
             call = calls[layer]
             fn = token_block_function(blocks[layer], call, adapter, dtype)
             x = call.input[0].to(dtype)  # [1, d]
-            jac[li] = residual_jacobian(engine(fn, x, zero.to(x.device), zero.to(x.device))[0]).cpu()
+            jac[li] = residual_jacobian(engine(fn, x, zero.to(x.device), zero.to(x.device))[0]).to(jac.device)
             bar.update(1)
         out.append((t, jac, traj, _chain_gap(calls)))
     return out
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def _validate_ks(ks: Sequence[int]) -> list[int]:
@@ -329,8 +340,8 @@ def _analyze(
         "hidden_states": traj,
         "singular_values": factors.S,
         "nonfinite": ~torch.isfinite(jac).all(dim=(-2, -1)),
-        "coupling": {k: metrics.coupling_matrix(jac, k, "ujv", factors) for k in ks},
-        "coupling_vju": {k: metrics.coupling_matrix(jac, k, "vju", factors) for k in ks},
+        "coupling": metrics.coupling_matrices(jac, ks, "ujv", factors),
+        "coupling_vju": metrics.coupling_matrices(jac, ks, "vju", factors),
         "alignment": {k: metrics.alignment_matrix(factors.U, factors.V, k) for k in ks},
         "lss": metrics.line_shape_score(traj),
         "step_slope": expo.step_slope,
