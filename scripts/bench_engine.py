@@ -19,22 +19,14 @@ def run_one(seq: int, chunk: int, vectorize: bool, repeats: int) -> dict:
     import resource
 
     import torch
-    import transformers
 
     from alignscope.capture import block_function, capture_block_calls, probe_mode
     from alignscope.jacobian import ReverseModeEngine
-    from alignscope.models import get_adapter, random_init_twin
+    from alignscope.models import get_adapter
+    from bench_jacobian import block_model  # the same SmolLM2-sized block (scripts/ is on sys.path)
 
-    config = transformers.LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        num_hidden_layers=2,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-    )
-    model = random_init_twin(config, seed=0, model_class=transformers.LlamaForCausalLM)
+    model = block_model(576)
+    config = model.config
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     engine = ReverseModeEngine(chunk_size=chunk, vectorize=vectorize)
     rss = []

@@ -81,7 +81,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
     )
     from alignscope.jacobian import ReverseModeEngine
     from alignscope.models import get_adapter
-    from alignscope.probe import TOKEN_CHUNK
+    from alignscope.probe import token_chunk
 
     model = block_model(d)
     ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -109,7 +109,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
                 t,
             ),
             "single_token": (
-                ReverseModeEngine(chunk_size=TOKEN_CHUNK),
+                ReverseModeEngine(chunk_size=token_chunk(seq - 1)),
                 token_block_function(block, token, adapter, torch.float32),
                 token.input[0],
                 zero,
@@ -164,7 +164,7 @@ def smollm2_probe() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[128, 576, 768])
+    parser.add_argument("--dims", type=int, nargs="*", default=[128, 576, 768])
     parser.add_argument("--seqs", type=int, nargs="+", default=[16, 128, 512])
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per engine for repeats")
     parser.add_argument("--smollm2", action="store_true")

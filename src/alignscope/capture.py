@@ -83,27 +83,9 @@ def capture_block_calls(
     """Run ``input_ids`` (``[1, T]``) through ``model`` and record every block's call, in block order."""
     records: list[dict[str, Any]] = [{} for _ in blocks]
     handles = []
-
-    def pre_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kw = dict(kwargs)
-            if args:
-                hidden, rest, by_keyword = args[0], tuple(args[1:]), False
-            else:
-                hidden, rest, by_keyword = kw.pop("hidden_states"), (), True
-            records[index].update(input=hidden.detach(), args=rest, kwargs=kw, hidden_keyword=by_keyword)
-
-        return hook
-
-    def post_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            records[index]["output"] = adapter.hidden_from_output(output).detach()
-
-        return hook
-
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+        handles.append(block.register_forward_pre_hook(_record_input(records[i]), with_kwargs=True))
+        handles.append(block.register_forward_hook(_record_output(records[i], adapter), with_kwargs=True))
     try:
         with torch.no_grad():
             model(input_ids=input_ids, **_forward_kwargs(model))

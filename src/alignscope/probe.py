@@ -22,7 +22,7 @@ from alignscope.capture import (
     probe_mode,
     token_block_function,
 )
-from alignscope.jacobian import JacobianEngine, make_engine, residual_jacobian
+from alignscope.jacobian import JacobianEngine, ReverseModeEngine, make_engine, residual_jacobian
 from alignscope.models import get_adapter, resolve_layers
 from alignscope.result import ProbeResult
 
@@ -70,8 +70,8 @@ def probe(
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
-        chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path, 1024 on
-            the single-token path; larger is faster until memory runs short).
+        chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
+            single-token path ``8192 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
@@ -134,7 +134,9 @@ def probe(
         "residual_form": adapter.residual_form,
         "dtype": str(dtype).removeprefix("torch."),
         "engine": path,
-        "chunk_size": getattr(jac_engine, "chunk_size", None),
+        "chunk_size": "adaptive"
+        if isinstance(jac_engine, AdaptiveChunkEngine)
+        else getattr(jac_engine, "chunk_size", None),
         "attention": attention,
         "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
         "prompt_lengths": [len(s) for s in sequences],
@@ -156,7 +158,27 @@ ENGINE_NAMES = ("auto", "exact", "reverse", "single_token")
 SEQUENCE_CHUNK = 32
 """Default identity rows per VJP through a full-sequence call (memory grows with chunk x T)."""
 TOKEN_CHUNK = 1024
-"""Default identity rows per VJP through a single-token call (one token: all rows at once up to d = 1024)."""
+"""Most identity rows per VJP through a single-token call."""
+
+
+def token_chunk(context: int) -> int:
+    """Default rows per VJP for a single-token call with ``context`` cached tokens: ``8192 / (context + 1)``
+    clamped to [32, 1024]. Measured (docs/benchmarks.md): all rows at once win for short prompts, 32 to 64
+    rows for T >= 128, where the attention-score gradients over the context dominate."""
+    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 8192 // (context + 1)))
+
+
+class AdaptiveChunkEngine(ReverseModeEngine):
+    """The reverse-mode engine whose chunk follows the context length of the single-token call
+    (:func:`token_chunk`); ``context`` is set by the probe before each token."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=TOKEN_CHUNK)
+        self.context = 0
+
+    def __call__(self, block_fn, x, t_in, t_out):
+        self.chunk_size = token_chunk(self.context)
+        return super().__call__(block_fn, x, t_in, t_out)
 
 
 def _choose_engine(engine: Any, adapter: Any, chunk_size: int | None) -> tuple[str, JacobianEngine]:
@@ -174,8 +196,9 @@ def _choose_engine(engine: Any, adapter: Any, chunk_size: int | None) -> tuple[s
                 "engine='single_token' needs a causal decoder with a KV cache; use engine='exact'"
             )
         path = "single_token" if name == "single_token" else "exact"
-        chunk = chunk_size or (TOKEN_CHUNK if path == "single_token" else SEQUENCE_CHUNK)
-        return path, make_engine("reverse", chunk_size=chunk)
+        if path == "single_token" and chunk_size is None:
+            return path, AdaptiveChunkEngine()
+        return path, make_engine("reverse", chunk_size=chunk_size or SEQUENCE_CHUNK)
     return "exact", make_engine(engine)
 
 
@@ -203,6 +226,8 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
     out = []
     zero = torch.zeros(1, dtype=torch.long)
     for t in positions:
+        if isinstance(engine, AdaptiveChunkEngine):
+            engine.context = t
         calls = capture_token_calls(model, adapter, blocks, ids, t)
         traj = torch.stack(
             [calls[0].input[0, 0]] + [c.output[0, 0].to(calls[0].input.device) for c in calls]
