@@ -88,3 +88,18 @@ def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def wandb_history_bytes(run_folder, expected: tuple[bytes, ...] = (), wait_s: float = 10.0) -> bytes:
+    """The bytes of an offline W&B run's ``run-*.wandb`` file, re-read for up to ``wait_s`` seconds until every
+    expected string is in it (the W&B service writes asynchronously)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        files = list(Path(run_folder).glob("run-*.wandb"))
+        blob = files[0].read_bytes() if files else b""
+        if all(e in blob for e in expected) or time.monotonic() > deadline:
+            return blob
+        time.sleep(0.2)

@@ -18,7 +18,7 @@ from alignscope import zoo
 from alignscope.cli.config import config_dir
 from alignscope.report import build_report, find_runs, regress
 from alignscope.report import main as report_main
-from conftest import save_tiny_local_model
+from conftest import save_tiny_local_model, wandb_history_bytes
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
 SHARED_SCORES = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_fig1a_scores.csv"
@@ -304,8 +304,9 @@ def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):
         "third prompt here",
     }
     (wandb_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    blob = next(wandb_run.glob("run-*.wandb")).read_bytes()
-    for expected in (b"align/coupling/k10", b"local-random", b"init-random", b"probe"):
+    expected_strings = (b"align/coupling/k10", b"local-random", b"init-random", b"probe")
+    blob = wandb_history_bytes(wandb_run, expected_strings)
+    for expected in expected_strings:
         assert expected in blob, expected
 
 
