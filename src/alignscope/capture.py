@@ -81,22 +81,32 @@ def capture_block_calls(
     model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, input_ids: Tensor
 ) -> list[BlockCall]:
     """Run ``input_ids`` (``[1, T]``) through ``model`` and record every block's call, in block order."""
+    with torch.no_grad(), _recording(blocks, adapter) as records:
+        model(input_ids=input_ids, **_forward_kwargs(model))
+    return _calls(records)
+
+
+@contextlib.contextmanager
+def _recording(blocks: nn.ModuleList, adapter: BlockAdapter) -> Iterator[list[dict[str, Any]]]:
+    """Hooks that record every block's inputs, arguments and output while the context is open."""
     records: list[dict[str, Any]] = [{} for _ in blocks]
     handles = []
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(_record_input(records[i]), with_kwargs=True))
         handles.append(block.register_forward_hook(_record_output(records[i], adapter), with_kwargs=True))
     try:
-        with torch.no_grad():
-            model(input_ids=input_ids, **_forward_kwargs(model))
+        yield records
     finally:
         for h in handles:
             h.remove()
+
+
+def _calls(records: list[dict[str, Any]]) -> list[BlockCall]:
     missing = [i for i, r in enumerate(records) if "output" not in r]
     if missing:
         raise RuntimeError(
-            f"blocks {missing} were not called during the forward pass; the adapter's block list does not "
-            "match the model's forward"
+            f"blocks {missing} were not called during the forward pass: the adapter's block list does not match "
+            "the model's forward; register a corrected one with alignscope.models.register_adapter()"
         )
     return [BlockCall(**r) for r in records]
 
@@ -172,21 +182,12 @@ def capture_token_calls(
         else:
             cache = DynamicCache(config=model.config)
         snapshot = _snapshot(cache)
-        records: list[dict[str, Any]] = [{} for _ in blocks]
-        handles = []
-        for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(_record_input(records[i]), with_kwargs=True))
-            handles.append(block.register_forward_hook(_record_output(records[i], adapter), with_kwargs=True))
         try:
-            model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
+            with _recording(blocks, adapter) as records:
+                model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
         finally:
-            for h in handles:
-                h.remove()
             _restore(cache, snapshot)
-    missing = [i for i, r in enumerate(records) if "output" not in r]
-    if missing:
-        raise RuntimeError(f"blocks {missing} were not called during the decoding step")
-    return [BlockCall(**r) for r in records]
+    return _calls(records)
 
 
 def _record_input(record: dict[str, Any]):
@@ -225,7 +226,10 @@ def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapte
     earlier tokens (constants), the cache put back after every call. Only batch 1 (one token) is allowed."""
     cache = _find_cache(call)
     if cache is None:
-        raise RuntimeError("the captured decoding step has no KV cache argument")
+        raise RuntimeError(
+            "the captured decoding step passed no KV cache to the block, so it cannot be called on one token; "
+            "use engine='exact'"
+        )
     param = next(block.parameters(), None)
     if param is not None and param.dtype != dtype:
         block = copy.deepcopy(block).to(dtype)
@@ -242,7 +246,9 @@ def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapte
 
     def fn(hidden: Tensor) -> Tensor:
         if hidden.shape[0] != 1:
-            raise ValueError("the single-token block call takes one token at a time (batch 1)")
+            raise ValueError(
+                "the single-token block call takes one token at a time (batch 1); use chunked rows"
+            )
         snapshot = _snapshot(cache)
         try:
             a, kw = _prepare(args, 1, dtype), _prepare(kwargs, 1, dtype)

@@ -8,7 +8,7 @@ how to read the hidden states out of a block's return value. Blocks are always c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +37,6 @@ class BlockAdapter:
     output_index: int = 0
     residual_form: str = "pre-norm"
     causal: bool = True
-    families: tuple[str, ...] = field(default=())
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""

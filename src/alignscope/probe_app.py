@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.cli.config import config_dir
+from alignscope.cli.runtime import build, finish_wandb
 from alignscope.result import format_scalars
 
 
@@ -28,8 +29,6 @@ def revision_step(revision: str | None) -> int:
 
 
 def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
-    from alignscope.train import build
-
     out = []
     for _name, spec in (cfg.get("logger") or {}).items():
         if "WandbLogger" in spec.get("_target_", ""):
@@ -50,7 +49,6 @@ def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Load, probe prompt by prompt (saving each), join, log; return the scalars."""
-    from hydra.utils import instantiate
     from tqdm.auto import tqdm
 
     from alignscope import plots
@@ -66,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     model_cfg.pop("_partial_", None)
-    model = instantiate(cfg.model)()
+    model = build(cfg.model)()
     tokenizer = load_tokenizer(**model_cfg)
     num_blocks = len(get_adapter(model).blocks(model))
     keep = (
@@ -74,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("report_blocks") is not None
         else sorted({0, num_blocks // 2, num_blocks - 1})
     )
-    probe_fn = instantiate(cfg.probe)
+    probe_fn = build(cfg.probe)
     info = {
         "model": cfg.model.name,
         "init": cfg.model.init,
@@ -146,12 +144,10 @@ def _lines(path: Path) -> list[str]:
 
 
 def _finish(loggers: list[Any], exit_code: int) -> None:
-    from alignscope.train import _finish_wandb
-
     for logger in loggers:
         if hasattr(logger, "finalize"):
             logger.finalize("success" if exit_code == 0 else "failed")
-    _finish_wandb(loggers, exit_code)
+    finish_wandb(loggers, exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")

@@ -217,11 +217,7 @@ def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -
         xlabel="block", ylabel="singular value (mean over tokens)", yscale="log", title="top singular values"
     )
     axes[1].set(xlabel="block", ylabel="stable rank", title="stable rank ||J||_F^2 / s_1^2")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(plots.save(fig, out / f"{tag}_spectra.png"))
+    paths.append(_save_panels(fig, axes, out / f"{tag}_spectra.png"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for init, res in results.items():
         h = res.hidden_states.double()
@@ -239,12 +235,19 @@ def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -
         )
     axes[0].set(xlabel="block l", ylabel="log ||x^l - x^{l-1}||", title="step sizes (expodistance)")
     axes[1].set(xlabel="depth l", ylabel="log ||x^l||", title="norms")
+    paths.append(_save_panels(fig, axes, out / f"{tag}_trajectory.png"))
+    return paths
+
+
+def _save_panels(fig, axes, path: Path) -> Path:
+    """Legend and grid on every panel, then save."""
+    from alignscope import plots
+
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(plots.save(fig, out / f"{tag}_trajectory.png"))
-    return paths
+    return plots.save(fig, path)
 
 
 def revision_figure(model: str, runs: list[Run], out: Path, metrics: Sequence[str]) -> Path | None:

@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.cli.config import config_dir
+from alignscope.cli.runtime import build, finish_wandb
 
 
 class TrainConfigError(ValueError):
@@ -35,21 +36,6 @@ def run_group(cfg: DictConfig) -> str:
         return str(cfg.run_name)
     except ValueError:  # not inside a Hydra app
         return str(cfg.run_name)
-
-
-def build(spec: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising a configuration error (``ValueError``/``TypeError``) of the
-    built object itself, so that the message that says what to fix comes first."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(spec, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError)):
-            raise cause from None
-        raise
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -114,20 +100,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"val/loss {final['val/loss']:.3f} nats/token after {trainer.global_step} steps "
                 f"(unigram baseline {datamodule.unigram_loss:.3f}); run folder: {run_dir}"
             )
-        _finish_wandb(loggers, exit_code=0)
+        finish_wandb(loggers, exit_code=0)
         return final
     except BaseException:
-        _finish_wandb(loggers, exit_code=1)
+        finish_wandb(loggers, exit_code=1)
         raise
-
-
-def _finish_wandb(loggers: list[Any], exit_code: int) -> None:
-    """Close W&B runs so that the next job of a multirun gets its own run."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

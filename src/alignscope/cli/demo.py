@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from alignscope.cli.config import config_dir
+from alignscope.cli.runtime import build
 from alignscope.result import format_scalars
 
 
@@ -18,13 +19,12 @@ def main(cfg: DictConfig) -> None:
 
     import torch
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = instantiate(cfg.model)(vocab_size=cfg.prompts.vocab_size)
+    model = build(cfg.model)(vocab_size=cfg.prompts.vocab_size)
     g = torch.Generator().manual_seed(cfg.prompts.seed)
     ids = torch.randint(0, model.config.vocab_size, (cfg.prompts.num, cfg.prompts.length), generator=g)
-    result = instantiate(cfg.probe)(model, ids)
+    result = build(cfg.probe)(model, ids)
     folder = result.save(run_dir / "probe")
     meta = result.meta
     print(
