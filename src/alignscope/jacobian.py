@@ -85,7 +85,10 @@ class ReverseModeEngine:
         rows = torch.arange(n, device=x.device)
         with torch.enable_grad():
             variable = x.detach()[t_in].clone().requires_grad_(True)  # [n, d]
-            hidden = x.detach().unsqueeze(0).repeat(n, 1, 1).index_put((rows, t_in), variable)
+            if n == 1 and _seq_len == 1:  # one token (single-token calls): no scatter in the graph
+                hidden = variable.view(1, 1, d)
+            else:
+                hidden = x.detach().unsqueeze(0).repeat(n, 1, 1).index_put((rows, t_in), variable)
             y = block_fn(hidden)[rows, t_out]  # [n, d]
         jac = x.new_zeros(n, d, d)
         if not y.requires_grad:  # output does not depend on the variable (e.g. a token that cannot see t_in)

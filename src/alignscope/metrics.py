@@ -22,11 +22,25 @@ class SVD(NamedTuple):
 
 
 def svd(jacobians: Tensor) -> SVD:
-    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors."""
+    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors.
+
+    On the CPU the matrices are decomposed one at a time (LAPACK's batched path was about 10% slower for
+    ``[30, 576, 576]`` here); on other devices in one batched call.
+    """
     finite = torch.isfinite(jacobians).all(dim=(-2, -1))
-    safe = torch.where(finite[..., None, None], jacobians, torch.zeros_like(jacobians))
-    U, S, Vh = torch.linalg.svd(safe, full_matrices=True)
+    all_finite = bool(finite.all())
+    safe = jacobians if all_finite else torch.where(finite[..., None, None], jacobians, 0.0)
+    if safe.device.type == "cpu" and safe.ndim > 2:
+        flat = safe.reshape(-1, *safe.shape[-2:])
+        parts = [torch.linalg.svd(m) for m in flat]
+        U = torch.stack([p[0] for p in parts]).reshape(safe.shape)
+        S = torch.stack([p[1] for p in parts]).reshape(safe.shape[:-1])
+        Vh = torch.stack([p[2] for p in parts]).reshape(safe.shape)
+    else:
+        U, S, Vh = torch.linalg.svd(safe)
     V = Vh.transpose(-2, -1)
+    if all_finite:
+        return SVD(U, S, V)
     nan = torch.tensor(float("nan"), dtype=jacobians.dtype, device=jacobians.device)
     U = torch.where(finite[..., None, None], U, nan)
     V = torch.where(finite[..., None, None], V, nan)
@@ -111,11 +125,21 @@ def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
 
     ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``. The diagonal is the within-block alignment
     ``a_K(J_i) = || |U_{i,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (0 for a symmetric PSD Jacobian).
+    Only the first ``K`` columns of ``U`` and ``V`` are read (``[L, d, >= K]`` is enough).
     """
-    k = _check_k(k, U.shape[-1])
-    overlap = torch.einsum("jak,ial->ijkl", U[..., :k], V[..., :k]).abs()
-    eye = torch.eye(k, dtype=U.dtype, device=U.device)
-    return torch.linalg.matrix_norm(overlap - eye) / math.sqrt(k)
+    return alignment_matrices(U, V, [k])[k]
+
+
+def alignment_matrices(U: Tensor, V: Tensor, ks: list[int]) -> dict[int, Tensor]:
+    """:func:`alignment_matrix` for several K: ``{K: [L, L]}``, the overlaps formed once at the largest K."""
+    clipped = {k: _check_k(k, U.shape[-2]) for k in ks}
+    kmax = max(clipped.values())
+    overlap = torch.einsum("jak,ial->ijkl", U[..., :kmax], V[..., :kmax]).abs()
+    out = {}
+    for k, kc in clipped.items():
+        eye = torch.eye(kc, dtype=U.dtype, device=U.device)
+        out[k] = torch.linalg.matrix_norm(overlap[..., :kc, :kc] - eye) / math.sqrt(kc)
+    return out
 
 
 def line_shape_score(trajectory: Tensor) -> Tensor:

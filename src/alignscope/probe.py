@@ -367,7 +367,7 @@ def _analyze(
         "nonfinite": ~torch.isfinite(jac).all(dim=(-2, -1)),
         "coupling": metrics.coupling_matrices(jac, ks, "ujv", factors),
         "coupling_vju": metrics.coupling_matrices(jac, ks, "vju", factors),
-        "alignment": {k: metrics.alignment_matrix(factors.U, factors.V, k) for k in ks},
+        "alignment": metrics.alignment_matrices(factors.U, factors.V, ks),
         "lss": metrics.line_shape_score(traj),
         "step_slope": expo.step_slope,
         "step_r2": expo.step_r2,
