@@ -87,6 +87,12 @@ def coupling_matrices(
         n, d, n, kmax
     )
     projected = torch.einsum("jak,iajl->ijkl", left, applied)  # [L, L, K, K]: left_j^T J_i right_j
+    return coupling_from_projections(projected, S, clipped)
+
+
+def coupling_from_projections(projected: Tensor, S: Tensor, clipped: dict[int, int]) -> dict[int, Tensor]:
+    """``{K: m_K [L, L]}`` from ``projected[i, j] = A_{j,Kmax}^T J_i B_{j,Kmax}`` (``[L, L, Kmax, Kmax]``) and the
+    singular values ``S`` (``[L, >= Kmax]``); ``clipped`` maps each requested K to its clipped value."""
     out = {}
     for k, kc in clipped.items():
         s_k = S[:, :kc]  # [L, K]

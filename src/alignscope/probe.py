@@ -24,6 +24,7 @@ from alignscope.capture import (
 )
 from alignscope.jacobian import JacobianEngine, ReverseModeEngine, make_engine, residual_jacobian
 from alignscope.models import get_adapter, resolve_layers
+from alignscope.randomized import RandomizedSVD
 from alignscope.result import ProbeResult
 
 TokenSpec = str | int | Sequence[int]
@@ -63,8 +64,17 @@ def probe(
         engine: ``"auto"`` (default: ``"single_token"`` for causal decoders, else ``"exact"``), ``"exact"``
             (reverse mode through the block's full-sequence call), ``"single_token"`` (reverse mode through
             the block called on the probed token alone against the model's KV cache of the earlier tokens;
-            the same Jacobian, far cheaper for long prompts), or a ``JacobianEngine`` instance (full
-            sequence). ``meta["engine"]`` says which ran. With ``dtype=torch.float64`` on a float32 model the
+            the same Jacobian, far cheaper for long prompts), ``"randomized"`` (matrix-free top-K triplets
+            from a randomized range finder, :class:`~alignscope.randomized.RandomizedSVD`, or pass an
+            instance to set its oversampling and power iterations; coupling projections exact, see
+            :mod:`alignscope.sketch_probe`), or a ``JacobianEngine`` instance (full sequence). ``"auto"``
+            picks ``"randomized"`` when it needs at most half the products of an exact Jacobian (large
+            ``d``, small K; :func:`choose_engine`). ``meta["engine"]`` says which ran. The randomized engine
+            stores the top ``Kmax + oversample`` singular values only, an estimate of the stable rank,
+            and its error statement in ``extras``: ``triplet_residuals`` ``[P, L', Kmax]``
+            (``||J v_k - s_k u_k||``, bounds each singular value's error), ``tail_fro`` ``[P, L']``
+            (``||J - J_sketch||_F``) and ``coupling_error_k{K}`` ``[P, L', L']`` (first-order bound on
+            each ``m_K``'s error; often loose where singular values are close). With ``dtype=torch.float64`` on a float32 model the
             single-token path uses the cached keys and values of the earlier tokens as the model computed
             them (float32), so it agrees with ``"exact"`` to float32 rounding.
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
@@ -80,14 +90,21 @@ def probe(
     ks = _validate_ks(ks)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    path, jac_engine = _choose_engine(engine, adapter, chunk_size)
     probed = resolve_layers(layers, len(blocks))
+    path, jac_engine = choose_engine(
+        engine, adapter.causal, chunk_size, getattr(model.config, "hidden_size", None), ks, len(probed)
+    )
     kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
     if not set(kept) <= set(probed):
         raise ValueError(
             f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}"
         )
     kept_index = [probed.index(b) for b in kept]
+    if path == "randomized" and (keep_jacobians or kept):
+        raise ValueError(
+            "the randomized engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
+            "engine: pass engine='exact' or 'single_token'"
+        )
     sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
     positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
     device = _input_device(model)
@@ -104,6 +121,15 @@ def probe(
     with probe_mode(model, attention):
         for b, seq in enumerate(sequences):
             ids = seq[None].to(device)
+            if path == "randomized":
+                for t in positions[b]:
+                    out = _sketch_token_metrics(
+                        model, adapter, blocks, ids, t, probed, ks, jac_engine, dtype, chunk_size, bar
+                    )
+                    chain_gap = max(chain_gap, out.pop("chain_gap"))
+                    per_token.append(_to_cpu(out))
+                    token_index.append((b, t))
+                continue
             if path == "single_token":
                 tokens_out = _single_token_jacobians(
                     model, adapter, blocks, ids, positions[b], probed, jac_engine, dtype, bar
@@ -134,6 +160,7 @@ def probe(
         "residual_form": adapter.residual_form,
         "dtype": str(dtype).removeprefix("torch."),
         "engine": path,
+        "randomized": _randomized_meta(jac_engine, max(ks), d, len(probed)) if path == "randomized" else None,
         "chunk_size": "adaptive"
         if isinstance(jac_engine, AdaptiveChunkEngine)
         else getattr(jac_engine, "chunk_size", None),
@@ -147,12 +174,15 @@ def probe(
         "seconds": time.perf_counter() - started,
     }
     result = _assemble(per_token, token_index, probed, ks, len(blocks), meta)
+    if path == "randomized":
+        names = ["triplet_residuals", "tail_fro", *[f"coupling_error_k{k}" for k in ks]]
+        result.extras.update({name: torch.stack([t[name] for t in per_token]) for name in names})
     if kept:
         result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in per_token])
     return result
 
 
-ENGINE_NAMES = ("auto", "exact", "reverse", "single_token")
+ENGINE_NAMES = ("auto", "exact", "reverse", "single_token", "randomized")
 
 
 SEQUENCE_CHUNK = 32
@@ -181,17 +211,31 @@ class AdaptiveChunkEngine(ReverseModeEngine):
         return super().__call__(block_fn, x, t_in, t_out)
 
 
-def _choose_engine(engine: Any, adapter: Any, chunk_size: int | None) -> tuple[str, JacobianEngine]:
-    """``(path, engine)``: the block-call path (``exact`` full sequence or ``single_token``) and the engine."""
+def choose_engine(
+    engine: Any, causal: bool, chunk_size: int | None, d: int | None, ks: Sequence[int], blocks: int
+) -> tuple[str, Any]:
+    """``(path, engine)``: the path (``exact`` full sequence, ``single_token`` or ``randomized``) and the
+    engine object. ``"auto"``: ``"randomized"`` when :meth:`RandomizedSVD.products` plus the exact coupling
+    projections (``2 blocks Kmax`` JVPs) come to at most ``d / 2`` products per block-token, else
+    ``"single_token"`` for causal decoders and ``"exact"`` otherwise."""
+    if isinstance(engine, RandomizedSVD):
+        return "randomized", engine
     if engine is None or isinstance(engine, str):
         name = engine or "auto"
         if name not in ENGINE_NAMES:
             raise ValueError(
-                f"unknown engine {name!r}; choose one of {ENGINE_NAMES} or pass a JacobianEngine"
+                f"unknown engine {name!r}; choose one of {ENGINE_NAMES}, or pass a JacobianEngine or a "
+                "RandomizedSVD"
             )
         if name == "auto":
-            name = "single_token" if adapter.causal else "exact"
-        if name == "single_token" and not adapter.causal:
+            sketch = RandomizedSVD()
+            if d and randomized_products(sketch, max(ks), d, blocks) <= d / 2:
+                name = "randomized"
+            else:
+                name = "single_token" if causal else "exact"
+        if name == "randomized":
+            return "randomized", RandomizedSVD()
+        if name == "single_token" and not causal:
             raise ValueError(
                 "engine='single_token' needs a causal decoder with a KV cache; use engine='exact'"
             )
@@ -200,6 +244,41 @@ def _choose_engine(engine: Any, adapter: Any, chunk_size: int | None) -> tuple[s
             return path, AdaptiveChunkEngine()
         return path, make_engine("reverse", chunk_size=chunk_size or SEQUENCE_CHUNK)
     return "exact", make_engine(engine)
+
+
+def randomized_products(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> int:
+    """Products per block-token of the randomized path: the sketch and twice ``blocks x Kmax`` for the
+    coupling projections (ujv and vju forms)."""
+    k = min(kmax, d)
+    return engine.products(k, d) + 2 * blocks * k
+
+
+def _randomized_meta(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> dict[str, int]:
+    return {
+        "oversample": engine.oversample,
+        "power_iters": engine.power_iters,
+        "probes": engine.probes,
+        "seed": engine.seed,
+        "rank": min(d, min(kmax, d) + engine.oversample),
+        "products_per_block_token": randomized_products(engine, kmax, d, blocks),
+    }
+
+
+def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dtype, chunk_size, bar):
+    """All per-token metrics of token ``t`` on the randomized path (:mod:`alignscope.sketch_probe`)."""
+    from alignscope.sketch_probe import analyze_sketch, sketch_token
+
+    if adapter.causal:
+        calls, row = capture_token_calls(model, adapter, blocks, ids, t), None
+        traj = torch.stack([calls[0].input[0, 0]] + [c.output[0, 0].to(calls[0].input.device) for c in calls])
+    else:
+        calls, row = capture_block_calls(model, adapter, blocks, ids), t
+        traj = torch.stack([calls[0].input[0, t]] + [c.output[0, t].to(calls[0].input.device) for c in calls])
+    chain = len(probed) == len(blocks)
+    sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk_size or 64, chain, bar)
+    out = analyze_sketch(sk, traj.to(dtype), probed, ks)
+    out["chain_gap"] = _chain_gap(calls)
+    return out
 
 
 def _sequence_jacobians(model, adapter, blocks, ids, positions, probed, engine, dtype, bar):
