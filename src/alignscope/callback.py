@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from alignscope.randomized import RandomizedSVD
 from alignscope.result import HEADLINE, ProbeResult
 
 
@@ -67,7 +68,7 @@ class AlignmentMonitor(pl.Callback):
         tokens: str | Sequence[int] = "last",
         ks: Sequence[int] = (10, 30, 50),
         chunk_size: int | None = None,
-        engine: str = "auto",
+        engine: str | RandomizedSVD = "auto",
         on_checkpoint: bool = False,
         at_end: bool = True,
         dirpath: str | None = None,
@@ -81,9 +82,12 @@ class AlignmentMonitor(pl.Callback):
         _positive_int("num_prompts", num_prompts)
         _positive_int("prompt_length", prompt_length, allow_none=True)
         _positive_int("chunk_size", chunk_size, allow_none=True)
-        if engine not in ("auto", "exact", "single_token"):
+        if not (
+            isinstance(engine, RandomizedSVD) or engine in ("auto", "exact", "single_token", "randomized")
+        ):
             raise MonitorConfigError(
-                f"AlignmentMonitor: engine must be auto, exact or single_token, got {engine!r}"
+                "AlignmentMonitor: engine must be auto, exact, single_token, randomized or a RandomizedSVD, "
+                f"got {engine!r}"
             )
         if not isinstance(log_spaced, bool):
             raise MonitorConfigError(

@@ -81,7 +81,7 @@ def probe(
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
-            single-token path ``8192 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`).
+            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
@@ -192,10 +192,10 @@ TOKEN_CHUNK = 1024
 
 
 def token_chunk(context: int) -> int:
-    """Default rows per VJP for a single-token call with ``context`` cached tokens: ``8192 / (context + 1)``
-    clamped to [32, 1024]. Measured (docs/benchmarks.md): all rows at once win for short prompts, 32 to 64
-    rows for T >= 128, where the attention-score gradients over the context dominate."""
-    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 8192 // (context + 1)))
+    """Default rows per VJP for a single-token call with ``context`` cached tokens: ``4096 / (context + 1)``
+    clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows win for short prompts, 32 rows
+    for T >= 128, where the per-row gradients over the cached context dominate (was 8192 / (t + 1))."""
+    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 4096 // (context + 1)))
 
 
 class AdaptiveChunkEngine(ReverseModeEngine):
@@ -244,6 +244,17 @@ def choose_engine(
             return path, AdaptiveChunkEngine()
         return path, make_engine("reverse", chunk_size=chunk_size or SEQUENCE_CHUNK)
     return "exact", make_engine(engine)
+
+
+def planned_engine(
+    model: nn.Module, engine: Any = "auto", ks: Sequence[int] = (10, 30, 50), layers: Any = None
+) -> str:
+    """The path :func:`probe` will take for these settings: ``"exact"``, ``"single_token"`` or
+    ``"randomized"`` (e.g. to skip ``keep_blocks``, which needs Jacobians, before probing)."""
+    adapter = get_adapter(model)
+    probed = resolve_layers(layers, len(adapter.blocks(model)))
+    d = getattr(model.config, "hidden_size", None)
+    return choose_engine(engine, adapter.causal, None, d, _validate_ks(ks), len(probed))[0]
 
 
 def randomized_products(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> int:

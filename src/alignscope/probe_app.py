@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     from alignscope import plots
     from alignscope.models import get_adapter
+    from alignscope.probe import planned_engine
     from alignscope.prompts import load_prompts
     from alignscope.result import ProbeResult
     from alignscope.zoo import load_tokenizer
@@ -73,6 +74,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         else sorted({0, num_blocks // 2, num_blocks - 1})
     )
     probe_fn = build(cfg.probe)
+    settings = getattr(probe_fn, "keywords", {})
+    path = planned_engine(
+        model, settings.get("engine", "auto"), settings.get("ks", (10, 30, 50)), settings.get("layers")
+    )
+    if path == "randomized":  # no Jacobians are formed: no |U_j^T J_i V_j| grids for the report
+        keep = None
     info = {
         "model": cfg.model.name,
         "init": cfg.model.init,
