@@ -5,7 +5,11 @@ one block at a time), then probes all 32 blocks with each engine and prints the 
 prompt next to the arithmetic floor at the measured float32 matmul rate. Designed to finish in under 8
 minutes on one H100; the target is under 10 s per prompt with the single-token exact engine.
 
-Usage (on the GPU machine): python scripts/gpu_check.py [--engines single_token exact] [--blocks 32]
+The randomized engine runs with K = 10 only (the coupling projections cost 2 x blocks x K products per
+block-token, so K = 50 would cost more than the exact engines at d = 4096 and 32 blocks).
+
+Usage (on the GPU machine): python scripts/gpu_check.py [--engines single_token randomized exact] [--blocks 32]
+``--smoke`` runs the same code on a tiny Llama on the CPU (for the tests).
 """
 
 from __future__ import annotations
@@ -18,46 +22,62 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", default=["single_token", "exact"])
+    parser.add_argument("--engines", nargs="+", default=["single_token", "randomized", "exact"])
+    parser.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU instead")
     parser.add_argument("--blocks", type=int, default=32, help="probe the first N blocks (all 32 by default)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--exact-blocks", type=int, default=4, help="blocks for the (slow) exact engine")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check is for the GPU machine")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit(
+            "no CUDA device: this check is for the GPU machine (--smoke runs a tiny CPU version)"
+        )
     import transformers
 
     from alignscope import probe
 
-    device = torch.device("cuda")
-    n = 8192
+    device = torch.device("cpu" if args.smoke else "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n = 512 if args.smoke else 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.backends.cuda.matmul.allow_tf32 = False
     a @ b
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(10):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     rate = 10 * 2 * n**3 / (time.perf_counter() - start)
     del a, b
-    print(f"{torch.cuda.get_device_name()}: float32 matmul {rate / 1e12:.1f} TFLOP/s (TF32 off)", flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{name}: float32 matmul {rate / 1e12:.2f} TFLOP/s (TF32 off)", flush=True)
 
-    config = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
+    shape = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+        if args.smoke
+        else dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        )
     )
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0)
+    args.blocks = min(args.blocks, config.num_hidden_layers)
     start = time.perf_counter()
     with torch.device(device):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    torch.cuda.synchronize()
+    sync()
     print(f"built Llama-3-8B-shaped model (bf16) in {time.perf_counter() - start:.1f} s", flush=True)
     block = model.model.layers[0]
     matrix_params = sum(p.numel() for p in block.parameters() if p.ndim == 2)
@@ -69,17 +89,19 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     for engine in args.engines:
         blocks = args.blocks if engine != "exact" else min(args.blocks, args.exact_blocks)
-        torch.cuda.synchronize()
+        ks = (10,) if engine == "randomized" else (10, 30, 50)
+        sync()
         start = time.perf_counter()
-        res = probe(model, ids, layers=list(range(blocks)), ks=(10, 30, 50), engine=engine)
-        torch.cuda.synchronize()
+        res = probe(model, ids, layers=list(range(blocks)), ks=ks, engine=engine)
+        sync()
         seconds = time.perf_counter() - start
         per_block = seconds / blocks
         print(
             f"{engine:>12}: {blocks} blocks in {seconds:.1f} s = {per_block:.2f} s/block "
-            f"({per_block / floor:.1f}x floor); all 32 blocks ~ {per_block * 32:.1f} s per prompt; "
+            f"({per_block / floor:.1f}x floor); all {config.num_hidden_layers} blocks ~ "
+            f"{per_block * config.num_hidden_layers:.1f} s per prompt; K {ks}; "
             f"coupling/k10 {res.scalars()['coupling/k10']:.4f}; peak GPU memory "
-            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB",
+            f"{torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0:.1f} GiB",
             flush=True,
         )
 

@@ -164,7 +164,7 @@ def test_probe_app_and_monitor_take_the_randomized_engine(tmp_path):
         "+probe.engine.power_iters=1",
     ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("probe_app", overrides=overrides[:6] + ["probe.engine=null", *overrides[6:]])
+        cfg = compose("probe_app", overrides=[*overrides[:6], "probe.engine=null", *overrides[6:]])
     run(cfg)
     result = ProbeResult.load(tmp_path / "run" / "result")
     assert result.meta["engine"] == "randomized" and result.meta["randomized"]["power_iters"] == 1
@@ -173,3 +173,17 @@ def test_probe_app_and_monitor_take_the_randomized_engine(tmp_path):
     AlignmentMonitor(engine=RandomizedSVD(oversample=4))
     with pytest.raises(MonitorConfigError, match="engine"):
         AlignmentMonitor(engine="fastest")
+
+
+def test_gpu_check_script_runs_its_smoke_version():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--tokens", "8"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for engine in ("single_token", "randomized", "exact"):
+        assert f"{engine}: 2 blocks" in out.stdout
