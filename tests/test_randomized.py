@@ -187,3 +187,13 @@ def test_gpu_check_script_runs_its_smoke_version():
     assert out.returncode == 0, out.stderr[-2000:]
     for engine in ("single_token", "randomized", "exact"):
         assert f"{engine}: 2 blocks" in out.stdout
+
+
+def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = prompt_ids(1, 6)
+    exact = probe(model, ids, ks=(4,), engine="single_token")
+    rand = probe(model, ids, ks=(4,), engine=RandomizedSVD(oversample=64))
+    assert rand.singular_values.dtype == torch.float32
+    assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-4)
+    assert torch.allclose(rand.coupling[4], exact.coupling[4], atol=1e-3)

@@ -54,13 +54,15 @@ def sketch_token(
     bar: Any,
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring)."""
-    functions = [row_function(blocks[layer], calls[layer], adapter, dtype, t) for layer in probed]
-    d = functions[0][1].shape[-1]
+    def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
+        return LinearizedBlock(*row_function(blocks[layer], calls[layer], adapter, dtype, t), chunk_size)
+
+    d = calls[0].input.shape[-1]
     kmax = min(max(ks), d)
     sketches: list[LowRank] = []
     z = calls[0].input[0, 0 if t is None else t].to(dtype) if chain else None
-    for fn, x in functions:
-        op = LinearizedBlock(fn, x, chunk_size)
+    for layer in probed:
+        op = operator(layer)
         sketches.append(engine(op, kmax))
         if chain:
             z = z + op.jvp(z[None])[0]
@@ -73,8 +75,8 @@ def sketch_token(
     vju = torch.empty_like(ujv)
     stacked_v = right_v.permute(0, 2, 1).reshape(n * kmax, d)  # rows v_{j,k}
     stacked_u = right_u.permute(0, 2, 1).reshape(n * kmax, d)
-    for i, (fn, x) in enumerate(functions):
-        op = LinearizedBlock(fn, x, chunk_size)
+    for i, layer in enumerate(probed):
+        op = operator(layer)
         jv = op.jvp(stacked_v).reshape(n, kmax, d)  # [j, l, a] = (J_i v_{j,l})_a
         ju = op.jvp(stacked_u).reshape(n, kmax, d)
         ujv[i] = torch.einsum("jak,jla->jkl", right_u, jv)  # U_j^T J_i V_j
