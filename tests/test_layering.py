@@ -8,7 +8,8 @@ import sys
 
 def test_core_imports_stay_light():
     code = (
-        "import sys, alignscope, alignscope.metrics, alignscope.jacobian, alignscope.probe, alignscope.models;"
+        "import sys, alignscope, alignscope.metrics, alignscope.jacobian, alignscope.probe, alignscope.models,"
+        " alignscope.randomized, alignscope.sketch_probe;"
         "heavy = [m for m in ('lightning', 'pytorch_lightning', 'hydra', 'wandb', 'matplotlib') if m in sys.modules];"
         "print(','.join(heavy))"
     )
