@@ -12,7 +12,7 @@ from alignscope.models import get_adapter
 from alignscope.probe import choose_engine
 from alignscope.randomized import LinearizedBlock, RandomizedSVD, vector_angle_bounds
 from alignscope.sketch_probe import row_function
-from conftest import prompt_ids, tiny_model
+from conftest import FAMILIES, prompt_ids, tiny_model
 
 
 class MatrixOperator:
@@ -92,7 +92,7 @@ def test_linearized_block_products_match_the_jacobian(family):
         assert torch.allclose(forward_mode.jvp(rows), rows @ J.T, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "bert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_full_rank_sketch_reproduces_the_exact_probe(family):
     model = tiny_model(family)
     ids = prompt_ids(2, 7, seed=3)
@@ -105,11 +105,13 @@ def test_full_rank_sketch_reproduces_the_exact_probe(family):
         assert torch.allclose(rand.coupling_vju[k], exact.coupling_vju[k], atol=1e-4)
         assert torch.allclose(rand.alignment[k], exact.alignment[k], atol=1e-3)
         assert rand.extras[f"coupling_error_k{k}"].shape == exact.coupling[k].shape
-    assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-5)
+    scale = float(exact.singular_values.max())  # float32 rounding is relative to s_1 (about 1e3 for gemma2)
+    assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-5 * scale)
     assert torch.allclose(rand.stable_rank, exact.stable_rank, rtol=1e-4)
     assert torch.allclose(rand.linearization_cosine, exact.linearization_cosine, atol=1e-4)
-    assert torch.allclose(rand.hidden_states, exact.hidden_states)
-    assert rand.extras["triplet_residuals"].max() < 1e-4
+    h_scale = float(exact.hidden_states.abs().max())  # single-token capture vs full sequence: rounding
+    assert torch.allclose(rand.hidden_states, exact.hidden_states, atol=1e-6 * h_scale)
+    assert rand.extras["triplet_residuals"].max() < 1e-4 * scale
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])

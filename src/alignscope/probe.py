@@ -454,7 +454,7 @@ def _analyze(
     out: dict[str, Any] = {
         "hidden_states": traj,
         "singular_values": factors.S,
-        "nonfinite": ~torch.isfinite(jac).all(dim=(-2, -1)),
+        "nonfinite": ~torch.isfinite(factors.S).all(-1),  # NaN factors exactly where J was not finite
         "coupling": metrics.coupling_matrices(jac, ks, "ujv", factors),
         "coupling_vju": metrics.coupling_matrices(jac, ks, "vju", factors),
         "alignment": metrics.alignment_matrices(factors.U, factors.V, ks),
