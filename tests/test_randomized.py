@@ -3,6 +3,8 @@ real blocks, and probe(engine="randomized") against the exact engines, errors wi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -199,3 +201,26 @@ def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():
     assert rand.singular_values.dtype == torch.float32
     assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-4)
     assert torch.allclose(rand.coupling[4], exact.coupling[4], atol=1e-3)
+
+
+def test_training_app_monitors_with_the_randomized_engine(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from alignscope.cli.config import config_dir
+    from alignscope.train import train
+
+    run = tmp_path / "run"
+    overrides = [
+        "experiment=smoke",
+        f"paths.run_dir={run}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "logger=csv",
+        "trainer.max_steps=2",
+        "probe.engine=randomized",
+        "probe.ks=[4]",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        train(compose("train", overrides=overrides))
+    lines = [json.loads(x) for x in (run / "probes.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines][0] == 0
+    assert all(0 <= x["coupling/k4"] <= 1 for x in lines)
