@@ -6,7 +6,16 @@ transformers, Lightning, Hydra and W&B are imported where they are used.
 
 from alignscope.models import BlockAdapter, random_init_twin, register_adapter
 from alignscope.probe import probe
+from alignscope.randomized import RandomizedSVD
 from alignscope.result import ProbeResult
 
 __version__ = "0.1.0"
-__all__ = ["BlockAdapter", "ProbeResult", "__version__", "probe", "random_init_twin", "register_adapter"]
+__all__ = [
+    "BlockAdapter",
+    "ProbeResult",
+    "RandomizedSVD",
+    "__version__",
+    "probe",
+    "random_init_twin",
+    "register_adapter",
+]

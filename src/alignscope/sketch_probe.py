@@ -54,6 +54,7 @@ def sketch_token(
     bar: Any,
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring)."""
+
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
         return LinearizedBlock(*row_function(blocks[layer], calls[layer], adapter, dtype, t), chunk_size)
 
