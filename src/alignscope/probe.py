@@ -81,7 +81,8 @@ def probe(
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
-            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`).
+            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`; on the
+            randomized path rows per product call, the same rule with ``T`` for encoders).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
@@ -286,7 +287,8 @@ def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dt
         calls, row = capture_block_calls(model, adapter, blocks, ids), t
         traj = torch.stack([calls[0].input[0, t]] + [c.output[0, t].to(calls[0].input.device) for c in calls])
     chain = len(probed) == len(blocks)
-    sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk_size or 64, chain, bar)
+    chunk = chunk_size or token_chunk(t if adapter.causal else ids.shape[1])  # as on the exact paths
+    sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk, chain, bar)
     out = analyze_sketch(sk, traj.to(dtype), probed, ks)
     out["chain_gap"] = _chain_gap(calls)
     return out
