@@ -71,3 +71,40 @@ def test_single_token_leaves_no_cache_state_behind():
     first = probe(model, ids, tokens="all", engine="single_token", keep_jacobians=True)
     again = probe(model, ids, tokens="all", engine="single_token", keep_jacobians=True)
     assert torch.equal(first.jacobians, again.jacobians)
+
+
+LONG_CONTEXT = {
+    "gpt2": {"n_positions": 128},
+    "gpt_neo": {"max_position_embeddings": 128},  # its local layers attend to a window of 4 tokens
+    "mpt": {"max_seq_len": 128},
+    "mistral": {"sliding_window": 16},  # sliding-window caches and masks
+    "gemma2": {"sliding_window": 16},
+}
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_copies_path_for_long_contexts_equals_exact(family):
+    """From COPIES_MIN_CONTEXT cached tokens on, the default single-token path runs copies of the token in
+    one sequence (its own mask rows, positions and rotary embeddings); the Jacobians must not change."""
+    from alignscope.capture import capture_token_calls, probe_mode, token_copies_function
+    from alignscope.models import get_adapter
+    from alignscope.probe import COPIES_MIN_CONTEXT
+
+    model = tiny_model(family, **LONG_CONTEXT.get(family, {}))
+    length = COPIES_MIN_CONTEXT + 4
+    ids = prompt_ids(1, length, seed=4)
+    tokens = [COPIES_MIN_CONTEXT - 1, length - 1]  # one below the threshold, one above
+    exact = probe(model, ids, tokens=tokens, keep_jacobians=True, engine="exact")
+    single = probe(model, ids, tokens=tokens, keep_jacobians=True)
+    assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] == COPIES_MIN_CONTEXT
+    scale = float(exact.jacobians.abs().max())
+    assert torch.allclose(single.jacobians, exact.jacobians, atol=1e-5 * max(1.0, scale)), float(
+        (single.jacobians - exact.jacobians).abs().max()
+    )
+    adapter = get_adapter(model)
+    with probe_mode(model):
+        blocks = adapter.blocks(model)
+        call = capture_token_calls(model, adapter, blocks, ids, length - 1)[1]
+        supported = token_copies_function(blocks[1], call, adapter, torch.float32) is not None
+    # MPT passes an ALiBi position_bias the copies cannot rewrite; GPT-Neo masks its local layers inside
+    assert supported == (family not in ("mpt", "gpt_neo"))

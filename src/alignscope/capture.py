@@ -258,3 +258,102 @@ def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapte
             _restore(cache, snapshot)
 
     return fn
+
+
+def token_copies_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
+    """Block ``l`` on ``n`` independent copies of token ``t`` in one call: ``[n, d] -> [n, d]``, or ``None``
+    when the captured call has an argument this cannot rewrite (then use :func:`token_block_function`).
+
+    The copies go in as ``n`` positions of one sequence after the cached tokens, all at token ``t``'s
+    position, with an attention mask that lets copy ``i`` see the cached tokens exactly as token ``t`` did
+    (its captured mask row, sliding windows included) and itself, never the other copies. So row ``i`` of
+    the output depends on input row ``i`` alone, exactly as in the single-token call, and one backward pass
+    over ``n`` copies gives ``n`` rows of the Jacobian: no ``vmap``, and the cached keys and values are
+    shared by all copies instead of receiving a gradient per row (the cost that grows with ``t`` in the
+    batched single-token products). Rewritten: the ``[1, 1, 1, t + 1]`` mask (float or bool),
+    ``position_ids`` ``[1, 1]``, ``cache_position`` ``[1]``, rotary ``position_embeddings`` ``([1, 1, e],
+    [1, 1, e])``; any other tensor argument (e.g. MPT's ``position_bias``) gives ``None``, and so does an
+    adapter with ``token_copies=False`` (masking inside the module, e.g. GPT-Neo's local attention).
+    """
+    cache = _find_cache(call)
+    if cache is None or not adapter.token_copies:
+        return None
+    rewrite: dict[Any, str] = {}
+    for key, value in [*enumerate(call.args), *call.kwargs.items()]:
+        kind = _copy_rule(key, value)
+        if kind is None:
+            return None
+        rewrite[key] = kind
+    param = next(block.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        block = copy.deepcopy(block).to(dtype)
+        cache = copy.deepcopy(cache)
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                value = getattr(layer, name, None)
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    setattr(layer, name, value.to(dtype))
+
+    def fn(rows: Tensor) -> Tensor:
+        n = rows.shape[0]
+
+        def convert(key: Any, value: Any) -> Any:
+            kind = rewrite[key]
+            if kind == "cache":
+                return cache
+            if kind == "keep":
+                return value
+            if kind == "mask":
+                return _copies_mask(value, n, dtype)
+            if kind == "rotary":
+                return tuple(v.to(dtype).expand(1, n, v.shape[-1]) for v in value)
+            return value.expand(*value.shape[:-1], n)  # position_ids [1, 1] / cache_position [1]
+
+        args = tuple(convert(i, v) for i, v in enumerate(call.args))
+        kwargs = {k: convert(k, v) for k, v in call.kwargs.items()}
+        hidden = rows[None]
+        snapshot = _snapshot(cache)
+        try:
+            out = (
+                block(*args, hidden_states=hidden, **kwargs)
+                if call.hidden_keyword
+                else block(hidden, *args, **kwargs)
+            )
+            return adapter.hidden_from_output(out)[0]
+        finally:
+            _restore(cache, snapshot)
+
+    return fn
+
+
+def _copy_rule(key: Any, value: Any) -> str | None:
+    """How :func:`token_copies_function` rewrites one captured argument (None: it cannot)."""
+    from transformers import Cache
+
+    if isinstance(value, Cache):
+        return "cache"
+    if isinstance(value, Tensor):
+        if value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+            return "mask"
+        if key in ("position_ids", "cache_position") and value.numel() == 1:
+            return "positions"
+        return None
+    if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
+        if key == "position_embeddings" and all(v.ndim == 3 and v.shape[:2] == (1, 1) for v in value):
+            return "rotary"
+        return None
+    return "keep" if value is None or isinstance(value, (bool, int, float, str)) else None
+
+
+def _copies_mask(mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """``[1, 1, 1, t + 1]`` -> ``[1, 1, n, t + n]``: each copy sees the cache as token ``t`` did, and itself."""
+    t = mask.shape[-1] - 1
+    if mask.dtype == torch.bool:
+        out = torch.zeros(1, 1, n, t + n, dtype=torch.bool, device=mask.device)
+    else:
+        mask = mask.to(dtype)
+        out = torch.full((1, 1, n, t + n), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    out[..., :t] = mask[..., :t]
+    idx = torch.arange(n, device=mask.device)
+    out[0, 0, idx, t + idx] = mask[0, 0, 0, t]
+    return out

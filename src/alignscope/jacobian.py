@@ -118,6 +118,25 @@ class ReverseModeEngine:
         return jac
 
 
+def jacobian_by_copies(copies_fn: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int = 256) -> Tensor:
+    """``d x d`` Jacobian ``d f(x) / d x`` of a row function evaluated on independent copies (``copies_fn:
+    [n, d] -> [n, d]``, row ``i`` of the output a function of input row ``i`` alone, e.g.
+    :func:`alignscope.capture.token_copies_function`): for each chunk of ``n`` identity rows, ``n`` copies of
+    ``x`` go through one forward pass and one plain backward pass with cotangent ``e_r`` on copy ``r``.
+    Twice the arithmetic of a batched VJP (the forward runs per row), but dense matrix products only.
+    """
+    d = x.shape[-1]
+    jac = x.new_empty(d, d)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    for r0 in range(0, d, chunk_size):
+        r1 = min(d, r0 + chunk_size)
+        with torch.enable_grad():
+            rows = x.detach().expand(r1 - r0, d).clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(copies_fn(rows), rows, eye[r0:r1], allow_unused=True)
+        jac[r0:r1] = 0 if grad is None else grad
+    return jac
+
+
 def residual_jacobian(jacobian: Tensor) -> Tensor:
     """``J - I`` for ``[..., d, d]`` Jacobians of a block's output w.r.t. the same token's input."""
     d = jacobian.shape[-1]

@@ -7,6 +7,7 @@ how to read the hidden states out of a block's return value. Blocks are always c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,16 @@ class BlockAdapter:
             ``d x^l / d x^{l-1} - I`` either way.
         causal: the blocks are causal decoders with a Hugging Face KV cache, so a token can be evaluated
             alone against the cached keys and values of the tokens before it (the single-token engine).
+        token_copies: a block's attention takes all its masking from the mask it is passed, so several
+            copies of one token can share a call (:func:`alignscope.capture.token_copies_function`). False
+            for GPT-Neo, whose local attention slices a window out of its own buffer by query position.
     """
 
     block_paths: tuple[str, ...]
     output_index: int = 0
     residual_form: str = "pre-norm"
     causal: bool = True
+    token_copies: bool = True
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
@@ -86,7 +91,7 @@ _ENCODER = BlockAdapter(
 ADAPTERS: dict[str, BlockAdapter] = {
     "gpt2": _GPT2_STYLE,
     "falcon": _GPT2_STYLE,
-    "gpt_neo": _GPT2_STYLE,
+    "gpt_neo": dataclasses.replace(_GPT2_STYLE, token_copies=False),
     "mpt": BlockAdapter(block_paths=("transformer.blocks", "blocks")),
     "gpt_neox": BlockAdapter(block_paths=("gpt_neox.layers", "layers")),
     "llama": _DECODER,

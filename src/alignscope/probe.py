@@ -21,8 +21,15 @@ from alignscope.capture import (
     capture_token_calls,
     probe_mode,
     token_block_function,
+    token_copies_function,
 )
-from alignscope.jacobian import JacobianEngine, ReverseModeEngine, make_engine, residual_jacobian
+from alignscope.jacobian import (
+    JacobianEngine,
+    ReverseModeEngine,
+    jacobian_by_copies,
+    make_engine,
+    residual_jacobian,
+)
 from alignscope.models import get_adapter, resolve_layers
 from alignscope.randomized import RandomizedSVD
 from alignscope.result import ProbeResult
@@ -165,6 +172,9 @@ def probe(
         "chunk_size": "adaptive"
         if isinstance(jac_engine, AdaptiveChunkEngine)
         else getattr(jac_engine, "chunk_size", None),
+        "copies_min_context": COPIES_MIN_CONTEXT
+        if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
+        else None,
         "attention": attention,
         "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
         "prompt_lengths": [len(s) for s in sequences],
@@ -197,6 +207,16 @@ def token_chunk(context: int) -> int:
     clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows win for short prompts, 32 rows
     for T >= 128, where the per-row gradients over the cached context dominate (was 8192 / (t + 1))."""
     return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 4096 // (context + 1)))
+
+
+COPIES_MIN_CONTEXT = 64
+"""From this many cached tokens on, the default single-token path runs ``COPIES_CHUNK`` copies of the token
+per forward and backward pass (:func:`alignscope.jacobian.jacobian_by_copies`) instead of batched VJPs
+over one forward: measured (docs/benchmarks.md) 2.8x against 3.7x the floor at d = 768, T = 128, and 3.2x
+against 15x at T = 512; below about 64 cached tokens the batched VJPs are faster (1.5x against 2.6x at
+d = 768, T = 16)."""
+COPIES_CHUNK = 256
+"""Copies per pass on the copies path (256 measured best of 128, 256 and 768)."""
 
 
 class AdaptiveChunkEngine(ReverseModeEngine):
@@ -326,11 +346,17 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
         ).to(dtype)
         d = traj.shape[-1]
         jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
+        copies = isinstance(engine, AdaptiveChunkEngine) and t >= COPIES_MIN_CONTEXT
         for li, layer in enumerate(probed):
             call = calls[layer]
-            fn = token_block_function(blocks[layer], call, adapter, dtype)
             x = call.input[0].to(dtype)  # [1, d]
-            jac[li] = residual_jacobian(engine(fn, x, zero.to(x.device), zero.to(x.device))[0]).to(jac.device)
+            copies_fn = token_copies_function(blocks[layer], call, adapter, dtype) if copies else None
+            if copies_fn is not None:
+                full = jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)
+            else:
+                fn = token_block_function(blocks[layer], call, adapter, dtype)
+                full = engine(fn, x, zero.to(x.device), zero.to(x.device))[0]
+            jac[li] = residual_jacobian(full).to(jac.device)
             bar.update(1)
         out.append((t, jac, traj, _chain_gap(calls)))
     return out
