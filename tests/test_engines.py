@@ -108,3 +108,21 @@ def test_copies_path_for_long_contexts_equals_exact(family):
         supported = token_copies_function(blocks[1], call, adapter, torch.float32) is not None
     # MPT passes an ALiBi position_bias the copies cannot rewrite; GPT-Neo masks its local layers inside
     assert supported == (family not in ("mpt", "gpt_neo"))
+
+
+def test_copies_path_with_sdpa_bfloat16_and_float64():
+    from alignscope.probe import COPIES_MIN_CONTEXT
+
+    ids = prompt_ids(1, COPIES_MIN_CONTEXT + 2, seed=6)
+    model = tiny_model("llama")
+    for kwargs, atol in (({"attention": "sdpa"}, 1e-5), ({"dtype": torch.float64}, 1e-6)):
+        a = probe(model, ids, keep_jacobians=True, **kwargs)
+        b = probe(model, ids, keep_jacobians=True, engine="exact", **kwargs)
+        assert torch.allclose(a.jacobians, b.jacobians, atol=atol), (
+            kwargs,
+            float((a.jacobians - b.jacobians).abs().max()),
+        )
+    half = tiny_model("llama").to(torch.bfloat16)
+    c = probe(half, ids, keep_jacobians=True)
+    d = probe(half, ids, keep_jacobians=True, engine="exact")
+    assert c.jacobians.dtype == torch.float32 and torch.allclose(c.jacobians, d.jacobians, atol=1e-4)

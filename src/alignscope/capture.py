@@ -284,6 +284,8 @@ def token_copies_function(block: nn.Module, call: BlockCall, adapter: BlockAdapt
         if kind is None:
             return None
         rewrite[key] = kind
+    if "mask" not in rewrite.values():  # without a mask the copies would see each other (or be causal)
+        return None
     param = next(block.parameters(), None)
     if param is not None and param.dtype != dtype:
         block = copy.deepcopy(block).to(dtype)
