@@ -5,8 +5,9 @@ For d in {128, 576, 768} and sequence lengths T in {16, 128, 512}: the time of o
   - reference (loop): reverse mode through the block's full-sequence call, one VJP per output coordinate,
     as the paper's code does;
   - exact (chunked): the same, vectorized over 32 identity rows at a time (alignscope's "exact" engine);
-  - single_token: reverse mode through the block called on the token alone against the model's KV cache
-    (alignscope's default for causal decoders);
+  - single_token: the block called on the token alone against the model's KV cache (alignscope's default for
+    causal decoders): "probe default" is what probe() runs (batched VJPs with rows by context length, and
+    from 64 cached tokens on copies of the token sharing one call), "chunk 32" batched VJPs of 32 rows;
 and the floor: 2 x (parameters of the block's weight matrices) x d flops at this machine's measured float32
 matmul rate (a 2048^3 matmul in the same run). d = 128 and 768 are GPT-2-shaped blocks (4d MLP, 4 heads /
 12 heads); d = 576 is SmolLM2-135M's Llama block (9 heads, 3 KV heads, MLP 1536).
@@ -92,10 +93,11 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         capture_token_calls,
         probe_mode,
         token_block_function,
+        token_copies_function,
     )
-    from alignscope.jacobian import ReverseModeEngine
+    from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
     from alignscope.models import get_adapter
-    from alignscope.probe import token_chunk
+    from alignscope.probe import COPIES_CHUNK, COPIES_MIN_CONTEXT, token_chunk
 
     model = block_model(d)
     ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -109,6 +111,13 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
         t = torch.tensor([seq - 1])
         zero = torch.tensor([0])
+        copies_fn = token_copies_function(block, token, adapter, torch.float32)
+        if seq - 1 >= COPIES_MIN_CONTEXT and copies_fn is not None:
+
+            def probe_default(fn, x, t_in, t_out):
+                return jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)[None]
+        else:
+            probe_default = ReverseModeEngine(chunk_size=token_chunk(seq - 1))
         runs = {
             "reference_loop": (
                 ReverseModeEngine(vectorize=False),
@@ -122,8 +131,8 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
                 full.input[0],
                 t,
             ),
-            "single_token": (
-                ReverseModeEngine(chunk_size=token_chunk(seq - 1)),
+            "single_token": (  # what probe() runs by default: copies from COPIES_MIN_CONTEXT on
+                probe_default,
                 token_block_function(block, token, adapter, torch.float32),
                 token.input[0],
                 zero,
@@ -274,7 +283,7 @@ def main() -> None:
     rate = matmul_rate()
     print(f"float32 matmul rate: {rate / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     header = (
-        "| d | T | floor (s) | reference loop | exact (chunk 32) | single_token (default chunk) | "
+        "| d | T | floor (s) | reference loop | exact (chunk 32) | single_token (probe default) | "
         "single_token (chunk 32) | best single_token / floor | reference / best single_token | max diff | "
         f"randomized top-{TOP_K} | best single_token / randomized | randomized top-{TOP_K} s error |"
     )
