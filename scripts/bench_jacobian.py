@@ -97,7 +97,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
     )
     from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
     from alignscope.models import get_adapter
-    from alignscope.probe import COPIES_CHUNK, COPIES_MIN_CONTEXT, token_chunk
+    from alignscope.probe import COPIES_CHUNK, COPIES_MIN_CONTEXT, SKETCH_COPIES_MIN_CONTEXT, token_chunk
 
     model = block_model(d)
     ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
@@ -151,8 +151,11 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         sketch = RandomizedSVD()
 
+        long_context = seq - 1 >= SKETCH_COPIES_MIN_CONTEXT  # probe() runs the products on copies there
+
         def randomized_top_k():
-            return sketch(LinearizedBlock(row_fn, x_row), TOP_K)
+            op = LinearizedBlock(row_fn, x_row, COPIES_CHUNK, copies_fn if long_context else None)
+            return sketch(op, TOP_K)
 
         for name, (engine, fn, x, pos) in runs.items():
             start = time.perf_counter()

@@ -224,3 +224,26 @@ def test_training_app_monitors_with_the_randomized_engine(tmp_path):
     lines = [json.loads(x) for x in (run / "probes.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and len(lines) >= 2
     assert all(0 <= x["coupling/k4"] <= 1 for x in lines)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neo"])
+def test_randomized_products_on_copies_for_long_contexts(family):
+    """From SKETCH_COPIES_MIN_CONTEXT cached tokens on, the sketch's products run on copies of the token
+    (GPT-Neo cannot take copies and keeps the batched products); a full-rank sketch still equals the exact
+    probe."""
+    from alignscope.probe import SKETCH_COPIES_MIN_CONTEXT
+
+    overrides = {
+        "gpt2": {"n_positions": 512},
+        "gpt_neo": {"max_position_embeddings": 512},
+        "llama": {"max_position_embeddings": 512},
+    }
+    model = tiny_model(family, **overrides.get(family, {}))
+    ids = prompt_ids(1, SKETCH_COPIES_MIN_CONTEXT + 3, seed=8)
+    exact = probe(model, ids, ks=(4,), engine="exact")
+    rand = probe(model, ids, ks=(4,), engine=RandomizedSVD(oversample=64, power_iters=1))
+    scale = float(exact.singular_values.max())
+    assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-5 * scale)
+    assert torch.allclose(rand.coupling[4], exact.coupling[4], atol=1e-4)
+    assert torch.allclose(rand.coupling_vju[4], exact.coupling_vju[4], atol=1e-4)
+    assert torch.allclose(rand.linearization_cosine, exact.linearization_cosine, atol=1e-4)

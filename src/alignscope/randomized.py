@@ -37,12 +37,23 @@ class LinearizedBlock:
     ``g(u) = J_f^T u`` is built once with ``create_graph`` and ``J_f v = d <g(u), v> / du``, batched over
     the rows (measured 3x faster here than ``torch.func.jvp`` under ``vmap``, which re-runs the forward and
     copies the weights on every call; it remains the fallback). Both work in chunks of ``chunk_size`` rows.
+    With ``copies_fn`` (the block on independent copies of the token, for long contexts, see
+    :func:`alignscope.capture.token_copies_function`) both run on copies instead: a forward and a plain
+    backward pass per chunk (VJP), forward mode through the copies (JVP); no vmap, no per-row gradients of
+    the cached keys and values.
     """
 
-    def __init__(self, row_fn: RowFn, x: Tensor, chunk_size: int = 64) -> None:
+    def __init__(
+        self,
+        row_fn: RowFn,
+        x: Tensor,
+        chunk_size: int = 64,
+        copies_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         if x.ndim != 1:
             raise ValueError(f"x must be one input row [d], got shape {tuple(x.shape)}")
         self.row_fn, self.x, self.d, self.chunk_size = row_fn, x.detach(), x.shape[0], chunk_size
+        self.copies_fn = copies_fn  # [n, d] -> [n, d] on independent copies: products without vmap
         self._output: Tensor | None = None  # the forward graph, built on the first product and kept
         self._transpose: Tensor | None = None  # g(u) = J_f^T u with its graph
         self._vectorize = True
@@ -50,6 +61,8 @@ class LinearizedBlock:
 
     def vjp(self, rows: Tensor) -> Tensor:
         """``rows @ J`` for ``rows: [r, d]``."""
+        if self.copies_fn is not None:
+            return self._chunked(rows, self._copies_vjp)
         output, variable = self._forward()
         if not output.requires_grad:
             return -rows
@@ -57,6 +70,8 @@ class LinearizedBlock:
 
     def jvp(self, rows: Tensor) -> Tensor:
         """``rows @ J^T`` (each row ``v`` mapped to ``J v``) for ``rows: [r, d]``."""
+        if self.copies_fn is not None:
+            return self._chunked(rows, self._copies_jvp)
         if not self._forward_mode:
             try:
                 transpose, u = self._transposed()
@@ -71,6 +86,18 @@ class LinearizedBlock:
             return torch.func.jvp(self.row_fn, (self.x,), (v,))[1]
 
         return self._chunked(rows, lambda c: torch.func.vmap(single)(c))
+
+    def _copies_vjp(self, chunk: Tensor) -> Tensor:
+        """One forward of ``len(chunk)`` copies and one plain backward, cotangent row ``i`` on copy ``i``."""
+        with torch.enable_grad():
+            copies = self.x.expand(len(chunk), self.d).clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.copies_fn(copies), copies, chunk, allow_unused=True)
+        return torch.zeros_like(chunk) if grad is None else grad
+
+    def _copies_jvp(self, chunk: Tensor) -> Tensor:
+        """Forward mode through ``len(chunk)`` copies, tangent row ``i`` on copy ``i`` (batched natively)."""
+        primal = self.x.expand(len(chunk), self.d).contiguous()
+        return torch.func.jvp(self.copies_fn, (primal,), (chunk.contiguous(),))[1]
 
     def _forward(self) -> tuple[Tensor, Tensor]:
         if self._output is None:

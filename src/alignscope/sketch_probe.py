@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from alignscope import metrics
-from alignscope.capture import BlockCall, block_function, token_block_function
+from alignscope.capture import BlockCall, block_function, token_block_function, token_copies_function
 from alignscope.randomized import LinearizedBlock, LowRank, RandomizedSVD, vector_angle_bounds
 
 
@@ -52,11 +52,16 @@ def sketch_token(
     chunk_size: int,
     chain: bool,
     bar: Any,
+    copies: bool = False,
 ) -> dict[str, Any]:
-    """Factors, projections and the linearization chain for one token (see the module docstring)."""
+    """Factors, projections and the linearization chain for one token (see the module docstring).
+    ``copies``: run the products on copies of the token (single-token calls with a long context, as the
+    exact single-token path does; blocks that cannot take copies fall back to batched products)."""
 
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
-        return LinearizedBlock(*row_function(blocks[layer], calls[layer], adapter, dtype, t), chunk_size)
+        fn, x = row_function(blocks[layer], calls[layer], adapter, dtype, t)
+        copies_fn = token_copies_function(blocks[layer], calls[layer], adapter, dtype) if copies else None
+        return LinearizedBlock(fn, x, chunk_size, copies_fn)
 
     d = calls[0].input.shape[-1]
     kmax = min(max(ks), d)
