@@ -20,6 +20,30 @@ import time
 import torch
 
 
+def svd_timings(d: int, device: torch.device, sync) -> None:
+    """The analysis needs one full SVD per block-token; on a GPU that may cost more than the Jacobian, so
+    time the options once (torch's default, each cuSOLVER driver, eigh of J^T J in float64)."""
+    a = torch.randn(d, d, device=device) / d**0.5
+    drivers = [None, "gesvd", "gesvdj", "gesvda"] if device.type == "cuda" else [None]
+    for driver in drivers:
+        try:
+            torch.linalg.svd(a, driver=driver)
+            sync()
+            start = time.perf_counter()
+            torch.linalg.svd(a, driver=driver)
+            sync()
+            print(f"svd {d}x{d} float32, driver {driver}: {time.perf_counter() - start:.3f} s", flush=True)
+        except RuntimeError as err:
+            print(f"svd driver {driver}: failed ({str(err)[:80]})", flush=True)
+    g = a.double().T @ a.double()
+    torch.linalg.eigh(g)
+    sync()
+    start = time.perf_counter()
+    torch.linalg.eigh(a.double().T @ a.double())
+    sync()
+    print(f"eigh of J^T J {d}x{d} float64: {time.perf_counter() - start:.3f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", nargs="+", default=["single_token", "randomized", "exact"])
@@ -86,6 +110,7 @@ def main() -> None:
         f"floor per block-token: {floor * 1e3:.1f} ms; for {args.blocks} blocks: {floor * args.blocks:.2f} s",
         flush=True,
     )
+    svd_timings(config.hidden_size, device, sync)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     for engine in args.engines:
         blocks = args.blocks if engine != "exact" else min(args.blocks, args.exact_blocks)
@@ -96,8 +121,9 @@ def main() -> None:
         sync()
         seconds = time.perf_counter() - start
         per_block = seconds / blocks
+        analysis = res.meta.get("analysis_seconds")
         print(
-            f"{engine:>12}: {blocks} blocks in {seconds:.1f} s = {per_block:.2f} s/block "
+            f"{engine:>12}: {blocks} blocks in {seconds:.1f} s (analysis {analysis:.1f} s) = {per_block:.2f} s/block "
             f"({per_block / floor:.1f}x floor); all {config.num_hidden_layers} blocks ~ "
             f"{per_block * config.num_hidden_layers:.1f} s per prompt; K {ks}; "
             f"coupling/k10 {res.scalars()['coupling/k10']:.4f}; peak GPU memory "

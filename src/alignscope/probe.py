@@ -123,6 +123,7 @@ def probe(
     per_token: list[dict[str, Any]] = []
     token_index: list[tuple[int, int]] = []
     chain_gap = 0.0
+    analysis_seconds = 0.0  # SVDs and metrics of the exact paths (the rest is Jacobians and capture)
     bar = tqdm(
         total=sum(len(p) for p in positions) * len(probed), desc="probe", unit="block", disable=not progress
     )
@@ -148,10 +149,14 @@ def probe(
                 )
             for t, jac, traj, gap in tokens_out:
                 chain_gap = max(chain_gap, gap)
+                if jac.is_cuda:  # do not count the Jacobians' queued kernels as analysis
+                    torch.cuda.synchronize(jac.device)
+                analysis_start = time.perf_counter()
                 out = _analyze(jac, traj, probed, ks, len(blocks), keep_jacobians)  # on the compute device
                 if kept:
                     out["block_jacobians"] = jac[kept_index]
-                per_token.append(_to_cpu(out))
+                per_token.append(_to_cpu(out))  # waits for the device
+                analysis_seconds += time.perf_counter() - analysis_start
                 token_index.append((b, t))
     bar.close()
 
@@ -183,6 +188,7 @@ def probe(
         "k_clipped": [k for k in ks if k > d],
         "block_chain_max_gap": chain_gap,
         "seconds": time.perf_counter() - started,
+        "analysis_seconds": analysis_seconds,
     }
     result = _assemble(per_token, token_index, probed, ks, len(blocks), meta)
     if path == "randomized":

@@ -215,6 +215,7 @@ class ProbeResult:
         meta = dict(first.meta)
         meta["prompt_lengths"] = [n for r in results for n in r.meta.get("prompt_lengths", [])]
         meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in results)
+        meta["analysis_seconds"] = sum(r.meta.get("analysis_seconds", 0.0) for r in results)
         plain = {name: cat(name) for name in _PLAIN if name != "tokens"}
         keyed = {
             name: {k: torch.cat([getattr(r, name)[k] for r in results]) for k in first.ks} for name in _KEYED
