@@ -33,6 +33,8 @@ lint: venv
 
 bench: venv
 	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_jacobian.py --smollm2 --large 64
+	$(PY) scripts/bench_randomized_defaults.py
 	$(PY) scripts/bench_train.py
 
 clean:
