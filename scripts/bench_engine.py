@@ -23,7 +23,7 @@ def run_one(seq: int, chunk: int, vectorize: bool, repeats: int) -> dict:
     from alignscope.capture import block_function, capture_block_calls, probe_mode
     from alignscope.jacobian import ReverseModeEngine
     from alignscope.models import get_adapter
-    from bench_jacobian import block_model  # the same SmolLM2-sized block (scripts/ is on sys.path)
+    from benchlib import block_model  # the same SmolLM2-sized block (scripts/ is on sys.path)
 
     model = block_model(576)
     config = model.config

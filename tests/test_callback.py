@@ -39,19 +39,25 @@ def loaders():
     )
 
 
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU trainer without progress bar, model summary, sanity check, logger or checkpoints (unless given)."""
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
 def test_monitor_in_a_plain_lightning_project(tmp_path):
     monitor = AlignmentMonitor(
         every_n_steps=3, log_spaced=False, num_prompts=4, prompt_length=8, dirpath=str(tmp_path)
     )
     module = PlainLM()
-    trainer = pl.Trainer(
-        max_steps=7,
-        logger=CSVLogger(tmp_path, name="csv", version=""),
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        max_steps=7, logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[monitor]
     )
     train, val = loaders()
     trainer.fit(module, train, val)
@@ -70,15 +76,7 @@ def test_prompts_are_fixed_and_seeded(tmp_path):
     a = AlignmentMonitor(num_prompts=3, prompt_length=5, seed=1, dirpath=str(tmp_path))
     b = AlignmentMonitor(num_prompts=3, prompt_length=5, seed=1, dirpath=str(tmp_path))
     for m in (a, b):
-        trainer = pl.Trainer(
-            max_steps=1,
-            logger=False,
-            callbacks=[m],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = quiet_trainer(max_steps=1, callbacks=[m])
         trainer.fit(PlainLM(), *loaders())
     assert torch.equal(a.prompts, b.prompts)
 
@@ -131,14 +129,7 @@ def test_probe_on_checkpoint_is_in_the_checkpoint_state(tmp_path):
         figures=False,
     )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    trainer = pl.Trainer(
-        max_steps=7,
-        logger=False,
-        callbacks=[monitor, ckpt],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=7, callbacks=[monitor, ckpt], enable_checkpointing=True)
     trainer.fit(PlainLM(), *loaders())
     assert monitor.probed_steps == [0, 3, 6, 7]
     state = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=False)["callbacks"]

@@ -224,6 +224,8 @@ def test_training_app_monitors_with_the_randomized_engine(tmp_path):
     lines = [json.loads(x) for x in (run / "probes.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and len(lines) >= 2
     assert all(0 <= x["coupling/k4"] <= 1 for x in lines)
+    first = ProbeResult.load(run / "probes" / "step_0000000")
+    assert first.meta["engine"] == "randomized" and "coupling_error_k4" in first.extras
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neo"])

@@ -129,9 +129,7 @@ def _prepare(value: Any, n: int, dtype: torch.dtype) -> Any:
 def block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
     """The block as a function ``[n, T, d] -> [n, T, d]`` of its hidden-state input, every other argument
     as captured (no KV cache). If the block's parameters are not in ``dtype``, a cast copy is called."""
-    param = next(block.parameters(), None)
-    if param is not None and param.dtype != dtype:
-        block = copy.deepcopy(block).to(dtype)
+    block = _in_dtype(block, dtype)
     kwargs = dict(call.kwargs)
     for name in CACHE_KWARGS:
         if name in kwargs:
@@ -141,15 +139,27 @@ def block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dty
 
     def fn(hidden: Tensor) -> Tensor:
         n = hidden.shape[0]
-        args = _prepare(call.args, n, dtype)
-        kw = _prepare(kwargs, n, dtype)
-        if call.hidden_keyword:
-            out = block(*args, hidden_states=hidden, **kw)
-        else:
-            out = block(hidden, *args, **kw)
-        return adapter.hidden_from_output(out)
+        return _call(block, call, adapter, hidden, _prepare(call.args, n, dtype), _prepare(kwargs, n, dtype))
 
     return fn
+
+
+def _in_dtype(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``block`` itself, or a copy cast to ``dtype`` when its parameters are in another dtype."""
+    param = next(block.parameters(), None)
+    return copy.deepcopy(block).to(dtype) if param is not None and param.dtype != dtype else block
+
+
+def _call(
+    block: nn.Module, call: BlockCall, adapter: BlockAdapter, hidden: Tensor, args: tuple, kwargs: dict
+):
+    """``block`` re-called on ``hidden`` (by position or keyword, as captured): the hidden-state output."""
+    out = (
+        block(*args, hidden_states=hidden, **kwargs)
+        if call.hidden_keyword
+        else block(hidden, *args, **kwargs)
+    )
+    return adapter.hidden_from_output(out)
 
 
 # ------------------------------------------------------------------------------------ single-token calls
@@ -221,6 +231,21 @@ def _restore(cache: Any, snapshot: list[dict[str, Any]]) -> None:
         layer.__dict__.update(state)
 
 
+def _in_dtype_with_cache(block: nn.Module, cache: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """``(block, cache)`` themselves, or, when the block's parameters are not in ``dtype``, a cast copy of
+    the block and a copy of the cache with its keys and values cast to ``dtype``."""
+    cast = _in_dtype(block, dtype)
+    if cast is block:
+        return block, cache
+    cache = copy.deepcopy(cache)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            value = getattr(layer, name, None)
+            if isinstance(value, Tensor) and value.is_floating_point():
+                setattr(layer, name, value.to(dtype))
+    return cast, cache
+
+
 def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
     """Block ``l`` for one token: ``[1, 1, d] -> [1, 1, d]``, attending to the cached keys and values of the
     earlier tokens (constants), the cache put back after every call. Only batch 1 (one token) is allowed."""
@@ -230,15 +255,7 @@ def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapte
             "the captured decoding step passed no KV cache to the block, so it cannot be called on one token; "
             "use engine='exact'"
         )
-    param = next(block.parameters(), None)
-    if param is not None and param.dtype != dtype:
-        block = copy.deepcopy(block).to(dtype)
-        cache = copy.deepcopy(cache)
-        for layer in cache.layers:
-            for name in ("keys", "values"):
-                value = getattr(layer, name, None)
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    setattr(layer, name, value.to(dtype))
+    block, cache = _in_dtype_with_cache(block, cache, dtype)
     original = _find_cache(call)
     swap = lambda v: cache if v is original else v  # noqa: E731
     args = tuple(swap(a) for a in call.args)
@@ -251,9 +268,7 @@ def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapte
             )
         snapshot = _snapshot(cache)
         try:
-            a, kw = _prepare(args, 1, dtype), _prepare(kwargs, 1, dtype)
-            out = block(*a, hidden_states=hidden, **kw) if call.hidden_keyword else block(hidden, *a, **kw)
-            return adapter.hidden_from_output(out)
+            return _call(block, call, adapter, hidden, _prepare(args, 1, dtype), _prepare(kwargs, 1, dtype))
         finally:
             _restore(cache, snapshot)
 
@@ -286,15 +301,7 @@ def token_copies_function(block: nn.Module, call: BlockCall, adapter: BlockAdapt
         rewrite[key] = kind
     if "mask" not in rewrite.values():  # without a mask the copies would see each other (or be causal)
         return None
-    param = next(block.parameters(), None)
-    if param is not None and param.dtype != dtype:
-        block = copy.deepcopy(block).to(dtype)
-        cache = copy.deepcopy(cache)
-        for layer in cache.layers:
-            for name in ("keys", "values"):
-                value = getattr(layer, name, None)
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    setattr(layer, name, value.to(dtype))
+    block, cache = _in_dtype_with_cache(block, cache, dtype)
 
     def fn(rows: Tensor) -> Tensor:
         n = rows.shape[0]
@@ -313,15 +320,9 @@ def token_copies_function(block: nn.Module, call: BlockCall, adapter: BlockAdapt
 
         args = tuple(convert(i, v) for i, v in enumerate(call.args))
         kwargs = {k: convert(k, v) for k, v in call.kwargs.items()}
-        hidden = rows[None]
         snapshot = _snapshot(cache)
         try:
-            out = (
-                block(*args, hidden_states=hidden, **kwargs)
-                if call.hidden_keyword
-                else block(hidden, *args, **kwargs)
-            )
-            return adapter.hidden_from_output(out)[0]
+            return _call(block, call, adapter, rows[None], args, kwargs)[0]
         finally:
             _restore(cache, snapshot)
 

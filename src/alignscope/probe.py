@@ -88,8 +88,10 @@ def probe(
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
-            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`; on the
-            randomized path rows per product call, the same rule with ``T`` for encoders).
+            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`, and
+            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; an explicit
+            ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
+            product call, the same rule with ``T`` for encoders).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
@@ -304,7 +306,7 @@ def _randomized_meta(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> d
         "power_iters": engine.power_iters,
         "probes": engine.probes,
         "seed": engine.seed,
-        "rank": min(d, min(kmax, d) + engine.oversample),
+        "rank": engine.rank(min(kmax, d), d),
         "products_per_block_token": randomized_products(engine, kmax, d, blocks),
     }
 
@@ -315,10 +317,9 @@ def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dt
 
     if adapter.causal:
         calls, row = capture_token_calls(model, adapter, blocks, ids, t), None
-        traj = torch.stack([calls[0].input[0, 0]] + [c.output[0, 0].to(calls[0].input.device) for c in calls])
     else:
         calls, row = capture_block_calls(model, adapter, blocks, ids), t
-        traj = torch.stack([calls[0].input[0, t]] + [c.output[0, t].to(calls[0].input.device) for c in calls])
+    traj = _trajectory(calls, row or 0)
     chain = len(probed) == len(blocks)
     copies = adapter.causal and t >= SKETCH_COPIES_MIN_CONTEXT
     chunk = chunk_size or (COPIES_CHUNK if copies else token_chunk(t if adapter.causal else ids.shape[1]))
@@ -333,8 +334,7 @@ def _sequence_jacobians(model, adapter, blocks, ids, positions, probed, engine, 
     calls = capture_block_calls(model, adapter, blocks, ids)
     gap = _chain_gap(calls)
     pos = torch.tensor(positions, dtype=torch.long)
-    traj = torch.stack([calls[0].input[0]] + [c.output[0] for c in calls], dim=1)  # [T, L+1, d]
-    traj = traj[pos.to(traj.device)].to(dtype)
+    traj = torch.stack([_trajectory(calls, t) for t in positions]).to(dtype)  # [P, L + 1, d]
     d = traj.shape[-1]
     jac = torch.empty(len(pos), len(probed), d, d, dtype=dtype, device=traj.device)
     for li, layer in enumerate(probed):
@@ -355,9 +355,7 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
         if isinstance(engine, AdaptiveChunkEngine):
             engine.context = t
         calls = capture_token_calls(model, adapter, blocks, ids, t)
-        traj = torch.stack(
-            [calls[0].input[0, 0]] + [c.output[0, 0].to(calls[0].input.device) for c in calls]
-        ).to(dtype)
+        traj = _trajectory(calls, 0).to(dtype)
         d = traj.shape[-1]
         jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
         copies = isinstance(engine, AdaptiveChunkEngine) and t >= COPIES_MIN_CONTEXT
@@ -374,6 +372,12 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
             bar.update(1)
         out.append((t, jac, traj, _chain_gap(calls)))
     return out
+
+
+def _trajectory(calls: list, position: int) -> Tensor:
+    """``x^0..x^L`` (``[L + 1, d]``) of the token at ``position`` of the recorded calls' sequence."""
+    device = calls[0].input.device
+    return torch.stack([calls[0].input[0, position]] + [c.output[0, position].to(device) for c in calls])
 
 
 def _to_cpu(value: Any) -> Any:

@@ -177,14 +177,18 @@ class RandomizedSVD:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"RandomizedSVD.{key} must be a non-negative integer, got {value!r}")
 
+    def rank(self, k: int, d: int) -> int:
+        """Sketch rank ``r = min(d, k + oversample)``."""
+        return min(d, k + self.oversample)
+
     def products(self, k: int, d: int) -> int:
         """Jacobian-vector products per block-token for top-``k`` triplets of a ``d x d`` Jacobian."""
-        r = min(d, k + self.oversample)
+        r = self.rank(k, d)
         return r * (2 * self.power_iters + 2) + min(k, r) + self.probes
 
     def __call__(self, op: LinearizedBlock, k: int) -> LowRank:
         d, x = op.d, op.x
-        r = min(d, k + self.oversample)
+        r = self.rank(k, d)
         k = min(k, r)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         omega = torch.randn(r + self.probes, d, generator=generator, dtype=x.dtype).to(x.device)

