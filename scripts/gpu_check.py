@@ -22,28 +22,43 @@ import torch
 from benchlib import LLAMA3_8B, matmul_rate, matrix_params
 
 
+def _timed(label: str, fn, sync) -> None:
+    try:
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        print(f"{label}: {time.perf_counter() - start:.3f} s", flush=True)
+    except RuntimeError as err:
+        print(f"{label}: failed ({str(err)[:80]})", flush=True)
+
+
 def svd_timings(d: int, device: torch.device, sync) -> None:
-    """The analysis needs one full SVD per block-token; on a GPU that may cost more than the Jacobian, so
-    time the options once (torch's default, each cuSOLVER driver, eigh of J^T J in float64)."""
-    a = torch.randn(d, d, device=device) / d**0.5
+    """The analysis needs every singular value and the top-K singular vectors of one d x d matrix per
+    block-token; on a GPU that may cost more than the Jacobian, so time the options once on a residual-like
+    matrix (I + noise): torch's default SVD, each cuSOLVER driver, singular values alone, eigh of J^T J in
+    float64 and float32, a batch of 4, and the SVD on the host's CPUs."""
+    torch.manual_seed(0)
+    a = torch.eye(d, device=device) + 0.3 * torch.randn(d, d, device=device) / d**0.5
     drivers = [None, "gesvd", "gesvdj", "gesvda"] if device.type == "cuda" else [None]
     for driver in drivers:
-        try:
-            torch.linalg.svd(a, driver=driver)
-            sync()
-            start = time.perf_counter()
-            torch.linalg.svd(a, driver=driver)
-            sync()
-            print(f"svd {d}x{d} float32, driver {driver}: {time.perf_counter() - start:.3f} s", flush=True)
-        except RuntimeError as err:
-            print(f"svd driver {driver}: failed ({str(err)[:80]})", flush=True)
-    g = a.double().T @ a.double()
-    torch.linalg.eigh(g)
-    sync()
-    start = time.perf_counter()
-    torch.linalg.eigh(a.double().T @ a.double())
-    sync()
-    print(f"eigh of J^T J {d}x{d} float64: {time.perf_counter() - start:.3f} s", flush=True)
+        _timed(
+            f"svd {d}x{d} float32, driver {driver}",
+            lambda driver=driver: torch.linalg.svd(a, driver=driver),
+            sync,
+        )
+    _timed(f"svdvals {d}x{d} float32", lambda: torch.linalg.svdvals(a), sync)
+    _timed(f"eigh of J^T J {d}x{d} float64", lambda: torch.linalg.eigh(a.double().T @ a.double()), sync)
+    _timed(f"eigh of J^T J {d}x{d} float32", lambda: torch.linalg.eigh(a.T @ a), sync)
+    batch = torch.stack([a, a.T, a + a.T, a - a.T])
+    _timed(f"svd batch of 4 {d}x{d} float32 (total)", lambda: torch.linalg.svd(batch), sync)
+    if device.type == "cuda":
+        _timed(
+            f"svd {d}x{d} float32 on the CPU ({torch.get_num_threads()} threads)",
+            lambda: torch.linalg.svd(a.cpu()),
+            sync,
+        )
 
 
 def main() -> None:
