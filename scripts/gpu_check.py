@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -36,29 +37,64 @@ def _timed(label: str, fn, sync) -> None:
 
 def svd_timings(d: int, device: torch.device, sync) -> None:
     """The analysis needs every singular value and the top-K singular vectors of one d x d matrix per
-    block-token; on a GPU that may cost more than the Jacobian, so time the options once on a residual-like
-    matrix (I + noise): torch's default SVD, each cuSOLVER driver, singular values alone, eigh of J^T J in
-    float64 and float32, a batch of 4, and the SVD on the host's CPUs."""
+    block-token; time the options once on a residual-like matrix (I + noise): torch's default SVD, the
+    approximate gesvda driver, eigh of J^T J in float64, and what the probe runs (``metrics.top_svd``)."""
+    from alignscope.metrics import top_svd
+
     torch.manual_seed(0)
     a = torch.eye(d, device=device) + 0.3 * torch.randn(d, d, device=device) / d**0.5
-    drivers = [None, "gesvd", "gesvdj", "gesvda"] if device.type == "cuda" else [None]
-    for driver in drivers:
-        _timed(
-            f"svd {d}x{d} float32, driver {driver}",
-            lambda driver=driver: torch.linalg.svd(a, driver=driver),
-            sync,
-        )
-    _timed(f"svdvals {d}x{d} float32", lambda: torch.linalg.svdvals(a), sync)
-    _timed(f"eigh of J^T J {d}x{d} float64", lambda: torch.linalg.eigh(a.double().T @ a.double()), sync)
-    _timed(f"eigh of J^T J {d}x{d} float32", lambda: torch.linalg.eigh(a.T @ a), sync)
-    batch = torch.stack([a, a.T, a + a.T, a - a.T])
-    _timed(f"svd batch of 4 {d}x{d} float32 (total)", lambda: torch.linalg.svd(batch), sync)
+    _timed(f"svd {d}x{d} float32 (torch default)", lambda: torch.linalg.svd(a), sync)
     if device.type == "cuda":
-        _timed(
-            f"svd {d}x{d} float32 on the CPU ({torch.get_num_threads()} threads)",
-            lambda: torch.linalg.svd(a.cpu()),
-            sync,
-        )
+        _timed(f"svd {d}x{d} float32, driver gesvda", lambda: torch.linalg.svd(a, driver="gesvda"), sync)
+    _timed(f"eigh of J^T J {d}x{d} float64", lambda: torch.linalg.eigh(a.double().T @ a.double()), sync)
+    _timed(f"metrics.top_svd {d}x{d}, K 50 (what the probe runs)", lambda: top_svd(a, 50), sync)
+
+
+def chunk_sweep(model, seqs: list[int], device: torch.device, sync) -> None:
+    """Time one block-token Jacobian (block 1, last token) per way of batching it, to choose the GPU
+    defaults: batched VJPs through the single-token call (rows per call), copies of the token (copies per
+    pass) and the full-sequence reference engine (rows per call)."""
+    from alignscope.capture import (
+        block_function,
+        capture_block_calls,
+        capture_token_calls,
+        probe_mode,
+        token_block_function,
+        token_copies_function,
+    )
+    from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
+    from alignscope.models import get_adapter
+
+    adapter = get_adapter(model)
+    with probe_mode(model):
+        blocks = adapter.blocks(model)
+        for seq in seqs:
+            vocab = model.config.vocab_size
+            ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
+            token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
+            x = token.input[0].float()
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            fn = token_block_function(blocks[1], token, adapter, torch.float32)
+            for rows in (64, 256, 1024, 4096):
+                engine = ReverseModeEngine(chunk_size=rows)
+                _timed(
+                    f"T={seq} batched VJPs, {rows} rows per call", partial(engine, fn, x, zero, zero), sync
+                )
+            copies_fn = token_copies_function(blocks[1], token, adapter, torch.float32)
+            for n in (256, 1024, 4096) if copies_fn is not None else ():
+                _timed(f"T={seq} copies, {n} per pass", partial(jacobian_by_copies, copies_fn, x[0], n), sync)
+            if seq <= 128:
+                full = capture_block_calls(model, adapter, blocks, ids)[1]
+                fn_full = block_function(blocks[1], full, adapter, torch.float32)
+                t = torch.tensor([seq - 1], device=device)
+                for rows in (32, 128, 512):
+                    engine = ReverseModeEngine(chunk_size=rows)
+                    _timed(
+                        f"T={seq} full-sequence exact, {rows} rows per call",
+                        partial(engine, fn_full, full.input[0].float(), t, t),
+                        sync,
+                    )
+            torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
 def main() -> None:
@@ -67,6 +103,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny Llama on the CPU instead")
     parser.add_argument("--blocks", type=int, default=32, help="probe the first N blocks (all 32 by default)")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--sweep", action="store_true", help="time each way of batching one Jacobian first")
     parser.add_argument("--exact-blocks", type=int, default=4, help="blocks for the (slow) exact engine")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -111,6 +148,8 @@ def main() -> None:
         flush=True,
     )
     svd_timings(config.hidden_size, device, sync)
+    if args.sweep:
+        chunk_sweep(model, [16, 128] if args.smoke else [64, 512], device, sync)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     for engine in args.engines:
         blocks = args.blocks if engine != "exact" else min(args.blocks, args.exact_blocks)

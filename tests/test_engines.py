@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -108,6 +110,44 @@ def test_copies_path_for_long_contexts_equals_exact(family):
         supported = token_copies_function(blocks[1], call, adapter, torch.float32) is not None
     # MPT passes an ALiBi position_bias the copies cannot rewrite; GPT-Neo masks its local layers inside
     assert supported == (family not in ("mpt", "gpt_neo"))
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
+    """What probe() runs on CUDA, here on the CPU: copies from the first token on (``copies_plan``), GPU
+    chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
+    probe_module = importlib.import_module("alignscope.probe")  # the package exports the function as probe
+
+    model = tiny_model(family)
+    ids = prompt_ids(1, 9, seed=12)
+    exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
+    plan = probe_module.copies_plan
+    monkeypatch.setattr(probe_module, "copies_plan", lambda device: plan("cuda"))
+    monkeypatch.setattr(probe_module, "ANALYSIS_SVD", "gram")
+    monkeypatch.setattr(probe_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
+    by_copies, calls = probe_module.jacobian_by_copies, []
+    monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
+    cuda_like = probe(model, ids, tokens="all", keep_jacobians=True, engine="single_token")
+    assert cuda_like.meta["copies_min_context"] == 0
+    # every token and block ran on copies, 24 per pass (MPT, GPT-Neo: batched VJPs, as on CPUs)
+    assert calls == ([] if family in ("mpt", "gpt_neo") else [24] * (9 * len(cuda_like.layers)))
+    assert torch.allclose(cuda_like.jacobians, exact.jacobians, atol=1e-5), float(
+        (cuda_like.jacobians - exact.jacobians).abs().max()
+    )
+    assert torch.allclose(cuda_like.singular_values, exact.singular_values, atol=1e-5)
+    for k in (10, 30, 50):
+        assert torch.allclose(cuda_like.coupling[k], exact.coupling[k], atol=1e-4)
+        assert torch.allclose(cuda_like.coupling_vju[k], exact.coupling_vju[k], atol=1e-4)
+        assert torch.allclose(cuda_like.alignment[k], exact.alignment[k], atol=1e-4)
+
+
+def test_token_chunk_on_cuda_follows_the_row_budget():
+    from alignscope.probe import CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
+
+    assert token_chunk(63, "cuda", 4096) == CUDA_TOKEN_CHUNK
+    assert token_chunk(2047, "cuda", 4096) == CUDA_ROW_BUDGET // (2048 * 4096)
+    assert token_chunk(10**6, "cuda", 4096) == 32
+    assert token_chunk(127) == 32 and token_chunk(3) == 1024  # CPUs: 4096 / (t + 1) in [32, 1024]
 
 
 def test_copies_path_with_sdpa_bfloat16_and_float64():

@@ -236,3 +236,62 @@ def test_coupling_matrices_match_a_naive_double_loop():
                 assert float(many_vju[k][i, j]) == pytest.approx(
                     float(torch.linalg.norm(vju) / torch.linalg.norm(si)), abs=1e-12
                 )
+
+
+def test_top_svd_gram_matches_known_spectrum():
+    """Singular values spanning 6 decades (float32 matrix): the Gram route in float64 recovers every one
+    to the float32 matrix's own accuracy, and its top vectors are the true ones up to sign."""
+    d, k = 48, 10
+    U0, V0 = random_orthogonal(d, 1), random_orthogonal(d, 2)
+    s0 = torch.logspace(0.5, -5.5, d, dtype=torch.float64)
+    J = matrix_with(U0, s0, V0).float()
+    exact = torch.linalg.svdvals(J.double())  # of the float32-rounded matrix
+    U, S, V = metrics.top_svd(J, k, method="gram")
+    assert U.shape == (d, k) and V.shape == (d, k) and S.shape == (d,) and S.dtype == torch.float32
+    assert torch.allclose(S.double(), exact, rtol=0, atol=1e-6 * float(exact[0]))
+    assert torch.allclose(
+        (U0[:, :k].T @ U.double()).diagonal().abs(), torch.ones(k, dtype=torch.float64), atol=1e-5
+    )
+    assert torch.allclose(
+        (V0[:, :k].T @ V.double()).diagonal().abs(), torch.ones(k, dtype=torch.float64), atol=1e-5
+    )
+    assert torch.allclose(J.double() @ V.double(), U.double() * S[:k].double(), atol=1e-5)  # J v_k = s_k u_k
+
+
+def test_top_svd_methods_agree_and_feed_the_metrics():
+    J = torch.eye(32) + 0.3 * torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(3))
+    svd_f, gram_f = metrics.top_svd(J, 8, method="svd"), metrics.top_svd(J, 8, method="gram")
+    assert torch.allclose(gram_f.S, svd_f.S, rtol=1e-5)
+    for name in ("U", "V"):
+        overlap = torch.einsum("lak,lak->lk", getattr(gram_f, name), getattr(svd_f, name)).abs()
+        assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-4)
+    full = metrics.svd(J)
+    for form in ("ujv", "vju"):
+        want = metrics.coupling_matrices(J, [3, 8], form, full)
+        got = metrics.coupling_matrices(J, [3, 8], form, gram_f)
+        assert all(torch.allclose(got[k], want[k], atol=1e-4) for k in (3, 8))
+    want, got = (
+        metrics.alignment_matrices(full.U, full.V, [8]),
+        metrics.alignment_matrices(gram_f.U, gram_f.V, [8]),
+    )
+    assert torch.allclose(got[8], want[8], atol=1e-4)
+
+
+def test_top_svd_gram_rank_deficient_and_nonfinite():
+    """A rank-2 matrix asked for K = 5 takes the full SVD (U_K is not J V_K / S_K there); a zero matrix too;
+    a non-finite matrix gives NaN factors."""
+    a, b = torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    J = torch.stack(
+        [a @ a.T + b @ b.T, torch.zeros(16, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)]
+    )
+    J[2, 0, 0] = float("nan")
+    U, S, V = metrics.top_svd(J, 5, method="gram")
+    want = metrics.top_svd(J[:2], 5, method="svd")
+    assert torch.allclose(S[:2], want.S, atol=1e-12)
+    assert torch.allclose(U[0] @ torch.diag(S[0, :5]) @ V[0].T, J[0], atol=1e-10)  # rank 2: top-5 rebuilds J
+    assert torch.isfinite(U[:2]).all() and torch.isnan(S[2]).all() and torch.isnan(U[2]).all()
+
+
+def test_top_svd_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method must be"):
+        metrics.top_svd(torch.eye(3), 2, method="qr")

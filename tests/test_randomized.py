@@ -186,11 +186,15 @@ def test_gpu_check_script_runs_its_smoke_version():
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--tokens", "8"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--smoke", "--sweep", "--tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     for engine in ("single_token", "randomized", "exact"):
         assert f"{engine}: 2 blocks" in out.stdout
+    assert "T=16 copies, 256 per pass" in out.stdout and "metrics.top_svd" in out.stdout
 
 
 def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():

@@ -37,6 +37,53 @@ def svd(jacobians: Tensor) -> SVD:
     return SVD(U, S, V)
 
 
+GRAM_MIN_RATIO = 1e-6
+""":func:`top_svd` with ``method="gram"`` forms ``U_K = J V_K / S_K`` only where ``s_K >= GRAM_MIN_RATIO s_1``;
+a matrix with a smaller top-K singular value (rank-deficient within K) takes the full SVD instead."""
+
+
+def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
+    """Every singular value and the top-``k`` singular vectors of ``[..., d, d]`` matrices: ``U``, ``V``
+    ``[..., d, k]``, ``S`` ``[..., d]`` (descending). Non-finite matrices give NaN factors, as :func:`svd`.
+
+    ``method="svd"``: the full SVD, truncated. ``method="gram"``: ``J^T J = V diag(S^2) V^T`` by a symmetric
+    eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
+    singular value has absolute error about ``1e-8 s_1``, below a float32 SVD's ``~1e-7 s_1``), then
+    ``U_k = J V_k / S_k``. On a GPU that is about 8x faster than cuSOLVER's SVD at d = 4096 (0.11 s against
+    0.92 s on an H200, docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
+    """
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
+    k = _check_k(k, jacobians.shape[-1])
+    if method == "auto":
+        method = "gram" if jacobians.is_cuda else "svd"
+    if method == "svd":
+        U, S, V = svd(jacobians)
+        return SVD(U[..., :k], S, V[..., :k])
+    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
+    all_finite = bool(finite.all())
+    j64 = (jacobians if all_finite else torch.where(finite[..., None, None], jacobians, 0.0)).double()
+    eigenvalues, vectors = torch.linalg.eigh(j64.transpose(-2, -1) @ j64)
+    S = eigenvalues.flip(-1).clamp_min(0).sqrt()
+    V = vectors[..., -k:].flip(-1)
+    top = S[..., :k]
+    U = (j64 @ V) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    deficient = (top[..., -1] < GRAM_MIN_RATIO * top[..., 0]) & finite
+    if bool(deficient.any()):  # U_K undefined by J V_K / S_K: take those matrices' full SVDs
+        full = svd(jacobians[deficient].double())
+        U[deficient], V[deficient], S[deficient] = full.U[..., :k], full.V[..., :k], full.S
+    dtype = jacobians.dtype
+    U, S, V = U.to(dtype), S.to(dtype), V.to(dtype)
+    if all_finite:
+        return SVD(U, S, V)
+    nan = torch.tensor(float("nan"), dtype=dtype, device=jacobians.device)
+    return SVD(
+        torch.where(finite[..., None, None], U, nan),
+        torch.where(finite[..., None], S, nan),
+        torch.where(finite[..., None, None], V, nan),
+    )
+
+
 def _check_k(k: int, d: int) -> int:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"K must be a positive integer, got {k!r}")

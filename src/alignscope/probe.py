@@ -179,7 +179,7 @@ def probe(
         "chunk_size": "adaptive"
         if isinstance(jac_engine, AdaptiveChunkEngine)
         else getattr(jac_engine, "chunk_size", None),
-        "copies_min_context": COPIES_MIN_CONTEXT
+        "copies_min_context": copies_plan(device)[0]
         if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
         else None,
         "attention": attention,
@@ -201,6 +201,11 @@ def probe(
     return result
 
 
+ANALYSIS_SVD = "auto"
+"""How the exact paths factor each Jacobian (:func:`alignscope.metrics.top_svd`): ``"auto"`` is the Gram
+eigendecomposition in float64 on CUDA (8x faster than cuSOLVER's SVD at d = 4096) and the SVD on CPUs."""
+
+
 ENGINE_NAMES = ("auto", "exact", "reverse", "single_token", "randomized")
 
 
@@ -210,11 +215,23 @@ TOKEN_CHUNK = 1024
 """Most identity rows per VJP through a single-token call."""
 
 
-def token_chunk(context: int) -> int:
-    """Default rows per VJP for a single-token call with ``context`` cached tokens: ``4096 / (context + 1)``
-    clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows win for short prompts, 32 rows
-    for T >= 128, where the per-row gradients over the cached context dominate (was 8192 / (t + 1))."""
+def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) -> int:
+    """Default rows per VJP for a single-token call with ``context`` cached tokens.
+
+    CPUs: ``4096 / (context + 1)`` clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows
+    win for short prompts, 32 rows for T >= 128, where the per-row gradients over the cached context
+    dominate (was 8192 / (t + 1)). CUDA: as many rows as keep those per-row gradients (``rows x (context + 1)
+    x d`` values) within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: small calls leave a GPU
+    idle (64-row chunks made d = 4096 Jacobians 32x the floor on an H200)."""
+    if torch.device(device).type == "cuda":
+        return max(SEQUENCE_CHUNK, min(CUDA_TOKEN_CHUNK, CUDA_ROW_BUDGET // ((context + 1) * max(d, 1))))
     return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 4096 // (context + 1)))
+
+
+CUDA_TOKEN_CHUNK = 1024
+"""Most identity rows per VJP through a single-token call on CUDA."""
+CUDA_ROW_BUDGET = 2**30
+"""Values of per-row context gradients one single-token VJP call may hold on CUDA (4 GiB in float32)."""
 
 
 COPIES_MIN_CONTEXT = 64
@@ -225,6 +242,17 @@ against 15x at T = 512; below about 64 cached tokens the batched VJPs are faster
 d = 768, T = 16)."""
 COPIES_CHUNK = 256
 """Copies per pass on the copies path (256 measured best of 128, 256 and 768)."""
+CUDA_COPIES_MIN_CONTEXT = 0
+CUDA_COPIES_CHUNK = 1024
+"""On CUDA the copies path runs from the first token (its passes are dense products of ``CUDA_COPIES_CHUNK``
+rows, which a GPU runs near its matmul rate, while batched VJPs launch many small kernels)."""
+
+
+def copies_plan(device: torch.device | str) -> tuple[int, int]:
+    """``(cached tokens from which the single-token path runs copies, copies per pass)`` on ``device``."""
+    if torch.device(device).type == "cuda":
+        return CUDA_COPIES_MIN_CONTEXT, CUDA_COPIES_CHUNK
+    return COPIES_MIN_CONTEXT, COPIES_CHUNK
 
 
 SKETCH_COPIES_MIN_CONTEXT = 256
@@ -243,7 +271,7 @@ class AdaptiveChunkEngine(ReverseModeEngine):
         self.context = 0
 
     def __call__(self, block_fn, x, t_in, t_out):
-        self.chunk_size = token_chunk(self.context)
+        self.chunk_size = token_chunk(self.context, x.device, x.shape[-1])
         return super().__call__(block_fn, x, t_in, t_out)
 
 
@@ -322,7 +350,8 @@ def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dt
     traj = _trajectory(calls, row or 0)
     chain = len(probed) == len(blocks)
     copies = adapter.causal and t >= SKETCH_COPIES_MIN_CONTEXT
-    chunk = chunk_size or (COPIES_CHUNK if copies else token_chunk(t if adapter.causal else ids.shape[1]))
+    context = t if adapter.causal else ids.shape[1]
+    chunk = chunk_size or (COPIES_CHUNK if copies else token_chunk(context, ids.device, traj.shape[-1]))
     sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk, chain, bar, copies)
     out = analyze_sketch(sk, traj.to(dtype), probed, ks)
     out["chain_gap"] = _chain_gap(calls)
@@ -358,13 +387,14 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
         traj = _trajectory(calls, 0).to(dtype)
         d = traj.shape[-1]
         jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
-        copies = isinstance(engine, AdaptiveChunkEngine) and t >= COPIES_MIN_CONTEXT
+        min_context, copies_chunk = copies_plan(traj.device)
+        copies = isinstance(engine, AdaptiveChunkEngine) and t >= min_context
         for li, layer in enumerate(probed):
             call = calls[layer]
             x = call.input[0].to(dtype)  # [1, d]
             copies_fn = token_copies_function(blocks[layer], call, adapter, dtype) if copies else None
             if copies_fn is not None:
-                full = jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)
+                full = jacobian_by_copies(copies_fn, x[0], copies_chunk)
             else:
                 fn = token_block_function(blocks[layer], call, adapter, dtype)
                 full = engine(fn, x, zero.to(x.device), zero.to(x.device))[0]
@@ -493,7 +523,7 @@ def _analyze(
     jac: Tensor, traj: Tensor, layers: list[int], ks: list[int], num_blocks: int, keep: bool
 ) -> dict[str, Any]:
     """All per-token metrics from residual Jacobians ``[L', d, d]`` and a trajectory ``[L + 1, d]``."""
-    factors = metrics.svd(jac)
+    factors = metrics.top_svd(jac, max(ks), ANALYSIS_SVD)  # every singular value, top-Kmax vectors
     depth = torch.tensor([layer + 1 for layer in layers])
     expo = metrics.expodistance(traj)
     inv_fit = metrics.inverse_top_singular_fit(factors.S[:, 0], depth)
