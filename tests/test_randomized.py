@@ -195,6 +195,7 @@ def test_gpu_check_script_runs_its_smoke_version():
     for engine in ("single_token", "randomized", "exact"):
         assert f"{engine}: 2 blocks" in out.stdout
     assert "T=16 copies, 256 per pass" in out.stdout and "metrics.top_svd" in out.stdout
+    assert "agreement on 2 blocks" in out.stdout
 
 
 def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():
