@@ -104,6 +104,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="probe the first N blocks (all 32 by default)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sweep", action="store_true", help="time each way of batching one Jacobian first")
+    parser.add_argument(
+        "--agreement-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights of the model on which the engines are compared (bf16 caches differ by bf16 rounding)",
+    )
     parser.add_argument("--exact-blocks", type=int, default=4, help="blocks for the (slow) exact engine")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -155,6 +161,8 @@ def main() -> None:
         blocks = args.blocks if engine != "exact" else min(args.blocks, args.exact_blocks)
         ks = (10,) if engine == "randomized" else (10, 30, 50)
         sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         res = probe(model, ids, layers=list(range(blocks)), ks=ks, engine=engine)
         sync()
@@ -169,12 +177,24 @@ def main() -> None:
             f"{torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0:.1f} GiB",
             flush=True,
         )
+    if args.agreement_dtype != "bfloat16":  # the same shape in another dtype, only the blocks compared
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        config.num_hidden_layers = min(args.blocks, args.exact_blocks)
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM._from_config(
+                config, dtype=getattr(torch, args.agreement_dtype)
+            )
+        model.eval()
     agreement(model, ids, min(args.blocks, args.exact_blocks))
 
 
 def agreement(model, ids, blocks: int) -> None:
     """On the device: the single-token engine (copies, GPU chunks, Gram analysis) against the full-sequence
-    exact engine with the SVD analysis, on the first ``blocks`` blocks: Jacobians, singular values, m_K."""
+    exact engine with the SVD analysis, on the first ``blocks`` blocks: Jacobians, singular values, m_K, a_K
+    (absolute differences, and the largest |J| and s_1 for scale)."""
     import importlib
 
     from alignscope import probe
@@ -193,7 +213,8 @@ def agreement(model, ids, blocks: int) -> None:
     print(
         f"agreement on {blocks} blocks (single_token + gram vs exact + svd): max |dJ| "
         f"{float((single.jacobians - exact.jacobians).abs().max()):.2e} (max |J| {scale:.2e}); max |dS| "
-        f"{float((single.singular_values - exact.singular_values).abs().max()):.2e}; max |d m_K| {coupling:.2e}; "
+        f"{float((single.singular_values - exact.singular_values).abs().max()):.2e} (max s_1 "
+        f"{float(exact.singular_values.max()):.2e}); max |d m_K| {coupling:.2e}; "
         f"max |d a_K| {alignment:.2e}",
         flush=True,
     )
