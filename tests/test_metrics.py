@@ -295,3 +295,16 @@ def test_top_svd_gram_rank_deficient_and_nonfinite():
 def test_top_svd_rejects_unknown_method():
     with pytest.raises(ValueError, match="method must be"):
         metrics.top_svd(torch.eye(3), 2, method="qr")
+
+
+def test_top_svd_gram_in_groups_equals_one_batch(monkeypatch):
+    """Large batches go through the Gram route in groups (bounded float64 temporaries): same factors."""
+    J = torch.eye(12) + 0.5 * torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    J[1, 2, 0, 0] = float("inf")
+    whole = metrics.top_svd(J, 4, method="gram")
+    monkeypatch.setattr(metrics, "GRAM_GROUP_VALUES", 2 * 12 * 12)  # groups of two matrices
+    grouped = metrics.top_svd(J, 4, method="gram")
+    assert grouped.U.shape == (2, 3, 12, 4) and grouped.S.shape == (2, 3, 12)
+    for a, b in zip(grouped, whole, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
+    assert torch.isnan(grouped.S[1, 2]).all() and torch.isfinite(grouped.S[0]).all()

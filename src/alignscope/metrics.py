@@ -60,6 +60,22 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     if method == "svd":
         U, S, V = svd(jacobians)
         return SVD(U[..., :k], S, V[..., :k])
+    d = jacobians.shape[-1]
+    flat = jacobians.reshape(-1, d, d)
+    group = max(1, GRAM_GROUP_VALUES // (d * d))  # bounds the float64 temporaries (J, J^T J, eigenvectors)
+    if flat.shape[0] > group:
+        parts = [_gram_top_svd(flat[i : i + group], k) for i in range(0, flat.shape[0], group)]
+        U, S, V = (torch.cat(factor) for factor in zip(*parts, strict=True))
+        batch = jacobians.shape[:-2]
+        return SVD(U.reshape(*batch, d, k), S.reshape(*batch, d), V.reshape(*batch, d, k))
+    return _gram_top_svd(jacobians, k)
+
+
+GRAM_GROUP_VALUES = 2**28
+"""Matrix entries per group of :func:`top_svd`'s Gram route (each float64 temporary at most 2 GiB)."""
+
+
+def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
     finite = torch.isfinite(jacobians).all(dim=(-2, -1))
     all_finite = bool(finite.all())
     j64 = (jacobians if all_finite else torch.where(finite[..., None, None], jacobians, 0.0)).double()
