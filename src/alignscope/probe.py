@@ -89,7 +89,8 @@ def probe(
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
             single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`, and
-            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; an explicit
+            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; on CUDA copies
+            from the first token, ``CUDA_COPIES_CHUNK`` per pass (:func:`copies_plan`); an explicit
             ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
             product call, the same rule with ``T`` for encoders).
 
