@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from alignscope.batching import batchable_backward
+
 BlockFn = Callable[[Tensor], Tensor]
 """A block as a function of its hidden-state input: ``[n, T, d] -> [n, T, d]``."""
 
@@ -44,7 +46,8 @@ class ReverseModeEngine:
     own input row as the variable), then ``d / chunk_size`` vector-Jacobian products, each batched over
     ``chunk_size`` identity rows (``is_grads_batched``; ``vectorize=False`` uses a plain loop of
     ``torch.autograd.grad``, one row at a time). The graph is retained across the products and freed after
-    each group, so memory is bounded by about ``chunk_size * copies * T`` activation rows.
+    each group, so memory is bounded by about ``chunk_size * copies * T`` activation rows. The forward is
+    recorded under :func:`~alignscope.batching.batchable_backward`, so no backward op runs row by row.
 
     Args:
         chunk_size: identity rows per vector-Jacobian product.
@@ -83,13 +86,16 @@ class ReverseModeEngine:
     def _group(self, block_fn: BlockFn, x: Tensor, t_in: Tensor, t_out: Tensor, chunk: int) -> Tensor:
         n, (_seq_len, d) = len(t_in), x.shape
         rows = torch.arange(n, device=x.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), batchable_backward():
             variable = x.detach()[t_in].clone().requires_grad_(True)  # [n, d]
             if n == 1 and _seq_len == 1:  # one token (single-token calls): no scatter in the graph
                 hidden = variable.view(1, 1, d)
+                y = block_fn(hidden)[:, 0]  # [1, d]
             else:
                 hidden = x.detach().unsqueeze(0).repeat(n, 1, 1).index_put((rows, t_in), variable)
-            y = block_fn(hidden)[rows, t_out]  # [n, d]
+                out = block_fn(hidden)
+                # one select per pair: vmap batches select's backward, not advanced indexing's
+                y = torch.stack([out[i, t] for i, t in enumerate(t_out.tolist())])  # [n, d]
         jac = x.new_zeros(n, d, d)
         if not y.requires_grad:  # output does not depend on the variable (e.g. a token that cannot see t_in)
             return jac

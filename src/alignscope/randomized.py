@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignscope.batching import batchable_backward
+
 RowFn = Callable[[Tensor], Tensor]
 """A block at one token as a function of that token's input row: ``[d] -> [d]`` (output row, no identity
 subtracted)."""
@@ -101,7 +103,7 @@ class LinearizedBlock:
 
     def _forward(self) -> tuple[Tensor, Tensor]:
         if self._output is None:
-            with torch.enable_grad():
+            with torch.enable_grad(), batchable_backward():  # no backward op runs row by row under vmap
                 self._variable = self.x.clone().requires_grad_(True)
                 self._output = self.row_fn(self._variable)
         return self._output, self._variable
