@@ -114,8 +114,8 @@ def test_copies_path_for_long_contexts_equals_exact(family):
 
 @pytest.mark.parametrize("family", DECODERS)
 def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
-    """What probe() runs on CUDA, here on the CPU: copies from the first token on (``copies_plan``), GPU
-    chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
+    """What probe() runs on CUDA, here on the CPU: copies (``copies_plan``, here from the first token on),
+    GPU chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
     probe_module = importlib.import_module("alignscope.probe")  # the package exports the function as probe
 
     model = tiny_model(family)
@@ -123,6 +123,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
     plan = probe_module.copies_plan
     monkeypatch.setattr(probe_module, "copies_plan", lambda device: plan("cuda"))
+    monkeypatch.setattr(probe_module, "CUDA_COPIES_MIN_CONTEXT", 0)  # copies for every token here
     monkeypatch.setattr(probe_module, "ANALYSIS_SVD", "gram")
     monkeypatch.setattr(probe_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
     by_copies, calls = probe_module.jacobian_by_copies, []

@@ -96,3 +96,37 @@ def test_engine_options_are_validated():
         make_engine("nope")
     with pytest.raises(TypeError):
         make_engine(object())
+
+
+def test_out_of_memory_halves_the_rows_instead_of_looping(monkeypatch):
+    """A (simulated) out-of-memory error in a batched product or a pass of copies retries with half the
+    rows, with a warning; the Jacobian is unchanged and no row loop runs."""
+    from alignscope.jacobian import jacobian_by_copies
+
+    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+
+    def block_fn(h):  # [n, T, d] -> [n, T, d], token-wise
+        return torch.tanh(h @ weight)
+
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([2])
+    want = ReverseModeEngine(chunk_size=16)(block_fn, x, t, t)
+    copies_want = jacobian_by_copies(lambda rows: torch.tanh(rows @ weight), x[2], 16)
+    grad, calls = torch.autograd.grad, []
+
+    def limited(outputs, inputs, grad_outputs=None, **kwargs):
+        rows = grad_outputs.shape[0] if grad_outputs is not None else 0
+        calls.append((rows, kwargs.get("is_grads_batched", False)))
+        if rows > 4:
+            raise torch.OutOfMemoryError("simulated: too many rows")
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", limited)
+    with pytest.warns(UserWarning, match="retrying with") as record:
+        got = ReverseModeEngine(chunk_size=16)(block_fn, x, t, t)
+    assert [str(w.message)[-6:] for w in record] == ["8 rows", "4 rows"]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert all(batched for _, batched in calls) and [r for r, _ in calls if r <= 4] == [4, 4, 4, 4]
+    with pytest.warns(UserWarning, match="retrying with"):
+        copies_got = jacobian_by_copies(lambda rows: torch.tanh(rows @ weight), x[2], 16)
+    assert torch.allclose(copies_got, copies_want, atol=1e-6)

@@ -101,7 +101,8 @@ class ReverseModeEngine:
             return jac
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         vectorize = self.vectorize
-        for r0 in range(0, d, chunk if vectorize else 1):
+        r0 = 0
+        while r0 < d:
             r1 = min(d, r0 + (chunk if vectorize else 1))
             if vectorize:
                 try:
@@ -111,6 +112,14 @@ class ReverseModeEngine:
                     )
                     if grad is not None:
                         jac[:, r0:r1] = grad.transpose(0, 1)
+                    r0 = r1
+                    continue
+                except torch.OutOfMemoryError:  # fewer rows per product, not a row loop
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)
+                    warnings.warn(f"out of memory in a batched VJP; retrying with {chunk} rows", stacklevel=2)
+                    _release_cached_memory(x.device)
                     continue
                 except RuntimeError as err:  # an op without a batching rule: fall back to the plain loop
                     warnings.warn(f"vectorized VJP failed ({err}); falling back to a row loop", stacklevel=2)
@@ -121,6 +130,7 @@ class ReverseModeEngine:
                 )
                 if grad is not None:
                     jac[:, r] = grad
+            r0 = r1
         return jac
 
 
@@ -134,13 +144,29 @@ def jacobian_by_copies(copies_fn: Callable[[Tensor], Tensor], x: Tensor, chunk_s
     d = x.shape[-1]
     jac = x.new_empty(d, d)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    for r0 in range(0, d, chunk_size):
+    r0 = 0
+    while r0 < d:
         r1 = min(d, r0 + chunk_size)
-        with torch.enable_grad():
-            rows = x.detach().expand(r1 - r0, d).clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(copies_fn(rows), rows, eye[r0:r1], allow_unused=True)
+        try:
+            with torch.enable_grad():
+                rows = x.detach().expand(r1 - r0, d).clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(copies_fn(rows), rows, eye[r0:r1], allow_unused=True)
+        except torch.OutOfMemoryError:  # fewer copies per pass
+            if chunk_size == 1:
+                raise
+            chunk_size = max(1, chunk_size // 2)
+            warnings.warn(f"out of memory in a pass of copies; retrying with {chunk_size}", stacklevel=2)
+            _release_cached_memory(x.device)
+            continue
         jac[r0:r1] = 0 if grad is None else grad
+        r0 = r1
     return jac
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    """Give the caching allocator's free blocks back after an out-of-memory error (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def residual_jacobian(jacobian: Tensor) -> Tensor:

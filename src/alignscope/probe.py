@@ -89,8 +89,8 @@ def probe(
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
             single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`, and
-            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; on CUDA copies
-            from the first token, ``CUDA_COPIES_CHUNK`` per pass (:func:`copies_plan`); an explicit
+            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; on CUDA from
+            ``CUDA_COPIES_MIN_CONTEXT``, ``CUDA_COPIES_CHUNK`` per pass (:func:`copies_plan`); an explicit
             ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
             product call, the same rule with ``T`` for encoders).
 
@@ -222,8 +222,8 @@ def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) ->
     CPUs: ``4096 / (context + 1)`` clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows
     win for short prompts, 32 rows for T >= 128, where the per-row gradients over the cached context
     dominate (was 8192 / (t + 1)). CUDA: as many rows as keep those per-row gradients (``rows x (context + 1)
-    x d`` values) within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: small calls leave a GPU
-    idle (64-row chunks made d = 4096 Jacobians 32x the floor on an H200)."""
+    x d`` values) within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: on an H100 at d = 4096,
+    T = 64, 64 rows per call took 0.175 s per block-token and 256 to 4096 rows 0.061-0.067 s."""
     if torch.device(device).type == "cuda":
         return max(SEQUENCE_CHUNK, min(CUDA_TOKEN_CHUNK, CUDA_ROW_BUDGET // ((context + 1) * max(d, 1))))
     return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 4096 // (context + 1)))
@@ -243,10 +243,12 @@ against 15x at T = 512; below about 64 cached tokens the batched VJPs are faster
 d = 768, T = 16)."""
 COPIES_CHUNK = 256
 """Copies per pass on the copies path (256 measured best of 128, 256 and 768)."""
-CUDA_COPIES_MIN_CONTEXT = 0
+CUDA_COPIES_MIN_CONTEXT = 128
 CUDA_COPIES_CHUNK = 1024
-"""On CUDA the copies path runs from the first token (its passes are dense products of ``CUDA_COPIES_CHUNK``
-rows, which a GPU runs near its matmul rate, while batched VJPs launch many small kernels)."""
+"""On CUDA, copies from 128 cached tokens on, 1024 per pass. Measured on an H100 (d = 4096 Llama block,
+docs/benchmarks.md): batched VJPs 0.062 s per block-token at T = 64 and 0.232 s at T = 512, copies 0.089 s
+and 0.093 s (256 to 1024 per pass alike, 4096 slower); the crossover near T = 110 is interpolated between
+those two lengths, not measured."""
 
 
 def copies_plan(device: torch.device | str) -> tuple[int, int]:
