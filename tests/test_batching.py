@@ -16,6 +16,8 @@ OPS = {
     "softmax": lambda t: F.softmax(t, dim=-1),
     "softmax dtype": lambda t: F.softmax(t, dim=0, dtype=torch.float32),
     "torch.softmax": lambda t: torch.softmax(t, 1),
+    "torch.softmax dtype": lambda t: torch.softmax(t, 1, torch.float32),
+    "Tensor.softmax dtype": lambda t: t.softmax(0, torch.float32),
     "Tensor.softmax": lambda t: t.softmax(dim=-1),
 }
 
@@ -29,7 +31,7 @@ def test_batchable_backward_matches_torch(name):
     native = f(x)
     with batchable_backward():
         routed = f(x)
-    assert torch.equal(routed, native)  # forward values bit-identical
+    assert torch.equal(routed, native) and routed.dtype == native.dtype  # forward values bit-identical
     assert type(routed.grad_fn).__name__.startswith("_") and routed.grad_fn is not native.grad_fn
     rows = torch.randn(6, *native.shape, generator=torch.Generator().manual_seed(1), dtype=native.dtype)
     (want,) = torch.autograd.grad(native, x, rows, is_grads_batched=True, create_graph=True)

@@ -80,9 +80,11 @@ class _Softmax(torch.autograd.Function):
         return y * (grad - (grad * y).sum(ctx.dim, keepdim=True)), None
 
 
-def _softmax_args(args: tuple, kwargs: dict) -> tuple[Tensor, int, torch.dtype | None] | None:
-    """``(input, dim, dtype)`` of a softmax call, or None when it is not one we can route (no dim)."""
-    names = ("input", "dim", "_stacklevel", "dtype")
+def _softmax_args(func, args: tuple, kwargs: dict) -> tuple[Tensor, int, torch.dtype | None] | None:
+    """``(input, dim, dtype)`` of a softmax call, or None when it is not one we can route (no int dim).
+    ``F.softmax(input, dim, _stacklevel, dtype)``; ``torch.softmax`` and ``Tensor.softmax``: ``(input, dim,
+    dtype)``."""
+    names = ("input", "dim", "_stacklevel", "dtype") if func is F.softmax else ("input", "dim", "dtype")
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     x, dim = bound.get("input", bound.get("self")), bound.get("dim")
@@ -108,7 +110,7 @@ class _BatchableBackward(TorchFunctionMode):
             if x.requires_grad and x.is_floating_point():
                 return _GELU.apply(x, approximate)
         elif func in self._softmax:
-            parsed = _softmax_args(args, kwargs)
+            parsed = _softmax_args(func, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
                 x, dim, dtype = parsed
                 return _Softmax.apply(x if dtype is None else x.to(dtype), dim)
