@@ -1,26 +1,37 @@
 """Batched vector-Jacobian products without per-row loops.
 
 ``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward pass under ``vmap``. The backward
-kernels of SiLU, GELU and softmax (``silu_backward``, ``gelu_backward``, ``_softmax_backward_data``) have no
-batching rule in torch (2.13), so vmap runs them once per row: for a 576-row Jacobian of a SmolLM2 block
-that is 576 calls of each, about 40% of the product's time on 2 CPU cores (docs/benchmarks.md).
+kernels of SiLU, GELU, tanh, layer norm and softmax (``silu_backward``, ``gelu_backward``,
+``tanh_backward``, ``native_layer_norm_backward``, ``_softmax_backward_data``, the last also inside the math
+kernel of ``scaled_dot_product_attention``) have no batching rule in torch (2.13), so vmap runs them once
+per row: for a 576-row Jacobian of a SmolLM2 block that is 576 calls of each, about 20% of
+the product's time on 2 CPU cores, and 14x the whole product's time on an H100 (docs/benchmarks.md).
 
 :func:`batchable_backward` is a context manager for the *forward* pass of a function that will be
-differentiated with batched cotangents: while it is active, those three functions compute their forward
-values with the very same kernels (bit-identical outputs) but record a backward written in elementwise
-operations that vmap batches:
+differentiated with batched cotangents: while it is active, these functions compute their forward values
+with the very same kernels but record a backward written in elementwise operations and reductions that
+vmap batches:
 
 - ``silu(x) = x s``, ``s = sigmoid(x)``: ``d/dx = s (1 + x (1 - s))``;
 - ``gelu(x) = x Phi(x)``: ``d/dx = Phi(x) + x phi(x)``; tanh form ``0.5 x (1 + tanh(u))``,
   ``u = sqrt(2/pi) (x + 0.044715 x^3)``: ``d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 0.044715 x^2)``;
-- ``y = softmax(x)`` along ``dim``: ``grad_x = y (g - sum(g y, dim))``.
+- ``y = tanh(x)``: ``d/dx = 1 - y^2``;
+- ``layer_norm``: ``xhat = (x - mean) rstd``, ``g' = g w``: ``grad_x = rstd (g' - mean(g') - xhat mean(g' xhat))``
+  (and ``sum(g xhat)``, ``sum(g)`` for a weight and bias that require grad);
+- ``y = softmax(x)`` along ``dim``: ``grad_x = y (g - sum(g y, dim))``;
+- ``x[..., [i, i + 1], :]`` (one list of consecutive integers, e.g. Falcon's fused query-key-value split) is
+  taken as the slice ``x[..., i:i + 2, :]``: the same values, a backward without ``index_put``;
+- ``scaled_dot_product_attention`` (without dropout) is written out as its math kernel computes it, with
+  that softmax: equal to the kernel to float rounding, not bit for bit (models such as Falcon keep sdpa
+  even when eager attention is asked for).
 
-The backward formulas are themselves differentiable, so double backward (the randomized engine's JVPs)
-works through them.
+The forward values are bit-identical except for the attention written out. The backward formulas are
+themselves differentiable, so double backward (the randomized engine's JVPs) works through them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +91,84 @@ class _Softmax(torch.autograd.Function):
         return y * (grad - (grad * y).sum(ctx.dim, keepdim=True)), None
 
 
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, shape: tuple, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.dims, ctx.eps = tuple(range(-len(shape), 0)), eps
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        dims = ctx.dims
+        mean = x.mean(dims, keepdim=True)  # recomputed from x, so that double backward sees them
+        rstd = (x.var(dims, unbiased=False, keepdim=True) + ctx.eps).rsqrt()
+        xhat = (x - mean) * rstd
+        g = grad if weight is None else grad * weight
+        grad_x = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        leading = tuple(range(grad.dim() - len(dims)))
+        grad_w = (grad * xhat).sum(leading) if ctx.needs_input_grad[2] else None
+        grad_b = grad.sum(leading) if ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_w, grad_b, None
+
+
+def _attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """``F.scaled_dot_product_attention`` as torch's math kernel computes it (scaled query and key, masks,
+    softmax, values), with the softmax from :class:`_Softmax`; equal to the kernel to rounding."""
+    root = math.sqrt(scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+    if enable_gqa:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+    scores = (query * root) @ (key * root).transpose(-2, -1)
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
+    return _Softmax.apply(scores, -1) @ value
+
+
+def _as_basic_index(index):
+    """The same index with its one list of consecutive integers (``x[..., [-2], :]``) as a slice, which
+    selects the same values in the same layout and whose backward vmap batches (advanced indexing's
+    backward, ``index_put``, runs once per row); None when the index is anything else."""
+    items = index if isinstance(index, tuple) else (index,)
+    lists = [i for i, item in enumerate(items) if isinstance(item, list)]
+    basic = all(item is Ellipsis or item is None or isinstance(item, (slice, list)) for item in items)
+    if len(lists) != 1 or not basic:  # an int beside a list moves dimensions (numpy's rules): leave it
+        return None
+    run = items[lists[0]]
+    if not run or not all(type(v) is int for v in run) or any(b != a + 1 for a, b in itertools.pairwise(run)):
+        return None
+    if run[0] < 0 <= run[-1]:
+        return None
+    end = run[-1] + 1
+    as_slice = slice(run[0], None if end == 0 else end)
+    return (*items[: lists[0]], as_slice, *items[lists[0] + 1 :])
+
+
 def _softmax_args(func, args: tuple, kwargs: dict) -> tuple[Tensor, int, torch.dtype | None] | None:
     """``(input, dim, dtype)`` of a softmax call, or None when it is not one we can route (no int dim).
     ``F.softmax(input, dim, _stacklevel, dtype)``; ``torch.softmax`` and ``Tensor.softmax``: ``(input, dim,
@@ -94,9 +183,11 @@ def _softmax_args(func, args: tuple, kwargs: dict) -> tuple[Tensor, int, torch.d
 
 
 class _BatchableBackward(TorchFunctionMode):
-    """Routes SiLU, GELU and softmax to functions whose backward vmap batches (see module docstring)."""
+    """Routes SiLU, GELU, tanh, layer norm, softmax, sdpa and list indexing to functions whose backward
+    vmap batches."""
 
-    _softmax = (F.softmax, torch.softmax, Tensor.softmax, torch.Tensor.softmax)
+    _softmax = (F.softmax, torch.softmax, Tensor.softmax)
+    _tanh = (torch.tanh, Tensor.tanh, F.tanh)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -109,6 +200,30 @@ class _BatchableBackward(TorchFunctionMode):
             approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
             if x.requires_grad and x.is_floating_point():
                 return _GELU.apply(x, approximate)
+        elif func in self._tanh and args:
+            x = args[0]
+            if isinstance(x, Tensor) and x.requires_grad and x.is_floating_point() and not kwargs:
+                return _Tanh.apply(x)
+        elif func is F.layer_norm and args:
+            bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args, strict=False))
+            bound.update(kwargs)
+            x = bound["input"]
+            if x.requires_grad and x.is_floating_point():
+                shape = tuple(bound["normalized_shape"])
+                return _LayerNorm.apply(
+                    x, shape, bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+                )
+        elif func is F.scaled_dot_product_attention and len(args) >= 3:
+            bound = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:], strict=False))
+            bound.update(kwargs)
+            if not bound.get("dropout_p") and any(
+                isinstance(t, Tensor) and t.requires_grad for t in args[:3]
+            ):
+                return _attention(*args[:3], **bound)
+        elif func is Tensor.__getitem__ and len(args) == 2 and args[0].requires_grad:
+            index = _as_basic_index(args[1])
+            if index is not None:
+                return args[0][index]
         elif func in self._softmax:
             parsed = _softmax_args(func, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
