@@ -129,7 +129,8 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     by_copies, calls = probe_module.jacobian_by_copies, []
     monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
     cuda_like = probe(model, ids, tokens="all", keep_jacobians=True, engine="single_token")
-    assert cuda_like.meta["copies_min_context"] == 0
+    assert cuda_like.meta["copies_min_context"] == 0 and cuda_like.meta["analysis_svd"] == "gram"
+    assert exact.meta["analysis_svd"] == "svd"  # CPUs: the SVD
     # every token and block ran on copies, 24 per pass (MPT, GPT-Neo: batched VJPs, as on CPUs)
     assert calls == ([] if family in ("mpt", "gpt_neo") else [24] * (9 * len(cuda_like.layers)))
     assert torch.allclose(cuda_like.jacobians, exact.jacobians, atol=1e-5), float(
