@@ -155,7 +155,7 @@ def main() -> None:
     )
     svd_timings(config.hidden_size, device, sync)
     if args.sweep:
-        chunk_sweep(model, [16, 128] if args.smoke else [64, 512], device, sync)
+        chunk_sweep(model, [16, 128] if args.smoke else [64, 128, 256, 512], device, sync)
     ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     for engine in args.engines:
         blocks = args.blocks if engine != "exact" else min(args.blocks, args.exact_blocks)
