@@ -96,9 +96,9 @@ def test_batchable_backward_matches_torch(name):
 def test_only_plain_list_indices_become_slices():
     from alignscope.batching import _as_basic_index
 
-    assert _as_basic_index((Ellipsis, [-2], slice(None))) == (Ellipsis, slice(-2, -1), slice(None))
-    assert _as_basic_index((slice(None), [-1])) == (slice(None), slice(-1, None))
-    assert _as_basic_index([0, 1]) == (slice(0, 2),)
+    assert _as_basic_index((Ellipsis, [-2], slice(None))) == ((Ellipsis, slice(-2, -1), slice(None)), 1)
+    assert _as_basic_index((slice(None), [-1])) == ((slice(None), slice(-1, None)), 1)
+    assert _as_basic_index([0, 1]) == ((slice(0, 2),), 0)
     for index in (
         (0, slice(None), [1]),
         ([1, 3],),
@@ -113,6 +113,11 @@ def test_only_plain_list_indices_become_slices():
     with batchable_backward():
         routed = x[0, :, [1]]  # an int beside the list: left to torch
     assert type(routed.grad_fn).__name__ == "IndexBackward0" and torch.equal(routed, x.detach()[0, :, [1]])
+    with batchable_backward():
+        assert type(x[None, ..., [1, 2]].grad_fn).__name__ == "SliceBackward0"
+        assert torch.equal(x[None, ..., [1, 2]], x.detach()[None, ..., [1, 2]])
+        with pytest.raises(IndexError):  # out of range: torch's error, not a shorter slice
+            x[:, [2, 3]]
 
 
 def test_layer_norm_parameter_gradients_match_torch():

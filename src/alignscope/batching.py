@@ -150,23 +150,36 @@ def _attention(
     return _Softmax.apply(scores, -1) @ value
 
 
-def _as_basic_index(index):
-    """The same index with its one list of consecutive integers (``x[..., [-2], :]``) as a slice, which
-    selects the same values in the same layout and whose backward vmap batches (advanced indexing's
-    backward, ``index_put``, runs once per row); None when the index is anything else."""
+def _as_basic_index(index) -> tuple[tuple, int] | None:
+    """``(the same index with its one list of consecutive integers as a slice, that entry's position)``,
+    e.g. ``x[..., [-2], :]`` as ``x[..., -2:-1, :]``: the same values in the same layout, and a backward
+    that vmap batches (advanced indexing's, ``index_put``, runs once per row). None for any other index."""
     items = index if isinstance(index, tuple) else (index,)
     lists = [i for i, item in enumerate(items) if isinstance(item, list)]
     basic = all(item is Ellipsis or item is None or isinstance(item, (slice, list)) for item in items)
-    if len(lists) != 1 or not basic:  # an int beside a list moves dimensions (numpy's rules): leave it
+    if len(lists) != 1 or not basic:  # an int beside a list changes where dimensions go: leave it
         return None
-    run = items[lists[0]]
+    position, run = lists[0], items[lists[0]]
     if not run or not all(type(v) is int for v in run) or any(b != a + 1 for a, b in itertools.pairwise(run)):
         return None
     if run[0] < 0 <= run[-1]:
         return None
     end = run[-1] + 1
-    as_slice = slice(run[0], None if end == 0 else end)
-    return (*items[: lists[0]], as_slice, *items[lists[0] + 1 :])
+    return (*items[:position], slice(run[0], None if end == 0 else end), *items[position + 1 :]), position
+
+
+def _sliced(x: Tensor, index) -> Tensor | None:
+    """``x[index]`` through :func:`_as_basic_index`, or None: then torch indexes (and raises where a list
+    entry is out of range, where the slice would silently come out shorter)."""
+    converted = _as_basic_index(index)
+    if converted is None:
+        return None
+    basic, position = converted
+    consumed = sum(isinstance(item, slice) for item in basic)  # input dimensions the index names
+    out_dim = sum(x.dim() - consumed if item is Ellipsis else 1 for item in basic[:position])
+    out = x[basic]
+    length = len((index if isinstance(index, tuple) else (index,))[position])
+    return out if out.shape[out_dim] == length else None
 
 
 def _softmax_args(func, args: tuple, kwargs: dict) -> tuple[Tensor, int, torch.dtype | None] | None:
@@ -221,9 +234,9 @@ class _BatchableBackward(TorchFunctionMode):
             ):
                 return _attention(*args[:3], **bound)
         elif func is Tensor.__getitem__ and len(args) == 2 and args[0].requires_grad:
-            index = _as_basic_index(args[1])
-            if index is not None:
-                return args[0][index]
+            routed = _sliced(args[0], args[1])
+            if routed is not None:
+                return routed
         elif func in self._softmax:
             parsed = _softmax_args(func, args, kwargs)
             if parsed is not None and parsed[0].requires_grad:
@@ -234,6 +247,7 @@ class _BatchableBackward(TorchFunctionMode):
 
 @contextmanager
 def batchable_backward() -> Iterator[None]:
-    """Record SiLU, GELU and softmax with backward formulas that ``vmap`` batches (forward values unchanged)."""
+    """Record SiLU, GELU, tanh, layer norm, softmax, sdpa and list indexing with backward formulas that
+    ``vmap`` batches (see the module docstring)."""
     with _BatchableBackward():
         yield
