@@ -121,7 +121,8 @@ class _LayerNorm(torch.autograd.Function):
         rstd = (x.var(dims, unbiased=False, keepdim=True) + ctx.eps).rsqrt()
         xhat = (x - mean) * rstd
         g = grad if weight is None else grad * weight
-        grad_x = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        n = math.prod(x.shape[d] for d in dims)  # sums over n, not means: vmap runs mean once per row
+        grad_x = rstd * (g - g.sum(dims, keepdim=True) / n - xhat * (g * xhat).sum(dims, keepdim=True) / n)
         leading = tuple(range(grad.dim() - len(dims)))
         grad_w = (grad * xhat).sum(leading) if ctx.needs_input_grad[2] else None
         grad_b = grad.sum(leading) if ctx.needs_input_grad[3] else None
