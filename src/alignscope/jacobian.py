@@ -114,12 +114,8 @@ class ReverseModeEngine:
                         jac[:, r0:r1] = grad.transpose(0, 1)
                     r0 = r1
                     continue
-                except torch.OutOfMemoryError:  # fewer rows per product, not a row loop
-                    if chunk == 1:
-                        raise
-                    chunk = max(1, chunk // 2)
-                    warnings.warn(f"out of memory in a batched VJP; retrying with {chunk} rows", stacklevel=2)
-                    _release_cached_memory(x.device)
+                except torch.OutOfMemoryError as err:  # fewer rows per product, not a row loop
+                    chunk = _halved_after_oom(err, chunk, "rows per batched VJP", x.device)
                     continue
                 except RuntimeError as err:  # an op without a batching rule: fall back to the plain loop
                     warnings.warn(f"vectorized VJP failed ({err}); falling back to a row loop", stacklevel=2)
@@ -151,22 +147,24 @@ def jacobian_by_copies(copies_fn: Callable[[Tensor], Tensor], x: Tensor, chunk_s
             with torch.enable_grad():
                 rows = x.detach().expand(r1 - r0, d).clone().requires_grad_(True)
                 (grad,) = torch.autograd.grad(copies_fn(rows), rows, eye[r0:r1], allow_unused=True)
-        except torch.OutOfMemoryError:  # fewer copies per pass
-            if chunk_size == 1:
-                raise
-            chunk_size = max(1, chunk_size // 2)
-            warnings.warn(f"out of memory in a pass of copies; retrying with {chunk_size}", stacklevel=2)
-            _release_cached_memory(x.device)
+        except torch.OutOfMemoryError as err:
+            chunk_size = _halved_after_oom(err, chunk_size, "copies per pass", x.device)
             continue
         jac[r0:r1] = 0 if grad is None else grad
         r0 = r1
     return jac
 
 
-def _release_cached_memory(device: torch.device) -> None:
-    """Give the caching allocator's free blocks back after an out-of-memory error (CUDA only)."""
+def _halved_after_oom(err: torch.OutOfMemoryError, size: int, what: str, device: torch.device) -> int:
+    """Half of ``size`` after the out-of-memory error ``err``, with a warning and the CUDA allocator's free
+    blocks given back; raises ``err`` when ``size`` is already 1."""
+    if size == 1:
+        raise err
+    size //= 2
+    warnings.warn(f"out of memory; retrying with {size} {what}", stacklevel=3)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return size
 
 
 def residual_jacobian(jacobian: Tensor) -> Tensor:

@@ -23,18 +23,28 @@ class SVD(NamedTuple):
 
 def svd(jacobians: Tensor) -> SVD:
     """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors."""
-    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
-    all_finite = bool(finite.all())
-    safe = jacobians if all_finite else torch.where(finite[..., None, None], jacobians, 0.0)
+    safe, finite = _finite_part(jacobians)
     U, S, Vh = torch.linalg.svd(safe)
-    V = Vh.transpose(-2, -1)
-    if all_finite:
-        return SVD(U, S, V)
-    nan = torch.tensor(float("nan"), dtype=jacobians.dtype, device=jacobians.device)
-    U = torch.where(finite[..., None, None], U, nan)
-    V = torch.where(finite[..., None, None], V, nan)
-    S = torch.where(finite[..., None], S, nan)
-    return SVD(U, S, V)
+    return _nan_where_not(finite, SVD(U, S, Vh.transpose(-2, -1)))
+
+
+def _finite_part(jacobians: Tensor) -> tuple[Tensor, Tensor]:
+    """``(the matrices with every non-finite one zeroed, [...] bool: which were finite)``."""
+    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
+    return (jacobians if bool(finite.all()) else torch.where(finite[..., None, None], jacobians, 0.0)), finite
+
+
+def _nan_where_not(finite: Tensor, factors: SVD) -> SVD:
+    """All-NaN factors for the matrices that were not finite."""
+    if bool(finite.all()):
+        return factors
+    nan = torch.tensor(float("nan"), dtype=factors.S.dtype, device=factors.S.device)
+    U, S, V = factors
+    return SVD(
+        torch.where(finite[..., None, None], U, nan),
+        torch.where(finite[..., None], S, nan),
+        torch.where(finite[..., None, None], V, nan),
+    )
 
 
 GRAM_MIN_RATIO = 1e-6
@@ -52,11 +62,8 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     ``U_k = J V_k / S_k``. On a GPU that is about 8x faster than cuSOLVER's SVD at d = 4096 (0.11 s against
     0.92 s on an H200, docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
     """
-    if method not in ("auto", "svd", "gram"):
-        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
+    method = top_svd_method(method, jacobians.device)
     k = _check_k(k, jacobians.shape[-1])
-    if method == "auto":
-        method = "gram" if jacobians.is_cuda else "svd"
     if method == "svd":
         U, S, V = svd(jacobians)
         return SVD(U[..., :k], S, V[..., :k])
@@ -71,14 +78,22 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     return _gram_top_svd(jacobians, k)
 
 
+def top_svd_method(method: str, device: torch.device | str) -> str:
+    """The method :func:`top_svd` runs on ``device``: ``"auto"`` is ``"gram"`` on CUDA, ``"svd"`` elsewhere."""
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
+    if method != "auto":
+        return method
+    return "gram" if torch.device(device).type == "cuda" else "svd"
+
+
 GRAM_GROUP_VALUES = 2**28
 """Matrix entries per group of :func:`top_svd`'s Gram route (each float64 temporary at most 2 GiB)."""
 
 
 def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
-    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
-    all_finite = bool(finite.all())
-    j64 = (jacobians if all_finite else torch.where(finite[..., None, None], jacobians, 0.0)).double()
+    safe, finite = _finite_part(jacobians)
+    j64 = safe.double()
     eigenvalues, vectors = torch.linalg.eigh(j64.transpose(-2, -1) @ j64)
     S = eigenvalues.flip(-1).clamp_min(0).sqrt()
     V = vectors[..., -k:].flip(-1)
@@ -86,18 +101,10 @@ def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
     U = (j64 @ V) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
     deficient = (top[..., -1] < GRAM_MIN_RATIO * top[..., 0]) & finite
     if bool(deficient.any()):  # U_K undefined by J V_K / S_K: take those matrices' full SVDs
-        full = svd(jacobians[deficient].double())
+        full = svd(j64[deficient])
         U[deficient], V[deficient], S[deficient] = full.U[..., :k], full.V[..., :k], full.S
     dtype = jacobians.dtype
-    U, S, V = U.to(dtype), S.to(dtype), V.to(dtype)
-    if all_finite:
-        return SVD(U, S, V)
-    nan = torch.tensor(float("nan"), dtype=dtype, device=jacobians.device)
-    return SVD(
-        torch.where(finite[..., None, None], U, nan),
-        torch.where(finite[..., None], S, nan),
-        torch.where(finite[..., None, None], V, nan),
-    )
+    return _nan_where_not(finite, SVD(U.to(dtype), S.to(dtype), V.to(dtype)))
 
 
 def _check_k(k: int, d: int) -> int:

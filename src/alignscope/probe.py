@@ -184,9 +184,7 @@ def probe(
         if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
         else None,
         "attention": attention,
-        "analysis_svd": None
-        if path == "randomized"
-        else (("gram" if device.type == "cuda" else "svd") if ANALYSIS_SVD == "auto" else ANALYSIS_SVD),
+        "analysis_svd": None if path == "randomized" else metrics.top_svd_method(ANALYSIS_SVD, device),
         "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
         "prompt_lengths": [len(s) for s in sequences],
         "ks_requested": list(ks),
