@@ -28,35 +28,23 @@ import time
 
 import torch
 
-from benchlib import block_model, matmul_rate, matrix_params, zoo_model
+from benchlib import block_model, block_token, matmul_rate, matrix_params, zoo_model
 
 TOP_K = 10
 """K of the randomized engine's timing column (issue 5: d = 768, K = 10)."""
 
 
 def time_engines(d: int, seq: int, budget_s: float) -> dict:
-    from alignscope.capture import (
-        block_function,
-        capture_block_calls,
-        capture_token_calls,
-        probe_mode,
-        token_block_function,
-        token_copies_function,
-    )
+    from alignscope.capture import block_function, probe_mode, token_block_function, token_copies_function
     from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
-    from alignscope.models import get_adapter
     from alignscope.probe import COPIES_CHUNK, COPIES_MIN_CONTEXT, SKETCH_COPIES_MIN_CONTEXT, token_chunk
 
     model = block_model(d)
-    ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
     out = {"d": d, "T": seq}
     with probe_mode(model):
-        adapter = get_adapter(model)
-        blocks = adapter.blocks(model)
-        block = blocks[1]
+        case = block_token(model, seq)
+        adapter, block, token, full = case.adapter, case.block, case.token, case.full()
         out["matrix_params"] = matrix_params(block)
-        full = capture_block_calls(model, adapter, blocks, ids)[1]
-        token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
         t = torch.tensor([seq - 1])
         zero = torch.tensor([0])
         copies_fn = token_copies_function(block, token, adapter, torch.float32)
@@ -132,24 +120,21 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
 def large_block(d: int, seq: int) -> dict:
     """Exact single-token (chunk 32) against randomized top-K on one block-token of width ``d`` (the
     full-sequence engines are left out: hours at d = 4096 on a CPU)."""
-    from alignscope.capture import capture_token_calls, probe_mode, token_block_function
+    from alignscope.capture import probe_mode, token_block_function
     from alignscope.jacobian import ReverseModeEngine
-    from alignscope.models import get_adapter
     from alignscope.randomized import LinearizedBlock, RandomizedSVD
     from alignscope.sketch_probe import row_function
 
     model = block_model(d)
-    ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
     with probe_mode(model):
-        adapter = get_adapter(model)
-        blocks = adapter.blocks(model)
-        token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
-        fn = token_block_function(blocks[1], token, adapter, torch.float32)
+        case = block_token(model, seq)
+        adapter, block, token = case.adapter, case.block, case.token
+        fn = token_block_function(block, token, adapter, torch.float32)
         zero = torch.tensor([0])
         start = time.perf_counter()
         jac = ReverseModeEngine(chunk_size=32)(fn, token.input[0], zero, zero)[0] - torch.eye(d)
         exact = time.perf_counter() - start
-        row_fn, x_row = row_function(blocks[1], token, adapter, torch.float32, None)
+        row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -159,7 +144,7 @@ def large_block(d: int, seq: int) -> dict:
         return {
             "d": d,
             "T": seq,
-            "matrix_params": matrix_params(blocks[1]),
+            "matrix_params": matrix_params(block),
             "exact": exact,
             "randomized": min(times),
             "sv_err": float(((low.S[:TOP_K] - s_exact).abs() / s_exact[0]).max()),

@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmark scripts: the measured matmul rate, block sizes, model shapes, zoo models."""
+"""Shared pieces of the benchmark scripts: the measured matmul rate, block sizes, model shapes, zoo models,
+one block-token to time."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,3 +71,39 @@ def zoo_model(name: str) -> tuple[Any, Any]:
         cfg = compose("probe_app", overrides=[f"model={name}"])
     spec = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.startswith("_")}
     return load_model(**spec), load_tokenizer(**spec)
+
+
+@dataclass
+class BlockToken:
+    """Block ``layer`` at the last token of a random prompt ``ids`` ``[1, T]``: ``token`` is its single-token
+    call (against the KV cache of the earlier tokens), :meth:`full` its full-sequence call."""
+
+    model: Any
+    adapter: Any
+    blocks: Any
+    ids: torch.Tensor
+    layer: int
+    token: Any
+
+    @property
+    def block(self) -> torch.nn.Module:
+        return self.blocks[self.layer]
+
+    def full(self) -> Any:
+        from alignscope.capture import capture_block_calls
+
+        return capture_block_calls(self.model, self.adapter, self.blocks, self.ids)[self.layer]
+
+
+def block_token(model, seq: int, layer: int = 1, seed: int = 0) -> BlockToken:
+    """The :class:`BlockToken` of a ``seq``-token random prompt; call inside ``alignscope.capture.probe_mode``."""
+    from alignscope.capture import capture_token_calls
+    from alignscope.models import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[layer]
+    return BlockToken(model, adapter, blocks, ids, layer, token)

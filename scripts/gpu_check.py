@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from benchlib import LLAMA3_8B, matmul_rate, matrix_params
+from benchlib import LLAMA3_8B, block_token, matmul_rate, matrix_params
 
 
 def _timed(label: str, fn, sync) -> None:
@@ -54,38 +54,27 @@ def chunk_sweep(model, seqs: list[int], device: torch.device, sync) -> None:
     """Time one block-token Jacobian (block 1, last token) per way of batching it, to choose the GPU
     defaults: batched VJPs through the single-token call (rows per call), copies of the token (copies per
     pass) and the full-sequence reference engine (rows per call)."""
-    from alignscope.capture import (
-        block_function,
-        capture_block_calls,
-        capture_token_calls,
-        probe_mode,
-        token_block_function,
-        token_copies_function,
-    )
+    from alignscope.capture import block_function, probe_mode, token_block_function, token_copies_function
     from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
-    from alignscope.models import get_adapter
 
-    adapter = get_adapter(model)
     with probe_mode(model):
-        blocks = adapter.blocks(model)
         for seq in seqs:
-            vocab = model.config.vocab_size
-            ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
-            token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[1]
+            case = block_token(model, seq, seed=1)
+            adapter, block, token = case.adapter, case.block, case.token
             x = token.input[0].float()
             zero = torch.zeros(1, dtype=torch.long, device=device)
-            fn = token_block_function(blocks[1], token, adapter, torch.float32)
+            fn = token_block_function(block, token, adapter, torch.float32)
             for rows in (64, 256, 1024, 4096):
                 engine = ReverseModeEngine(chunk_size=rows)
                 _timed(
                     f"T={seq} batched VJPs, {rows} rows per call", partial(engine, fn, x, zero, zero), sync
                 )
-            copies_fn = token_copies_function(blocks[1], token, adapter, torch.float32)
+            copies_fn = token_copies_function(block, token, adapter, torch.float32)
             for n in (256, 1024, 4096) if copies_fn is not None else ():
                 _timed(f"T={seq} copies, {n} per pass", partial(jacobian_by_copies, copies_fn, x[0], n), sync)
             if seq == seqs[0]:  # the reference engine once, at the shortest length
-                full = capture_block_calls(model, adapter, blocks, ids)[1]
-                fn_full = block_function(blocks[1], full, adapter, torch.float32)
+                full = case.full()
+                fn_full = block_function(block, full, adapter, torch.float32)
                 t = torch.tensor([seq - 1], device=device)
                 for rows in (32, 128, 512):
                     engine = ReverseModeEngine(chunk_size=rows)
@@ -94,7 +83,8 @@ def chunk_sweep(model, seqs: list[int], device: torch.device, sync) -> None:
                         partial(engine, fn_full, full.input[0].float(), t, t),
                         sync,
                     )
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main() -> None:
