@@ -249,14 +249,13 @@ def _in_dtype_with_cache(block: nn.Module, cache: Any, dtype: torch.dtype) -> tu
 def token_block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dtype: torch.dtype):
     """Block ``l`` for one token: ``[1, 1, d] -> [1, 1, d]``, attending to the cached keys and values of the
     earlier tokens (constants), the cache put back after every call. Only batch 1 (one token) is allowed."""
-    cache = _find_cache(call)
-    if cache is None:
+    original = _find_cache(call)
+    if original is None:
         raise RuntimeError(
             "the captured decoding step passed no KV cache to the block, so it cannot be called on one token; "
             "use engine='exact'"
         )
-    block, cache = _in_dtype_with_cache(block, cache, dtype)
-    original = _find_cache(call)
+    block, cache = _in_dtype_with_cache(block, original, dtype)
     swap = lambda v: cache if v is original else v  # noqa: E731
     args = tuple(swap(a) for a in call.args)
     kwargs = {k: swap(v) for k, v in call.kwargs.items()}
