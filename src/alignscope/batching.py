@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from alignscope import constant_cache
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -137,8 +139,11 @@ def _attention(
     root = math.sqrt(scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
     if enable_gqa:
         groups = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
-    scores = (query * root) @ (key * root).transpose(-2, -1)
+        key, value = (
+            constant_cache.on_parts(lambda t: t.repeat_interleave(groups, -3), v) for v in (key, value)
+        )
+    key_t = constant_cache.on_parts(lambda t: (t * root).transpose(-2, -1), key)  # [..., E, S]
+    scores = constant_cache.matmul(query * root, key_t)
     if is_causal:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -148,7 +153,7 @@ def _attention(
             if attn_mask.dtype == torch.bool
             else scores + attn_mask
         )
-    return _Softmax.apply(scores, -1) @ value
+    return constant_cache.matmul(_Softmax.apply(scores, -1), value)
 
 
 def _as_basic_index(index) -> tuple[tuple, int] | None:
@@ -205,6 +210,9 @@ class _BatchableBackward(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        routed = self._constant_cache(func, args, kwargs)
+        if routed is not None:
+            return routed
         if func is F.silu and args and not kwargs.get("inplace", False) and not (len(args) > 1 and args[1]):
             x = args[0]
             if x.requires_grad and x.is_floating_point():
@@ -244,6 +252,21 @@ class _BatchableBackward(TorchFunctionMode):
                 x, dim, dtype = parsed
                 return _Softmax.apply(x if dtype is None else x.to(dtype), dim)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _constant_cache(func, args: tuple, kwargs: dict) -> Tensor | None:
+        """A KV cache's join of constant and new keys, a shape operation on it, or a product with it
+        (:mod:`alignscope.constant_cache`); None for anything else."""
+        if func in constant_cache.CATS:
+            tensors = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            extra = set(kwargs) - {"tensors", "dim"}
+            return None if extra or len(args) > 2 else constant_cache.joined(tensors, dim)
+        if func in constant_cache.MATMULS:
+            return constant_cache.split_matmul(*args) if len(args) == 2 and not kwargs else None
+        if func in constant_cache.SHAPE_OPS and args:
+            return constant_cache.shape_op(func, args, kwargs)
+        return None
 
 
 @contextmanager
