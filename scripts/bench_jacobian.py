@@ -6,8 +6,8 @@ For d in {128, 576, 768} and sequence lengths T in {16, 128, 512}: the time of o
     as the paper's code does;
   - exact (chunked): the same, vectorized over 32 identity rows at a time (alignscope's "exact" engine);
   - single_token: the block called on the token alone against the model's KV cache (alignscope's default for
-    causal decoders): "probe default" is what probe() runs (batched VJPs with rows by context length, and
-    from 64 cached tokens on copies of the token sharing one call), "chunk 32" batched VJPs of 32 rows;
+    causal decoders): "probe default" is what probe() runs on CPUs (batched VJPs, rows by context length,
+    the cache a constant), "copies" the copies of the token sharing one call (CUDA's plan for long contexts);
 and the floor: 2 x (parameters of the block's weight matrices) x d flops at this machine's measured float32
 matmul rate (a 2048^3 matmul in the same run). d = 128 and 768 are GPT-2-shaped blocks (4d MLP, 4 heads /
 12 heads); d = 576 is SmolLM2-135M's Llama block (9 heads, 3 KV heads, MLP 1536).
@@ -37,7 +37,7 @@ TOP_K = 10
 def time_engines(d: int, seq: int, budget_s: float) -> dict:
     from alignscope.capture import block_function, probe_mode, token_block_function, token_copies_function
     from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
-    from alignscope.probe import COPIES_CHUNK, COPIES_MIN_CONTEXT, SKETCH_COPIES_MIN_CONTEXT, token_chunk
+    from alignscope.probe import COPIES_CHUNK, token_chunk
 
     model = block_model(d)
     out = {"d": d, "T": seq}
@@ -48,12 +48,11 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         t = torch.tensor([seq - 1])
         zero = torch.tensor([0])
         copies_fn = token_copies_function(block, token, adapter, torch.float32)
-        if seq - 1 >= COPIES_MIN_CONTEXT and copies_fn is not None:
+        rows = token_chunk(seq - 1)
 
-            def probe_default(fn, x, t_in, t_out):
-                return jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)[None]
-        else:
-            probe_default = ReverseModeEngine(chunk_size=token_chunk(seq - 1))
+        def on_copies(fn, x, t_in, t_out):
+            return jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)[None]
+
         runs = {
             "reference_loop": (
                 ReverseModeEngine(vectorize=False),
@@ -67,18 +66,13 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
                 full.input[0],
                 t,
             ),
-            "single_token": (  # what probe() runs by default: copies from COPIES_MIN_CONTEXT on
-                probe_default,
+            "single_token": (  # what probe() runs by default on CPUs
+                ReverseModeEngine(chunk_size=rows),
                 token_block_function(block, token, adapter, torch.float32),
                 token.input[0],
                 zero,
             ),
-            "single_token_c32": (
-                ReverseModeEngine(chunk_size=32),
-                token_block_function(block, token, adapter, torch.float32),
-                token.input[0],
-                zero,
-            ),
+            "single_token_copies": (on_copies, None, token.input[0], zero),
         }
         results = {}
         from alignscope.randomized import LinearizedBlock, RandomizedSVD
@@ -87,12 +81,12 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         sketch = RandomizedSVD()
 
-        long_context = seq - 1 >= SKETCH_COPIES_MIN_CONTEXT  # probe() runs the products on copies there
-
         def randomized_top_k():
-            op = LinearizedBlock(row_fn, x_row, COPIES_CHUNK, copies_fn if long_context else None)
-            return sketch(op, TOP_K)
+            return sketch(LinearizedBlock(row_fn, x_row, rows), TOP_K)  # probe()'s CPU plan
 
+        if copies_fn is None:
+            del runs["single_token_copies"]
+            out["single_token_copies"] = float("nan")
         for name, (engine, fn, x, pos) in runs.items():
             start = time.perf_counter()
             results[name] = engine(fn, x, pos, pos)[0]
@@ -118,10 +112,11 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
 
 
 def large_block(d: int, seq: int) -> dict:
-    """Exact single-token (chunk 32) against randomized top-K on one block-token of width ``d`` (the
+    """Exact single-token (probe default) against randomized top-K on one block-token of width ``d`` (the
     full-sequence engines are left out: hours at d = 4096 on a CPU)."""
     from alignscope.capture import probe_mode, token_block_function
     from alignscope.jacobian import ReverseModeEngine
+    from alignscope.probe import token_chunk
     from alignscope.randomized import LinearizedBlock, RandomizedSVD
     from alignscope.sketch_probe import row_function
 
@@ -132,13 +127,14 @@ def large_block(d: int, seq: int) -> dict:
         fn = token_block_function(block, token, adapter, torch.float32)
         zero = torch.tensor([0])
         start = time.perf_counter()
-        jac = ReverseModeEngine(chunk_size=32)(fn, token.input[0], zero, zero)[0] - torch.eye(d)
+        engine = ReverseModeEngine(chunk_size=token_chunk(seq - 1))
+        jac = engine(fn, token.input[0], zero, zero)[0] - torch.eye(d)
         exact = time.perf_counter() - start
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            low = RandomizedSVD()(LinearizedBlock(row_fn, x_row), TOP_K)
+            low = RandomizedSVD()(LinearizedBlock(row_fn, x_row, token_chunk(seq - 1)), TOP_K)
             times.append(time.perf_counter() - start)
         s_exact = torch.linalg.svdvals(jac)[:TOP_K]
         return {
@@ -213,7 +209,7 @@ def main() -> None:
     print(f"float32 matmul rate: {rate / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     header = (
         "| d | T | floor (s) | reference loop | exact (chunk 32) | single_token (probe default) | "
-        "single_token (chunk 32) | best single_token / floor | reference / best single_token | max diff | "
+        "single_token (copies) | best single_token / floor | reference / best single_token | max diff | "
         f"randomized top-{TOP_K} | best single_token / randomized | randomized top-{TOP_K} s error |"
     )
     lines = [header, "|" + "---|" * 13]
@@ -222,11 +218,11 @@ def main() -> None:
         for seq in args.seqs:
             r = time_engines(d, seq, args.budget)
             floor = 2 * r["matrix_params"] * d / rate
-            best = min(r["single_token"], r["single_token_c32"])
+            best = r["single_token"]  # the probe's default; copies for comparison
             line = (
                 f"| {d} | {seq} | {floor:.4f} | {r['reference_loop']:.3f} s ({r['reference_loop'] / floor:.0f}x) | "
                 f"{r['exact']:.3f} s ({r['exact'] / floor:.0f}x) | {r['single_token']:.4f} s | "
-                f"{r['single_token_c32']:.4f} s | {best / floor:.1f}x | {r['reference_loop'] / best:.0f}x | "
+                f"{r['single_token_copies']:.4f} s | {best / floor:.1f}x | {r['reference_loop'] / best:.0f}x | "
                 f"{r['max_diff']:.1e} | {r['randomized']:.4f} s ({r['randomized'] / floor:.1f}x) | "
                 f"{best / r['randomized']:.1f}x | {r['randomized_sv_err']:.3f} |"
             )
@@ -238,7 +234,7 @@ def main() -> None:
         floor = 2 * r["matrix_params"] * 4096 / rate
         large_text.append(
             f"Llama-3-8B-shaped block (d = 4096, T = {seq}, one block-token, floor {floor:.2f} s): exact "
-            f"single_token (chunk 32) {r['exact']:.1f} s ({r['exact'] / floor:.1f}x floor), randomized "
+            f"single_token {r['exact']:.1f} s ({r['exact'] / floor:.1f}x floor), randomized "
             f"top-{TOP_K} {r['randomized']:.2f} s ({r['exact'] / r['randomized']:.0f}x faster; top-{TOP_K} "
             f"singular values within {r['sv_err']:.3f} of s_1, "
             f"{'all' if r['within'] else 'NOT all'} within the stated residuals)."

@@ -84,25 +84,34 @@ LONG_CONTEXT = {
 }
 
 
+COPIES_FROM = 64
+"""Cached tokens from which the tests force copies of the token (CUDA's plan; CPUs run none by default)."""
+
+
 @pytest.mark.parametrize("family", DECODERS)
-def test_copies_path_for_long_contexts_equals_exact(family):
-    """From COPIES_MIN_CONTEXT cached tokens on, the default single-token path runs copies of the token in
-    one sequence (its own mask rows, positions and rotary embeddings); the Jacobians must not change."""
+def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
+    """At long contexts the default single-token path on CPUs (batched VJPs, the cache a constant) and the
+    copies of the token in one sequence (CUDA's plan: their own mask rows, positions and rotary embeddings)
+    give the exact Jacobians."""
     from alignscope.capture import capture_token_calls, probe_mode, token_copies_function
     from alignscope.models import get_adapter
-    from alignscope.probe import COPIES_MIN_CONTEXT
 
+    probe_module = importlib.import_module("alignscope.probe")
     model = tiny_model(family, **LONG_CONTEXT.get(family, {}))
-    length = COPIES_MIN_CONTEXT + 4
+    length = COPIES_FROM + 4
     ids = prompt_ids(1, length, seed=4)
-    tokens = [COPIES_MIN_CONTEXT - 1, length - 1]  # one below the threshold, one above
+    tokens = [COPIES_FROM - 1, length - 1]  # one below the forced threshold, one above
     exact = probe(model, ids, tokens=tokens, keep_jacobians=True, engine="exact")
     single = probe(model, ids, tokens=tokens, keep_jacobians=True)
-    assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] == COPIES_MIN_CONTEXT
-    scale = float(exact.jacobians.abs().max())
-    assert torch.allclose(single.jacobians, exact.jacobians, atol=1e-5 * max(1.0, scale)), float(
-        (single.jacobians - exact.jacobians).abs().max()
-    )
+    assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] is None
+    monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+    copies = probe(model, ids, tokens=tokens, keep_jacobians=True)
+    assert copies.meta["copies_min_context"] == COPIES_FROM
+    scale = max(1.0, float(exact.jacobians.abs().max()))
+    for result in (single, copies):
+        assert torch.allclose(result.jacobians, exact.jacobians, atol=1e-5 * scale), float(
+            (result.jacobians - exact.jacobians).abs().max()
+        )
     adapter = get_adapter(model)
     with probe_mode(model):
         blocks = adapter.blocks(model)
@@ -122,7 +131,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     ids = prompt_ids(1, 9, seed=12)
     exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
     plan = probe_module.copies_plan
-    monkeypatch.setattr(probe_module, "copies_plan", lambda device: plan("cuda"))
+    monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: plan("cuda", sketch))
     monkeypatch.setattr(probe_module, "CUDA_COPIES_MIN_CONTEXT", 0)  # copies for every token here
     monkeypatch.setattr(probe_module, "ANALYSIS_SVD", "gram")
     monkeypatch.setattr(probe_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
@@ -144,18 +153,24 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
 
 
 def test_token_chunk_on_cuda_follows_the_row_budget():
-    from alignscope.probe import CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
+    from alignscope.probe import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
 
     assert token_chunk(63, "cuda", 4096) == CUDA_TOKEN_CHUNK
     assert token_chunk(2047, "cuda", 4096) == CUDA_ROW_BUDGET // (2048 * 4096)
     assert token_chunk(10**6, "cuda", 4096) == 32
-    assert token_chunk(127) == 32 and token_chunk(3) == 1024  # CPUs: 4096 / (t + 1) in [32, 1024]
+    # CPUs: rows x (t + 1) within CPU_ROW_BUDGET, in [32, 1024]
+    assert (
+        token_chunk(127) == 1024 and token_chunk(2047) == CPU_ROW_BUDGET // 2048 and token_chunk(10**6) == 32
+    )
 
 
-def test_copies_path_with_sdpa_bfloat16_and_float64():
-    from alignscope.probe import COPIES_MIN_CONTEXT
-
-    ids = prompt_ids(1, COPIES_MIN_CONTEXT + 2, seed=6)
+@pytest.mark.parametrize("copies", [False, True])
+def test_long_contexts_with_sdpa_bfloat16_and_float64(copies, monkeypatch):
+    """The batched single-token path (sdpa written out with the cache a constant) and the copies path."""
+    if copies:
+        probe_module = importlib.import_module("alignscope.probe")
+        monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+    ids = prompt_ids(1, COPIES_FROM + 2, seed=6)
     model = tiny_model("llama")
     for kwargs, atol in (({"attention": "sdpa"}, 1e-5), ({"dtype": torch.float64}, 1e-6)):
         a = probe(model, ids, keep_jacobians=True, **kwargs)

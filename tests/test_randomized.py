@@ -233,12 +233,22 @@ def test_training_app_monitors_with_the_randomized_engine(tmp_path):
     assert first.meta["engine"] == "randomized" and "coupling_error_k4" in first.extras
 
 
+@pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neo"])
-def test_randomized_products_on_copies_for_long_contexts(family):
-    """From SKETCH_COPIES_MIN_CONTEXT cached tokens on, the sketch's products run on copies of the token
-    (GPT-Neo cannot take copies and keeps the batched products); a full-rank sketch still equals the exact
-    probe."""
-    from alignscope.probe import SKETCH_COPIES_MIN_CONTEXT
+def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
+    """At long contexts the sketch's products run batched (CPUs) or, from SKETCH_COPIES_MIN_CONTEXT cached
+    tokens on, on copies of the token (CUDA's plan, forced here; GPT-Neo cannot take copies and keeps the
+    batched products); a full-rank sketch equals the exact probe either way."""
+    import importlib
+
+    from alignscope.probe import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
+
+    if copies:
+        probe_module = importlib.import_module("alignscope.probe")
+        plan = (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK)
+        monkeypatch.setattr(
+            probe_module, "copies_plan", lambda device, sketch=False: plan if sketch else None
+        )
 
     overrides = {
         "gpt2": {"n_positions": 512},

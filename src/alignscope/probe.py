@@ -88,10 +88,9 @@ def probe(
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
-            single-token path ``4096 / (t + 1)`` clamped to [32, 1024], see :func:`token_chunk`, and
-            from ``COPIES_MIN_CONTEXT`` cached tokens on ``COPIES_CHUNK`` copies per pass; on CUDA from
-            ``CUDA_COPIES_MIN_CONTEXT``, ``CUDA_COPIES_CHUNK`` per pass (:func:`copies_plan`); an explicit
-            ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
+            single-token path by context length, see :func:`token_chunk`; on CUDA copies of the token
+            from ``CUDA_COPIES_MIN_CONTEXT`` cached tokens on, ``CUDA_COPIES_CHUNK`` per pass
+            (:func:`copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
             product call, the same rule with ``T`` for encoders).
 
     The model's parameters, training flags and attention setting are as before when this returns.
@@ -180,7 +179,7 @@ def probe(
         "chunk_size": "adaptive"
         if isinstance(jac_engine, AdaptiveChunkEngine)
         else getattr(jac_engine, "chunk_size", None),
-        "copies_min_context": copies_plan(device)[0]
+        "copies_min_context": (copies_plan(device) or (None,))[0]
         if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
         else None,
         "attention": attention,
@@ -220,50 +219,52 @@ TOKEN_CHUNK = 1024
 def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) -> int:
     """Default rows per VJP for a single-token call with ``context`` cached tokens.
 
-    CPUs: ``4096 / (context + 1)`` clamped to [32, 1024]. Measured (docs/benchmarks.md): a few hundred rows
-    win for short prompts, 32 rows for T >= 128, where the per-row gradients over the cached context
-    dominate (was 8192 / (t + 1)). CUDA: as many rows as keep those per-row gradients (``rows x (context + 1)
-    x d`` values) within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: on an H100 at d = 4096,
-    T = 64, 64 rows per call took 0.175 s per block-token and 256 to 4096 rows 0.061-0.067 s."""
+    CPUs: as many rows as keep ``rows x (context + 1)`` (per-row attention scores) within
+    ``CPU_ROW_BUDGET``, clamped to [32, 1024]. Measured (docs/benchmarks.md) since the cache takes no per-row
+    gradient (:mod:`alignscope.constant_cache`): at d = 576 all 576 rows in one call 35 ms per block-token at
+    T = 16 and 73 (128 rows: 42 ms), 128 rows best at T = 2048. CUDA: as many rows as keep ``rows x (context +
+    1) x d`` values within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: on an H100 at d = 4096,
+    T = 64, 64 rows per call took 0.175 s per block-token and 256 to 4096 rows 0.061-0.067 s (measured
+    before the constant-cache products, when the budget bounded per-row cache gradients)."""
     if torch.device(device).type == "cuda":
         return max(SEQUENCE_CHUNK, min(CUDA_TOKEN_CHUNK, CUDA_ROW_BUDGET // ((context + 1) * max(d, 1))))
-    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, 4096 // (context + 1)))
+    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, CPU_ROW_BUDGET // (context + 1)))
 
 
+CPU_ROW_BUDGET = 2**18
+"""Rows x (context + 1) of one single-token VJP call on CPUs."""
 CUDA_TOKEN_CHUNK = 1024
 """Most identity rows per VJP through a single-token call on CUDA."""
 CUDA_ROW_BUDGET = 2**30
-"""Values of per-row context gradients one single-token VJP call may hold on CUDA (4 GiB in float32)."""
+"""Values of ``rows x (context + 1) x d`` one single-token VJP call may hold on CUDA (4 GiB in float32)."""
 
 
-COPIES_MIN_CONTEXT = 64
-"""From this many cached tokens on, the default single-token path runs ``COPIES_CHUNK`` copies of the token
-per forward and backward pass (:func:`alignscope.jacobian.jacobian_by_copies`) instead of batched VJPs
-over one forward: measured (docs/benchmarks.md) 2.8x against 3.7x the floor at d = 768, T = 128, and 3.2x
-against 15x at T = 512; below about 64 cached tokens the batched VJPs are faster (1.5x against 2.6x at
-d = 768, T = 16)."""
 COPIES_CHUNK = 256
-"""Copies per pass on the copies path (256 measured best of 128, 256 and 768)."""
+"""Copies per pass where copies of the token run (measured best of 128, 256 and 768 on CPUs)."""
 CUDA_COPIES_MIN_CONTEXT = 128
 CUDA_COPIES_CHUNK = 1024
 """On CUDA, copies from 128 cached tokens on, 1024 per pass. Measured on an H100 (d = 4096 Llama block,
-docs/benchmarks.md): batched VJPs 0.062 s per block-token at T = 64 and 0.232 s at T = 512, copies 0.089 s
-and 0.093 s (256 to 1024 per pass alike, 4096 slower); the crossover near T = 110 is interpolated between
-those two lengths, not measured."""
-
-
-def copies_plan(device: torch.device | str) -> tuple[int, int]:
-    """``(cached tokens from which the single-token path runs copies, copies per pass)`` on ``device``."""
-    if torch.device(device).type == "cuda":
-        return CUDA_COPIES_MIN_CONTEXT, CUDA_COPIES_CHUNK
-    return COPIES_MIN_CONTEXT, COPIES_CHUNK
-
-
+docs/benchmarks.md) before the constant-cache products: batched VJPs 0.062 s per block-token at T = 64 and
+0.232 s at T = 512, copies 0.089 s and 0.093 s (256 to 1024 per pass alike, 4096 slower); the crossover near
+T = 110 is interpolated between those two lengths. The batched VJPs' per-row cache gradients, which made
+them grow with T, are gone since; not re-measured on a GPU yet (scripts/gpu_check.py --sweep)."""
 SKETCH_COPIES_MIN_CONTEXT = 256
-"""The same switch for the randomized engine's products, which come in calls of 10 to 30 rows, where a
-forward per row costs more: measured at d = 768 (GPT-2 block) batched products win at T = 128 and 256
-(0.049 s against 0.100 s, 0.089 s against 0.112 s for the top-10 sketch), copies at T = 512 (0.091 s
-against 0.216 s); at d = 576 (SmolLM2 block, GQA) copies win from T = 256 (0.048 s against 0.082 s)."""
+"""The same switch for the randomized engine's products on CUDA (unmeasured there)."""
+
+
+def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, int] | None:
+    """``(cached tokens from which the single-token path runs copies of the token, copies per pass)`` on
+    ``device`` (``sketch``: for the randomized engine's products), or None: batched VJPs at every length.
+
+    CPUs: None. With the cache a constant in the batched products (:mod:`alignscope.constant_cache`),
+    copies, which run a forward per row, lost at every length measured (docs/benchmarks.md): at d = 576,
+    T = 73 35 ms against 63 ms, T = 512 56-60 ms against 89-94 ms, T = 2048 153 ms alike; the randomized
+    top-10 at d = 768, T = 512 45 ms against 97 ms."""
+    if torch.device(device).type != "cuda":
+        return None
+    return (
+        (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK) if sketch else (CUDA_COPIES_MIN_CONTEXT, CUDA_COPIES_CHUNK)
+    )
 
 
 class AdaptiveChunkEngine(ReverseModeEngine):
@@ -353,9 +354,10 @@ def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dt
         calls, row = capture_block_calls(model, adapter, blocks, ids), t
     traj = _trajectory(calls, row or 0)
     chain = len(probed) == len(blocks)
-    copies = adapter.causal and t >= SKETCH_COPIES_MIN_CONTEXT
+    plan = copies_plan(ids.device, sketch=True)
+    copies = adapter.causal and plan is not None and t >= plan[0]
     context = t if adapter.causal else ids.shape[1]
-    chunk = chunk_size or (COPIES_CHUNK if copies else token_chunk(context, ids.device, traj.shape[-1]))
+    chunk = chunk_size or (plan[1] if copies else token_chunk(context, ids.device, traj.shape[-1]))
     sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk, chain, bar, copies)
     out = analyze_sketch(sk, traj.to(dtype), probed, ks)
     out["chain_gap"] = _chain_gap(calls)
@@ -391,14 +393,14 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
         traj = _trajectory(calls, 0).to(dtype)
         d = traj.shape[-1]
         jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
-        min_context, copies_chunk = copies_plan(traj.device)
-        copies = isinstance(engine, AdaptiveChunkEngine) and t >= min_context
+        plan = copies_plan(traj.device)
+        copies = isinstance(engine, AdaptiveChunkEngine) and plan is not None and t >= plan[0]
         for li, layer in enumerate(probed):
             call = calls[layer]
             x = call.input[0].to(dtype)  # [1, d]
             copies_fn = token_copies_function(blocks[layer], call, adapter, dtype) if copies else None
             if copies_fn is not None:
-                full = jacobian_by_copies(copies_fn, x[0], copies_chunk)
+                full = jacobian_by_copies(copies_fn, x[0], plan[1])
             else:
                 fn = token_block_function(blocks[layer], call, adapter, dtype)
                 full = engine(fn, x, zero.to(x.device), zero.to(x.device))[0]
