@@ -16,9 +16,9 @@ While :func:`alignscope.batching.batchable_backward` is active:
   ``view``, ``transpose``, ``contiguous``, ``repeat_interleave`` along another dimension, scaling by a
   number) remember the same operation applied to each part;
 - a matrix product with one such operand is computed part by part: ``q [c; n]^T = [q c^T, q n^T]`` and
-  ``p [c; n] = p_c c + p_n n``, the constant part through :class:`ConstantMatmul`, whose gradient is again a
-  product with the constant and whose vmap rule folds the rows into the matrix dimension (one
-  ``[rows, T] x [T, head_dim]`` product per head instead of per-row matrix-vector products).
+  ``p [c; n] = p_c c + p_n n``, the constant part as one 2-D product per head
+  (:func:`per_matrix_matmul`), whose batched backward is one ``[rows, T] x [T, head_dim]`` product per head
+  instead of per-row matrix-vector products against copies of the cache.
 
 The values equal those of the joined computation up to float rounding (sums in another order). A part
 record is used only while the tensor and both parts are unmodified (their version counters); any other
@@ -177,53 +177,32 @@ def split_matmul(a: object, b: object) -> Tensor | None:
     if pb is not None:
         where = pb.dim - b.dim()
         if where == -1:  # columns: [a c, a n]
-            return torch.cat([ConstantMatmul.apply(a, pb.constant, True), torch.matmul(a, pb.new)], -1)
+            return torch.cat([per_matrix_matmul(a, pb.constant, True), torch.matmul(a, pb.new)], -1)
         if where == -2:  # the contracted dimension: a[:, :m] c + a[:, m:] n
             m = pb.constant.shape[-2]
-            return ConstantMatmul.apply(a[..., :m], pb.constant, True) + torch.matmul(a[..., m:], pb.new)
+            return per_matrix_matmul(a[..., :m], pb.constant, True) + torch.matmul(a[..., m:], pb.new)
         return None
     where = pa.dim - a.dim()
     if where == -2:  # rows: [c b; n b]
-        return torch.cat([ConstantMatmul.apply(b, pa.constant, False), torch.matmul(pa.new, b)], -2)
+        return torch.cat([per_matrix_matmul(b, pa.constant, False), torch.matmul(pa.new, b)], -2)
     if where == -1:
         m = pa.constant.shape[-1]
-        return ConstantMatmul.apply(b[..., :m, :], pa.constant, False) + torch.matmul(pa.new, b[..., m:, :])
+        return per_matrix_matmul(b[..., :m, :], pa.constant, False) + torch.matmul(pa.new, b[..., m:, :])
     return None
 
 
-class ConstantMatmul(torch.autograd.Function):
-    """``x @ c`` (``right=True``) or ``c @ x`` with ``c`` a constant: differentiable in ``x`` (any number of
-    times; forward mode too). Under vmap the vmapped dimension of ``x`` is folded into its rows (``x @ c``)
-    or columns (``c @ x``), so that a batch of cotangents makes one matrix product with ``c``."""
+def per_matrix_matmul(x: Tensor, c: Tensor, right: bool) -> Tensor:
+    """``x @ c`` (``right=True``) or ``c @ x`` as one 2-D product per matrix of ``c`` (e.g. per head; batch
+    dimensions broadcast), stacked: ``[*batch, M, N]``.
 
-    @staticmethod
-    def forward(x: Tensor, c: Tensor, right: bool) -> Tensor:
+    With ``c`` a constant, the backward of each 2-D product is ``grad @ c^T`` (or ``c^T @ grad``) in 2-D, which
+    ``is_grads_batched`` (torch's legacy vmap) folds into one matrix product over all cotangent rows; a batched
+    product (``bmm``) would instead broadcast ``c`` to a copy per row, and an ``autograd.Function`` here would
+    run once per row."""
+    if c.dim() == 2:
         return torch.matmul(x, c) if right else torch.matmul(c, x)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        x, c, right = inputs
-        ctx.c, ctx.right, ctx.x_shape = c, right, x.shape
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        out = ConstantMatmul.apply(grad, ctx.c.transpose(-2, -1), ctx.right)
-        return (out if out.shape == ctx.x_shape else out.sum_to_size(ctx.x_shape)), None, None
-
-    @staticmethod
-    def jvp(ctx, x_tangent: Tensor, c_tangent: None, right: None) -> Tensor:
-        return ConstantMatmul.apply(x_tangent, ctx.c, ctx.right)
-
-    @staticmethod
-    def vmap(info, in_dims: tuple, x: Tensor, c: Tensor, right: bool) -> tuple[Tensor, int]:
-        x_dim, c_dim = in_dims[0], in_dims[1]
-        if x_dim is None or c_dim is not None:  # not the case this is for: vmap the plain product
-            product = (lambda a, b: torch.matmul(a, b)) if right else (lambda a, b: torch.matmul(b, a))
-            return torch.vmap(product, in_dims=(x_dim, c_dim))(x, c), 0
-        if right:  # x [..., B, M, K] -> [..., B M, K] @ c -> [..., B, M, N]
-            x = x.movedim(x_dim, -3)
-            out = ConstantMatmul.apply(x.reshape(*x.shape[:-3], -1, x.shape[-1]), c, True)
-            return out.unflatten(-2, (info.batch_size, -1)), out.dim() - 2
-        x = x.movedim(x_dim, -2)  # c @ x [..., K, B, N] -> c @ [..., K, B N] -> [..., M, B, N]
-        out = ConstantMatmul.apply(x.reshape(*x.shape[:-2], -1), c, False)
-        return out.unflatten(-1, (info.batch_size, -1)), out.dim() - 1
+    batch = torch.broadcast_shapes(x.shape[:-2], c.shape[:-2])
+    xs = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:]).unbind(0)
+    cs = c.expand(*batch, *c.shape[-2:]).reshape(-1, *c.shape[-2:]).unbind(0)
+    out = [torch.matmul(a, b) if right else torch.matmul(b, a) for a, b in zip(xs, cs, strict=True)]
+    return torch.stack(out).reshape(*batch, *out[0].shape)
