@@ -129,8 +129,9 @@ def coupling_matrices(
 ) -> dict[int, Tensor]:
     """:func:`coupling_matrix` for several K at once: ``{K: [L, L]}``.
 
-    The projections ``A_{j,K}^T J_i B_{j,K}`` are formed once for the largest K (one ``[L d, d] x [d, L K]``
-    matrix product) and every smaller K reads their top-left ``K x K`` block.
+    The projections ``A_{j,K}^T J_i B_{j,K}`` are formed once for the largest K (one ``[L K, d] x [d, L d]``
+    matrix product, then one ``[L K, d] x [d, K]`` product per j) and every smaller K reads their top-left
+    ``K x K`` block.
     """
     if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
         raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
@@ -141,11 +142,11 @@ def coupling_matrices(
     kmax = max(clipped.values())
     U, S, V = factors if factors is not None else svd(jacobians)
     left, right = (U[..., :kmax], V[..., :kmax]) if form == "ujv" else (V[..., :kmax], U[..., :kmax])
-    # applied[i, :, j, :] = J_i @ right_j : one GEMM [L d, d] x [d, L K]
-    applied = (jacobians.reshape(n * d, d) @ right.permute(1, 0, 2).reshape(d, n * kmax)).reshape(
-        n, d, n, kmax
-    )
-    projected = torch.einsum("jak,iajl->ijkl", left, applied)  # [L, L, K, K]: left_j^T J_i right_j
+    # applied[j, l, i, :] = (J_i right_j)[:, l]: one GEMM [L K, d] x [d, L d], laid out for the next one
+    applied = right.transpose(1, 2).reshape(n * kmax, d) @ jacobians.reshape(n * d, d).T
+    # [j, (l, i), k] = sum_a applied[j, l, i, a] left_j[a, k]: one product per j, rows contiguous
+    projected = torch.bmm(applied.view(n, kmax * n, d), left)
+    projected = projected.view(n, kmax, n, kmax).permute(2, 0, 3, 1)  # [L, L, K, K]: left_j^T J_i right_j
     return coupling_from_projections(projected, S, clipped)
 
 
