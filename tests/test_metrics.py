@@ -308,3 +308,37 @@ def test_top_svd_gram_in_groups_equals_one_batch(monkeypatch):
     for a, b in zip(grouped, whole, strict=True):
         assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
     assert torch.isnan(grouped.S[1, 2]).all() and torch.isfinite(grouped.S[0]).all()
+
+
+def test_svd_in_threads_matches_one_call_and_restores_the_thread_count(monkeypatch):
+    """On CPUs metrics.svd splits a batch among threads of one intra-op thread each: the same factors as
+    torch.linalg.svd of the whole batch, any batch shape, and torch's thread count as before."""
+    import threading
+
+    from alignscope import metrics
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    seen: list[tuple[str, int]] = []
+    svd = torch.linalg.svd
+    both = threading.Barrier(2, timeout=30)  # passes only if the two parts run at the same time
+
+    def watched(a, *args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        both.wait()
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", watched)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        U, S, V = metrics.svd(x)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 2 and all(n == 1 for _, n in seen)  # two parts, one intra-op thread each
+    assert len({name for name, _ in seen}) == 2  # in two threads at once
+    U0, S0, Vh0 = svd(x)
+    assert U.shape == (2, 3, 6, 6) and S.shape == (2, 3, 6)
+    assert torch.allclose(S, S0)
+    assert torch.allclose(U @ torch.diag_embed(S) @ V.transpose(-2, -1), x)

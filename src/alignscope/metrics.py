@@ -7,6 +7,7 @@ A value that cannot be computed (non-finite input, a degenerate fit) is NaN, nev
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -24,8 +25,33 @@ class SVD(NamedTuple):
 def svd(jacobians: Tensor) -> SVD:
     """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors."""
     safe, finite = _finite_part(jacobians)
-    U, S, Vh = torch.linalg.svd(safe)
+    U, S, Vh = _linalg_svd(safe)
     return _nan_where_not(finite, SVD(U, S, Vh.transpose(-2, -1)))
+
+
+def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd`` of ``[..., m, n]``. On CPUs with ``p >= 2`` intra-op threads the matrices go to
+    ``p`` Python threads in parts, each part's SVD with one intra-op thread (torch's thread count is set to 1
+    meanwhile, then restored): LAPACK's SVD uses extra threads poorly, independent matrices use them fully
+    (2 cores, 30 of SmolLM2's 576 x 576 Jacobians: 0.96-1.13 s in one call with 2 threads, 0.66-0.74 s as
+    two calls with one thread each)."""
+    threads = torch.get_num_threads()
+    flat = matrices.reshape(-1, *matrices.shape[-2:])
+    if matrices.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
+        return torch.linalg.svd(matrices)
+
+    def one_thread_svd(part: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        torch.set_num_threads(1)
+        return torch.linalg.svd(part)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, flat.shape[0])) as pool:
+            parts = list(pool.map(one_thread_svd, flat.tensor_split(min(threads, flat.shape[0]))))
+    finally:
+        torch.set_num_threads(threads)
+    batch = matrices.shape[:-2]
+    return tuple(torch.cat(f).reshape(*batch, *f[0].shape[1:]) for f in zip(*parts, strict=True))
 
 
 def _finite_part(jacobians: Tensor) -> tuple[Tensor, Tensor]:
