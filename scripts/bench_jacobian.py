@@ -266,7 +266,7 @@ def main() -> None:
             "",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
             f"measured float32 matmul rate {rate / 1e9:.0f} GFLOP/s. Command: `python scripts/bench_jacobian.py"
-            f"{' --smollm2' if args.smollm2 else ''}`. One block-token Jacobian (last token); the floor is "
+            f"{' --smollm2' if args.smollm2 else ''}{''.join(f' --large {t}' for t in args.large)}`. One block-token Jacobian (last token); the floor is "
             "2 x (block weight-matrix parameters) x d flops at that rate. The randomized column is the "
             f"top-{TOP_K} triplets of the same block-token (default RandomizedSVD; random-init blocks, so its "
             "singular-value error, a share of s_1, is the flat-spectrum worst case); it excludes the "
