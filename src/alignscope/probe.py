@@ -90,8 +90,8 @@ def probe(
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
             single-token path by context length, see :func:`token_chunk`; on CUDA copies of the token
             from ``CUDA_COPIES_MIN_CONTEXT`` cached tokens on, ``CUDA_COPIES_CHUNK`` per pass
-            (:func:`copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context length. On the randomized path rows per
-            product call, the same rule with ``T`` for encoders).
+            (:func:`copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context
+            length. On the randomized path rows per product call, the same rule with ``T`` for encoders).
 
     The model's parameters, training flags and attention setting are as before when this returns.
     """
