@@ -105,8 +105,12 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     single = probe(model, ids, tokens=tokens, keep_jacobians=True)
     assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] is None
     monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+    by_copies, passes = probe_module.jacobian_by_copies, []
+    monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: passes.append(a[2]) or by_copies(*a))
     copies = probe(model, ids, tokens=tokens, keep_jacobians=True)
     assert copies.meta["copies_min_context"] == COPIES_FROM
+    # the token above the threshold ran on copies in every block (MPT, GPT-Neo: batched), the one below not
+    assert passes == ([] if family in ("mpt", "gpt_neo") else [32] * len(copies.layers))
     scale = max(1.0, float(exact.jacobians.abs().max()))
     for result in (single, copies):
         assert torch.allclose(result.jacobians, exact.jacobians, atol=1e-5 * scale), float(

@@ -241,8 +241,13 @@ def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
     batched products); a full-rank sketch equals the exact probe either way."""
     import importlib
 
+    from alignscope import sketch_probe
     from alignscope.probe import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
 
+    copies_fn, on_copies = sketch_probe.token_copies_function, []
+    monkeypatch.setattr(
+        sketch_probe, "token_copies_function", lambda *a: on_copies.append(a) or copies_fn(*a)
+    )
     if copies:
         probe_module = importlib.import_module("alignscope.probe")
         plan = (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK)
@@ -264,3 +269,4 @@ def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
     assert torch.allclose(rand.coupling[4], exact.coupling[4], atol=1e-4)
     assert torch.allclose(rand.coupling_vju[4], exact.coupling_vju[4], atol=1e-4)
     assert torch.allclose(rand.linearization_cosine, exact.linearization_cosine, atol=1e-4)
+    assert bool(on_copies) == copies  # copies were tried exactly when the plan said so (GPT-Neo: refused)

@@ -44,10 +44,11 @@ def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         torch.set_num_threads(1)
         return torch.linalg.svd(part)
 
+    workers = min(threads, flat.shape[0])
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(min(threads, flat.shape[0])) as pool:
-            parts = list(pool.map(one_thread_svd, flat.tensor_split(min(threads, flat.shape[0]))))
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one_thread_svd, flat.tensor_split(workers)))
     finally:
         torch.set_num_threads(threads)
     batch = matrices.shape[:-2]

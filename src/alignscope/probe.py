@@ -68,7 +68,8 @@ def probe(
         keep_blocks: keep only these blocks' Jacobians, as ``extras["block_jacobians"]`` ``[P, n, d, d]``
             (for figures such as the ``|U_j^T J_i V_j|`` grid without storing every block).
         tokenizer: required when ``input_ids`` is text.
-        engine: ``"auto"`` (default: ``"single_token"`` for causal decoders, else ``"exact"``), ``"exact"``
+        engine: ``"auto"`` (default: ``"randomized"`` where it pays, see below, else ``"single_token"`` for
+            causal decoders and ``"exact"`` for encoders), ``"exact"``
             (reverse mode through the block's full-sequence call), ``"single_token"`` (reverse mode through
             the block called on the probed token alone against the model's KV cache of the earlier tokens;
             the same Jacobian, far cheaper for long prompts), ``"randomized"`` (matrix-free top-K triplets
@@ -81,7 +82,8 @@ def probe(
             and its error statement in ``extras``: ``triplet_residuals`` ``[P, L', Kmax]``
             (``||J v_k - s_k u_k||``, bounds each singular value's error), ``tail_fro`` ``[P, L']``
             (``||J - J_sketch||_F``) and ``coupling_error_k{K}`` ``[P, L', L']`` (first-order bound on
-            each ``m_K``'s error; often loose where singular values are close). With ``dtype=torch.float64`` on a float32 model the
+            each ``m_K``'s error; often loose where singular values are close). With
+            ``dtype=torch.float64`` on a float32 model the
             single-token path uses the cached keys and values of the earlier tokens as the model computed
             them (float32), so it agrees with ``"exact"`` to float32 rounding.
         dtype: compute dtype of the Jacobians (float32 default, float64 on request).
@@ -179,7 +181,7 @@ def probe(
         "chunk_size": "adaptive"
         if isinstance(jac_engine, AdaptiveChunkEngine)
         else getattr(jac_engine, "chunk_size", None),
-        "copies_min_context": (copies_plan(device) or (None,))[0]
+        "copies_min_context": _copies_min_context(device)
         if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
         else None,
         "attention": attention,
@@ -267,6 +269,12 @@ def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, 
     )
 
 
+def _copies_min_context(device: torch.device | str) -> int | None:
+    """Cached tokens from which the single-token path runs copies on ``device`` (None: never)."""
+    plan = copies_plan(device)
+    return None if plan is None else plan[0]
+
+
 class AdaptiveChunkEngine(ReverseModeEngine):
     """The reverse-mode engine whose chunk follows the context length of the single-token call
     (:func:`token_chunk`); ``context`` is set by the probe before each token."""
@@ -297,8 +305,7 @@ def choose_engine(
                 "RandomizedSVD"
             )
         if name == "auto":
-            sketch = RandomizedSVD()
-            if d and randomized_products(sketch, max(ks), d, blocks) <= d / 2:
+            if d and randomized_products(RandomizedSVD(), max(ks), d, blocks) <= d / 2:
                 name = "randomized"
             else:
                 name = "single_token" if causal else "exact"

@@ -55,8 +55,8 @@ def sketch_token(
     copies: bool = False,
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring).
-    ``copies``: run the products on copies of the token (single-token calls with a long context, as the
-    exact single-token path does; blocks that cannot take copies fall back to batched products)."""
+    ``copies``: run the products on copies of the token (single-token calls with a long context on CUDA,
+    :func:`alignscope.probe.copies_plan`; blocks that cannot take copies fall back to batched products)."""
 
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
         fn, x = row_function(blocks[layer], calls[layer], adapter, dtype, t)
