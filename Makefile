@@ -35,6 +35,7 @@ bench: venv
 	$(PY) scripts/bench_engine.py
 	$(PY) scripts/bench_jacobian.py --smollm2 --large 64
 	$(PY) scripts/bench_randomized_defaults.py
+	$(PY) scripts/bench_auto_engine.py
 	$(PY) scripts/bench_train.py
 
 clean:

@@ -11,7 +11,7 @@ import torch
 from alignscope import ProbeResult, probe
 from alignscope.capture import capture_token_calls, probe_mode
 from alignscope.models import get_adapter
-from alignscope.probe import choose_engine
+from alignscope.probe import auto_product_budget, choose_engine, randomized_products
 from alignscope.randomized import LinearizedBlock, RandomizedSVD, vector_angle_bounds
 from alignscope.sketch_probe import row_function
 from conftest import FAMILIES, prompt_ids, tiny_model
@@ -136,6 +136,17 @@ def test_engine_choice_and_errors(tmp_path):
     assert choose_engine("auto", True, None, 576, [10, 30, 50], 30)[0] == "single_token"
     assert choose_engine("auto", False, None, 576, [10], 30)[0] == "exact"
     assert choose_engine("auto", True, None, None, [10], 30)[0] == "single_token"
+    # measured crossovers (docs/benchmarks.md): d / 2 products below d = 1024 on CPUs, d from there on
+    assert randomized_products(RandomizedSVD(), 50, 1024, 6) == 1018
+    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 6)[0] == "randomized"
+    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 7)[0] == "single_token"  # 1118 products
+    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 6, "cuda")[0] == "single_token"
+    assert choose_engine("auto", True, None, 2048, [10, 30, 50], 16)[0] == "randomized"  # 2018 products
+    assert choose_engine("auto", True, None, 2048, [10, 30, 50], 5, "cuda")[0] == "randomized"  # 918
+    assert choose_engine("auto", True, None, 576, [10], 7)[0] == "randomized"  # 278 <= 288
+    assert choose_engine("auto", True, None, 576, [10], 8)[0] == "single_token"  # 298
+    assert auto_product_budget(1023) == 511.5 and auto_product_budget(1024) == 1024
+    assert auto_product_budget(4096, torch.device("cuda")) == 2048
     model, ids = tiny_model("llama"), prompt_ids(1, 5)
     with pytest.raises(ValueError, match="keep_jacobians"):
         probe(model, ids, engine="randomized", keep_jacobians=True)

@@ -76,8 +76,8 @@ def probe(
             from a randomized range finder, :class:`~alignscope.randomized.RandomizedSVD`, or pass an
             instance to set its oversampling and power iterations; coupling projections exact, see
             :mod:`alignscope.sketch_probe`), or a ``JacobianEngine`` instance (full sequence). ``"auto"``
-            picks ``"randomized"`` when it needs at most half the products of an exact Jacobian (large
-            ``d``, small K; :func:`choose_engine`). ``meta["engine"]`` says which ran. The randomized engine
+            picks ``"randomized"`` when it needs few enough products (large ``d``, few blocks, small K;
+            :func:`auto_product_budget`). ``meta["engine"]`` says which ran. The randomized engine
             stores the top ``Kmax + oversample`` singular values only, an estimate of the stable rank,
             and its error statement in ``extras``: ``triplet_residuals`` ``[P, L', Kmax]``
             (``||J v_k - s_k u_k||``, bounds each singular value's error), ``tail_fro`` ``[P, L']``
@@ -103,8 +103,15 @@ def probe(
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     probed = resolve_layers(layers, len(blocks))
+    device = _input_device(model)
     path, jac_engine = choose_engine(
-        engine, adapter.causal, chunk_size, getattr(model.config, "hidden_size", None), ks, len(probed)
+        engine,
+        adapter.causal,
+        chunk_size,
+        getattr(model.config, "hidden_size", None),
+        ks,
+        len(probed),
+        device,
     )
     kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
     if not set(kept) <= set(probed):
@@ -119,7 +126,6 @@ def probe(
         )
     sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
     positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
-    device = _input_device(model)
 
     from tqdm.auto import tqdm
 
@@ -288,13 +294,39 @@ class AdaptiveChunkEngine(ReverseModeEngine):
         return super().__call__(block_fn, x, t_in, t_out)
 
 
+AUTO_PRODUCTS_PER_D = {"cpu_small": 0.5, "cpu_large": 1.0, "cuda": 0.5}
+"""``engine="auto"`` picks the randomized path when its products per block-token (:func:`randomized_products`)
+are at most this share of ``d`` (:func:`auto_product_budget`). Measured whole probes on 2 CPU cores
+(docs/benchmarks.md, "Which engine auto picks"): randomized and single_token break even near 0.95 d
+products for d = 576, 1.7 d for d = 1024 and 1.8 d for d = 2048 (the d x d SVDs the randomized path skips
+weigh more as d grows), so CPUs use d / 2 below ``AUTO_LARGE_D`` and d from there on: randomized only where
+it measured at least 1.24x faster (near parity the exact engine's exact numbers win). On CUDA only 0.19 d was
+measured (d = 4096, 32 blocks, K = 10: randomized 2.6 s against 7.1 s per prompt on an H100), and its exact
+path factors Jacobians by a fast Gram eigendecomposition, so it keeps d / 2 until the crossover is measured."""
+
+AUTO_LARGE_D = 1024
+
+
+def auto_product_budget(d: int, device: torch.device | str = "cpu") -> float:
+    """Products per block-token up to which ``engine="auto"`` picks the randomized path on ``device``."""
+    if torch.device(device).type == "cuda":
+        return AUTO_PRODUCTS_PER_D["cuda"] * d
+    return AUTO_PRODUCTS_PER_D["cpu_large" if d >= AUTO_LARGE_D else "cpu_small"] * d
+
+
 def choose_engine(
-    engine: Any, causal: bool, chunk_size: int | None, d: int | None, ks: Sequence[int], blocks: int
+    engine: Any,
+    causal: bool,
+    chunk_size: int | None,
+    d: int | None,
+    ks: Sequence[int],
+    blocks: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[str, Any]:
     """``(path, engine)``: the path (``exact`` full sequence, ``single_token`` or ``randomized``) and the
     engine object. ``"auto"``: ``"randomized"`` when :meth:`RandomizedSVD.products` plus the exact coupling
-    projections (``2 blocks Kmax`` JVPs) come to at most ``d / 2`` products per block-token, else
-    ``"single_token"`` for causal decoders and ``"exact"`` otherwise."""
+    projections (``2 blocks Kmax`` JVPs) come to at most :func:`auto_product_budget` products per
+    block-token on ``device``, else ``"single_token"`` for causal decoders and ``"exact"`` otherwise."""
     if isinstance(engine, RandomizedSVD):
         return "randomized", engine
     if engine is None or isinstance(engine, str):
@@ -305,7 +337,9 @@ def choose_engine(
                 "RandomizedSVD"
             )
         if name == "auto":
-            if d and randomized_products(RandomizedSVD(), max(ks), d, blocks) <= d / 2:
+            if d and randomized_products(RandomizedSVD(), max(ks), d, blocks) <= auto_product_budget(
+                d, device
+            ):
                 name = "randomized"
             else:
                 name = "single_token" if causal else "exact"
@@ -330,7 +364,9 @@ def planned_engine(
     adapter = get_adapter(model)
     probed = resolve_layers(layers, len(adapter.blocks(model)))
     d = getattr(model.config, "hidden_size", None)
-    return choose_engine(engine, adapter.causal, None, d, _validate_ks(ks), len(probed))[0]
+    return choose_engine(
+        engine, adapter.causal, None, d, _validate_ks(ks), len(probed), _input_device(model)
+    )[0]
 
 
 def randomized_products(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> int:
