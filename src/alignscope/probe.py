@@ -305,6 +305,7 @@ measured (d = 4096, 32 blocks, K = 10: randomized 2.6 s against 7.1 s per prompt
 path factors Jacobians by a fast Gram eigendecomposition, so it keeps d / 2 until the crossover is measured."""
 
 AUTO_LARGE_D = 1024
+"""Width from which CPUs allow ``AUTO_PRODUCTS_PER_D["cpu_large"]`` instead of ``["cpu_small"]``."""
 
 
 def auto_product_budget(d: int, device: torch.device | str = "cpu") -> float:
