@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchlib import SMOLLM2_135M
+from benchlib import SMOLLM2_135M, append_markdown
 
 DEFAULT_CASES = [
     "576:8:10",
@@ -93,19 +93,15 @@ def main() -> None:
         lines.append(line)
         print(line, flush=True)
     if args.markdown:
-        text = [
-            "",
-            f"### Which engine auto picks: whole probes ({time.strftime('%Y-%m-%d')})",
-            "",
+        append_markdown(
+            args.markdown,
+            "Which engine auto picks: whole probes",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
             f"Command: `python scripts/bench_auto_engine.py --seq {args.seq} --repeats {args.repeats}"
             + (f" --cases {' '.join(args.cases)}" if args.cases != DEFAULT_CASES else "")
             + "`. One prompt, last token, all blocks, random init; best of the repeats, alternating.",
-            "",
-            *lines,
-        ]
-        with open(args.markdown, "a") as fh:
-            fh.write("\n".join(text) + "\n")
+            lines,
+        )
 
 
 if __name__ == "__main__":

@@ -94,25 +94,26 @@ def main() -> None:
     if args.markdown:
         import torch
 
-        lines = [
-            "",
-            f"### Exact reverse-mode engine, SmolLM2-135M-sized Llama block ({time.strftime('%Y-%m-%d')})",
-            "",
+        from benchlib import append_markdown
+
+        table = [
+            "| T | mode | chunk | s / block-token | peak RSS (MB) |",
+            "|---|---|---|---|---|",
+        ]
+        table += [
+            f"| {r['seq']} | {r['mode']} | {r['chunk']} | {r['seconds']:.3f} | {r['peak_rss_mb']:.0f} |"
+            for r in rows
+        ]
+        append_markdown(
+            args.markdown,
+            "Exact reverse-mode engine, SmolLM2-135M-sized Llama block",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"{platform.processor() or 'cpu'}, Python {platform.python_version()}, torch {torch.__version__}. "
             f"Command: `python scripts/bench_engine.py --seq {' '.join(map(str, args.seq))}`. Time is the best "
             f"of {args.repeats} calls for one block-token Jacobian (d=576, last token); peak RSS is the whole "
             "process (model included).",
-            "",
-            "| T | mode | chunk | s / block-token | peak RSS (MB) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['seq']} | {r['mode']} | {r['chunk']} | {r['seconds']:.3f} | {r['peak_rss_mb']:.0f} |"
-            for r in rows
-        ]
-        with open(args.markdown, "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+            table,
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,12 @@ import time
 
 import torch
 
-from benchlib import block_model, block_token, matmul_rate, matrix_params, zoo_model
+from benchlib import append_markdown, block_model, block_token, matmul_rate, matrix_params, zoo_model
 
+DIMS = [128, 576, 768]
+"""Widths of issue 5's table."""
+SEQS = [16, 128, 512]
+"""Sequence lengths of issue 5's table."""
 TOP_K = 10
 """K of the randomized engine's timing column (issue 5: d = 768, K = 10)."""
 
@@ -190,10 +194,22 @@ def smollm2_probe() -> dict:
     return out
 
 
+def command_options(args: argparse.Namespace) -> str:
+    """The options of this run as a command line would give them (defaults left out)."""
+    out = ""
+    if args.dims != DIMS:
+        out += " --dims " + " ".join(map(str, args.dims))
+    if args.seqs != SEQS:
+        out += " --seqs " + " ".join(map(str, args.seqs))
+    if args.smollm2:
+        out += " --smollm2"
+    return out + "".join(f" --large {t}" for t in args.large)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="*", default=[128, 576, 768])
-    parser.add_argument("--seqs", type=int, nargs="+", default=[16, 128, 512])
+    parser.add_argument("--dims", type=int, nargs="*", default=DIMS)
+    parser.add_argument("--seqs", type=int, nargs="+", default=SEQS)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per engine for repeats")
     parser.add_argument("--smollm2", action="store_true")
     parser.add_argument(
@@ -260,26 +276,19 @@ def main() -> None:
         ]
         print("\n".join(smol_text), flush=True)
     if args.markdown:
-        text = [
-            "",
-            f"### Jacobian engines against the floor ({time.strftime('%Y-%m-%d')})",
-            "",
+        append_markdown(
+            args.markdown,
+            "Jacobian engines against the floor",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
             f"measured float32 matmul rate {rate / 1e9:.0f} GFLOP/s. Command: `python scripts/bench_jacobian.py"
-            f"{' --smollm2' if args.smollm2 else ''}{''.join(f' --large {t}' for t in args.large)}`. One block-token Jacobian (last token); the floor is "
+            f"{command_options(args)}`. One block-token Jacobian (last token); the floor is "
             "2 x (block weight-matrix parameters) x d flops at that rate. The randomized column is the "
             f"top-{TOP_K} triplets of the same block-token (default RandomizedSVD; random-init blocks, so its "
             "singular-value error, a share of s_1, is the flat-spectrum worst case); it excludes the "
             "coupling projections, which cost 2 x blocks x K more products per block-token in a probe.",
-            "",
-            *lines,
-        ]
-        if large_text:
-            text += ["", *large_text]
-        if smol_text:
-            text += ["", *smol_text]
-        with open(args.markdown, "a") as fh:
-            fh.write("\n".join(text) + "\n")
+            lines,
+            *[part for part in (large_text, smol_text) if part],
+        )
 
 
 if __name__ == "__main__":

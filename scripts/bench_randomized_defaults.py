@@ -16,11 +16,10 @@ Usage: python scripts/bench_randomized_defaults.py [--prompts 4] [--k 10] [--mar
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from benchlib import zoo_model
+from benchlib import append_markdown, zoo_model
 
 
 class MatrixOperator:
@@ -84,18 +83,14 @@ def main() -> None:
         lines.append(line)
         print(line, flush=True)
     if args.markdown:
-        text = [
-            "",
-            f"### Randomized engine defaults on SmolLM2-135M's trained blocks ({time.strftime('%Y-%m-%d')})",
-            "",
+        append_markdown(
+            args.markdown,
+            "Randomized engine defaults on SmolLM2-135M's trained blocks",
             f"Command: `python scripts/bench_randomized_defaults.py --prompts {args.prompts} --k {k}`. The exact "
             f"residual Jacobians of the 30 blocks (last token of {args.prompts} default prompts) are sketched as "
             "matrices; errors are against the exact m_K over all ordered block pairs and prompts.",
-            "",
-            *lines,
-        ]
-        with open(args.markdown, "a") as fh:
-            fh.write("\n".join(text) + "\n")
+            lines,
+        )
 
 
 if __name__ == "__main__":

@@ -46,18 +46,15 @@ def main() -> None:
     if args.markdown:
         import torch
 
-        text = [
-            "",
-            f"### Default training run (`alignscope-train`{' ' + ' '.join(args.overrides) if args.overrides else ''}, "
-            f"{time.strftime('%Y-%m-%d')})",
-            "",
+        from benchlib import append_markdown
+
+        append_markdown(
+            args.markdown,
+            f"Default training run (`alignscope-train`{' ' + ' '.join(args.overrides) if args.overrides else ''})",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"Python {platform.python_version()}, torch {torch.__version__}. Command: `python scripts/bench_train.py`.",
-            "",
-            *[f"- {line}" for line in lines],
-        ]
-        with open(args.markdown, "a") as fh:
-            fh.write("\n".join(text) + "\n")
+            [f"- {line}" for line in lines],
+        )
 
 
 if __name__ == "__main__":

@@ -107,3 +107,13 @@ def block_token(model, seq: int, layer: int = 1, seed: int = 0) -> BlockToken:
     ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     token = capture_token_calls(model, adapter, blocks, ids, seq - 1)[layer]
     return BlockToken(model, adapter, blocks, ids, layer, token)
+
+
+def append_markdown(path: str, title: str, *paragraphs: str | list[str]) -> None:
+    """Append ``### {title} ({today})`` and the paragraphs (a string, or a list of lines such as a table),
+    blank-line separated, to the Markdown file at ``path`` (docs/benchmarks.md)."""
+    text = ["", f"### {title} ({time.strftime('%Y-%m-%d')})"]
+    for paragraph in paragraphs:
+        text += ["", *([paragraph] if isinstance(paragraph, str) else paragraph)]
+    with open(path, "a") as fh:
+        fh.write("\n".join(text) + "\n")
