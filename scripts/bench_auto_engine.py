@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchlib import SMOLLM2_135M, append_markdown
+from benchlib import SMOLLM2_135M, append_markdown, llama_model
 
 DEFAULT_CASES = [
     "576:8:10",
@@ -34,25 +34,17 @@ DEFAULT_CASES = [
 ]
 
 
-def llama_model(d: int, blocks: int):
-    import transformers
-
-    from alignscope.models import random_init_twin
-
+def llama_shape(d: int) -> dict[str, int]:
+    """SmolLM2-135M's block for d = 576, else MLP 2.75 d, heads of 64, 4 query heads per KV head."""
     if d == SMOLLM2_135M["hidden_size"]:
-        shape = dict(SMOLLM2_135M)
-    else:
-        heads = d // 64
-        shape = dict(
-            hidden_size=d,
-            intermediate_size=int(2.75 * d) // 64 * 64,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 4),
-        )
-    config = transformers.LlamaConfig(
-        **shape, num_hidden_layers=blocks, vocab_size=1000, max_position_embeddings=2048
+        return SMOLLM2_135M
+    heads = d // 64
+    return dict(
+        hidden_size=d,
+        intermediate_size=int(2.75 * d) // 64 * 64,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
     )
-    return random_init_twin(config, seed=0, model_class=transformers.LlamaForCausalLM)
 
 
 def main() -> None:
@@ -76,7 +68,7 @@ def main() -> None:
     for case in args.cases:
         d_text, blocks_text, ks_text = case.split(":")
         d, blocks, ks = int(d_text), int(blocks_text), tuple(int(k) for k in ks_text.split(","))
-        model = llama_model(d, blocks)
+        model = llama_model(llama_shape(d), blocks)
         ids = torch.randint(0, 1000, (1, args.seq), generator=torch.Generator().manual_seed(0))
         best = {"randomized": float("inf"), "single_token": float("inf")}
         for _ in range(args.repeats):

@@ -30,6 +30,18 @@ def matmul_rate(n: int = 2048, repeats: int = 5, device: torch.device | str = "c
     return repeats * 2 * n**3 / (time.perf_counter() - start)
 
 
+def llama_model(shape: dict[str, int], blocks: int):
+    """A Llama model of ``shape`` (width, MLP size, heads) with ``blocks`` blocks at random init (seed 0)."""
+    import transformers
+
+    from alignscope.models import random_init_twin
+
+    config = transformers.LlamaConfig(
+        **shape, num_hidden_layers=blocks, vocab_size=1000, max_position_embeddings=2048
+    )
+    return random_init_twin(config, seed=0, model_class=transformers.LlamaForCausalLM)
+
+
 def block_model(d: int):
     """Two blocks at random init: d = 576 SmolLM2-135M's Llama block, d = 4096 Llama-3-8B's, else GPT-2-shaped."""
     import transformers
@@ -38,10 +50,7 @@ def block_model(d: int):
 
     llama = {576: SMOLLM2_135M, 4096: LLAMA3_8B}
     if d in llama:
-        config = transformers.LlamaConfig(
-            **llama[d], num_hidden_layers=2, vocab_size=1000, max_position_embeddings=2048
-        )
-        return random_init_twin(config, seed=0, model_class=transformers.LlamaForCausalLM)
+        return llama_model(llama[d], 2)
     config = transformers.GPT2Config(
         n_embd=d,
         n_head=max(4, d // 64),
