@@ -8,7 +8,8 @@ Corpora (each returns train and validation texts as Hugging Face ``datasets.Data
 
 Tokenizers: :class:`BPETokenizer` trains a byte-level BPE on the training split (``tokenizers`` library) and
 caches it; :class:`HubTokenizer` loads a hub tokenizer (e.g. GPT-2's). Sequences are packed to a fixed length
-(documents joined with the end-of-text token) and cached as ``.npy``.
+(documents joined with the end-of-text token) and cached as ``.npy``. Caches are built once under a file lock
+and checked on load; a damaged one is rebuilt (:mod:`alignscope.cache_build`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from alignscope.cache_build import build_once
+
 DEFAULT_CACHE = os.environ.get("ALIGNSCOPE_CACHE", str(Path.home() / ".cache" / "alignscope"))
 EOS = "<|endoftext|>"
+PACKED_SPLITS = ("train", "val")
 
 
 class DataConfigError(ValueError):
@@ -161,28 +165,56 @@ class BPETokenizer:
         return _hash(["bpe", self.vocab_size, self.min_frequency])
 
     def build(self, train_texts, cache_dir: Path):
-        from tokenizers import ByteLevelBPETokenizer
+        """The tokenizer cached as ``cache_dir/tokenizer.json``, trained (once, under a lock) if it is missing or
+        unreadable. ``train_texts``: the training split, or a function returning it (called only to train)."""
         from transformers import PreTrainedTokenizerFast
 
         if self.vocab_size < 257:
             raise DataConfigError(
                 f"vocab_size must be at least 257 for byte-level BPE, got {self.vocab_size}"
             )
-        path = cache_dir / "tokenizer.json"
-        if not path.is_file():
+
+        def train(tmp: Path) -> None:
+            from tokenizers import ByteLevelBPETokenizer
+
+            texts = train_texts() if callable(train_texts) else train_texts
             tok = ByteLevelBPETokenizer()
             tok.train_from_iterator(
-                (t for t in train_texts["text"]),
+                (t for t in texts["text"]),
                 vocab_size=self.vocab_size,
                 min_frequency=self.min_frequency,
                 special_tokens=[EOS],
                 show_progress=False,
             )
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
             tok.save(str(tmp))
-            tmp.replace(path)
+
+        path = build_once(cache_dir / "tokenizer.json", train, tokenizer_file_problem, what="tokenizer")
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+def tokenizer_file_problem(path: Path) -> str | None:
+    """``None`` when ``path`` is a readable ``tokenizers`` JSON file, else what is wrong with it."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception for bad JSON
+        return f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def packed_arrays_problem(folder: Path, seq_len: int) -> str | None:
+    """``None`` when ``folder`` holds ``train.npy`` and ``val.npy``, int32 ``[N, seq_len]`` arrays whose data is
+    all there, else what is wrong (naming the file)."""
+    for split in PACKED_SPLITS:
+        path = folder / f"{split}.npy"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:
+            return f"damaged ({path.name}: {err})"
+        if arr.dtype != np.int32 or arr.ndim != 2 or arr.shape[1] != seq_len:
+            return f"damaged ({path.name} holds {arr.dtype} {arr.shape}, not int32 [N, {seq_len}])"
+    return None
 
 
 @dataclass
@@ -288,24 +320,30 @@ class CausalLMDataModule(pl.LightningDataModule):
         if self.train_tokens is not None:
             return
         folder = self.cache_dir()
-        train_npy, val_npy = folder / f"train_{self.seq_len}.npy", folder / f"val_{self.seq_len}.npy"
         texts = None
-        if not (folder / "tokenizer.json").is_file() and isinstance(self.tokenizer_spec, BPETokenizer):
-            texts = self.corpus.load()
-        self.tokenizer = self.tokenizer_spec.build(texts[0] if texts else None, folder)
-        if train_npy.is_file() and val_npy.is_file():
-            self.train_tokens, self.val_tokens = np.load(train_npy), np.load(val_npy)
-        else:
-            train_texts, val_texts = texts if texts is not None else self.corpus.load()
+
+        def corpus_texts():
+            nonlocal texts
+            if texts is None:
+                texts = self.corpus.load()
+            return texts
+
+        self.tokenizer = self.tokenizer_spec.build(lambda: corpus_texts()[0], folder)
+
+        def pack_splits(tmp: Path) -> None:
             eos = self.tokenizer.eos_token_id
             encode = lambda ds: self.tokenizer(list(ds["text"]), add_special_tokens=False)["input_ids"]  # noqa: E731
-            self.train_tokens = pack(encode(train_texts), eos, self.seq_len)
-            self.val_tokens = pack(encode(val_texts), eos, self.seq_len)
-            folder.mkdir(parents=True, exist_ok=True)
-            for arr, path in ((self.train_tokens, train_npy), (self.val_tokens, val_npy)):
-                tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, arr)
-                tmp.replace(path)
+            tmp.mkdir()
+            for split, ds in zip(PACKED_SPLITS, corpus_texts(), strict=True):
+                np.save(tmp / f"{split}.npy", pack(encode(ds), eos, self.seq_len))
+
+        packed = build_once(
+            folder / f"packed_{self.seq_len}",
+            pack_splits,
+            lambda f: packed_arrays_problem(f, self.seq_len),
+            what="packed token arrays",
+        )
+        self.train_tokens, self.val_tokens = (np.load(packed / f"{split}.npy") for split in PACKED_SPLITS)
         if len(self.train_tokens) == 0 or len(self.val_tokens) == 0:
             raise DataConfigError(
                 f"the corpus is too small for seq_len={self.seq_len}: {len(self.train_tokens)} training and "

