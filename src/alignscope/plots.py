@@ -6,8 +6,10 @@ Each function returns a ``Figure``; :func:`save` writes it as PNG and closes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +33,19 @@ def save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return path
+
+
+def save_all(builders: Mapping[str, Callable[[], Any]], folder: str | Path) -> dict[str, Path]:
+    """Build and save each figure as ``folder/<name>.png``; a figure that fails is skipped with a warning
+    (the run's numbers are already on disk, a figure never takes them down). Returns the written paths."""
+    written = {}
+    for name, builder in builders.items():
+        try:
+            written[name] = save(builder(), Path(folder) / f"{name}.png")
+        except Exception as err:  # a figure is never worth losing a run for
+            _plt().close("all")
+            warnings.warn(f"figure {name!r} was not written: {type(err).__name__}: {err}", stacklevel=2)
+    return written
 
 
 def coupling_heatmaps(results: dict[str, ProbeResult], k: int):
@@ -83,7 +98,20 @@ def trajectory_pca(results: dict[str, ProbeResult]):
     plt = _plt()
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
-        coords, ratio = metrics.trajectory_pca(res.hidden_states.double())
+        states = res.hidden_states.double()
+        finite = torch.isfinite(states).all(-1).all(-1)  # [P]: the whole path is finite
+        if not bool(finite.all()):
+            warnings.warn(
+                f"trajectory PCA ({label}): {int((~finite).sum())} of {len(finite)} token paths have "
+                "non-finite hidden states and are left out",
+                stacklevel=2,
+            )
+        if not bool(finite.any()):
+            ax.text(0.5, 0.5, "no finite trajectories\n(NaN/inf hidden states)", ha="center", va="center")
+            ax.set_title(f"{label}: PCA not available", fontsize=9)
+            ax.set_axis_off()
+            continue
+        coords, ratio = metrics.trajectory_pca(states[finite])
         depth = torch.arange(coords.shape[1])
         for path in coords:
             ax.plot(path[:, 0], path[:, 1], color="0.7", lw=0.8, zorder=1)

@@ -9,17 +9,36 @@ to ``result/`` with ``scalars.json``, ``run.json`` (what was probed) and figures
 
 from __future__ import annotations
 
-import json
 import re
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from alignscope import plots
 from alignscope.cli.config import config_dir
 from alignscope.cli.runtime import build, finish_wandb
+from alignscope.problems import announce_problems
 from alignscope.result import format_scalars
+from alignscope.run_folder import (
+    RunFolder,
+    RunFolderError,
+    append_record,
+    package_version,
+    read_records,
+    text_digest,
+    weights_digest,
+    write_json,
+)
+
+PROBES = "probes.jsonl"
+
+
+class ProbeAppConfigError(ValueError):
+    """A probe-app setting that cannot work; the message says what to change."""
 
 
 def revision_step(revision: str | None) -> int:
@@ -47,32 +66,97 @@ def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
     return out
 
 
+def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
+    """Everything that determines this run's numbers except the weights' hash (added once loaded)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    for key in ("_target_", "_partial_"):
+        model.pop(key, None)
+    if model.get("path"):
+        model["path"] = str(Path(model["path"]).expanduser().resolve())
+    if model.get("init") != "random":
+        model.pop("seed", None)  # pretrained weights do not depend on the seed
+    settings = OmegaConf.to_container(cfg.probe, resolve=True)
+    for key in ("_target_", "_partial_", "progress"):
+        settings.pop(key, None)
+    return {
+        "app": "alignscope-probe",
+        "alignscope_version": package_version(),
+        "model": model,
+        "prompts": {"texts": list(texts), "max_length": cfg.max_length},
+        "probe": settings,
+        "report_blocks": OmegaConf.to_container(cfg.report_blocks) if cfg.get("report_blocks") else None,
+    }
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ProbeAppConfigError(f"overwrite must be true or false, got {cfg.overwrite!r}")
+    if isinstance(cfg.max_length, bool) or not isinstance(cfg.max_length, int) or cfg.max_length < 1:
+        raise ProbeAppConfigError(f"max_length must be a positive number of tokens, got {cfg.max_length!r}")
+
+
+def report_blocks(cfg: DictConfig, num_blocks: int) -> list[int]:
+    """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else the first, middle and
+    last of the probed layers."""
+    from alignscope.models import resolve_layers
+
+    probed = resolve_layers(cfg.probe.get("layers"), num_blocks)
+    if cfg.get("report_blocks") is None:
+        return sorted({probed[0], probed[len(probed) // 2], probed[-1]})
+    keep = resolve_layers(list(cfg.report_blocks), num_blocks)
+    if not set(keep) <= set(probed):
+        raise ProbeAppConfigError(
+            f"report_blocks {sorted(set(keep) - set(probed))} are not among the probed layers {probed}: "
+            "choose report_blocks among probe.layers, or report_blocks=null"
+        )
+    return keep
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, context: int | None) -> list[Any]:
+    """``[1, T]`` ids per prompt, truncated to ``max_length`` and to the model's context (with a warning)."""
+    limit = min(max_length, context) if context else max_length
+    out = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        if context and ids.shape[1] > context and context < max_length:
+            warnings.warn(
+                f"prompt {i} has {ids.shape[1]} tokens, more than the model's context of {context} "
+                f"positions: truncated to {context} (max_length={max_length})",
+                stacklevel=2,
+            )
+        out.append(ids[:, :limit])
+    return out
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Load, probe prompt by prompt (saving each), join, log; return the scalars."""
+    from alignscope.prompts import load_prompts
+
+    _check_settings(cfg)
+    texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
+    with RunFolder(cfg.paths.run_dir, app="alignscope-probe") as folder:
+        fp = fingerprint(cfg, texts)
+        folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
+        return _run(cfg, folder, fp, texts)
+
+
+def _run(cfg: DictConfig, folder: RunFolder, fp: dict[str, Any], texts: list[str]) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    from alignscope import plots
-    from alignscope.models import get_adapter
+    from alignscope.models import context_length, get_adapter
     from alignscope.probe import planned_engine
-    from alignscope.prompts import load_prompts
     from alignscope.result import ProbeResult
     from alignscope.zoo import load_tokenizer
 
-    run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prompt_cfg = OmegaConf.to_container(cfg.prompts, resolve=True)
-    texts = load_prompts(**prompt_cfg)
+    run_dir = folder.path
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     model_cfg.pop("_partial_", None)
     model = build(cfg.model)()
     tokenizer = load_tokenizer(**model_cfg)
-    num_blocks = len(get_adapter(model).blocks(model))
-    keep = (
-        list(cfg.report_blocks)
-        if cfg.get("report_blocks") is not None
-        else sorted({0, num_blocks // 2, num_blocks - 1})
-    )
+    fp["weights"] = {"class": type(model).__name__, "sha256": weights_digest(model)}
+    folder.claim(fp, overwrite=cfg.get("overwrite", False))
+    keep: list[int] | None = report_blocks(cfg, len(get_adapter(model).blocks(model)))
     probe_fn = build(cfg.probe)
     settings = getattr(probe_fn, "keywords", {})
     path = planned_engine(
@@ -80,6 +164,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     if path == "randomized":  # no Jacobians are formed: no |U_j^T J_i V_j| grids for the report
         keep = None
+    ids = tokenize(tokenizer, texts, cfg.max_length, context_length(model))
     info = {
         "model": cfg.model.name,
         "init": cfg.model.init,
@@ -91,63 +176,69 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "dtype": cfg.model.dtype,
         "prompts": texts,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": fp["weights"]["sha256"],
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    write_json(run_dir / "run.json", info)
     loggers = _loggers(cfg, tags=[f"init-{cfg.model.init}", str(cfg.model.name)])
     try:
         for logger in loggers:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
+        done = {r["prompt"]: r for r in read_records(run_dir / PROBES)}
         parts = []
-        done = {json.loads(line)["prompt"] for line in _lines(run_dir / "probes.jsonl")}
         for i, text in enumerate(
             tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")
         ):
-            folder = run_dir / "prompts" / f"p{i:03d}"
-            if i in done and folder.is_dir():
-                parts.append(ProbeResult.load(folder))
+            prompt_dir = run_dir / "prompts" / f"p{i:03d}"
+            ids_digest = text_digest(ids[i].tolist())
+            stored = done.get(i)
+            if stored is not None and prompt_dir.is_dir():
+                if stored.get("text") != text or stored.get("ids_sha256") != ids_digest:
+                    raise RunFolderError(
+                        f"{run_dir / PROBES} records prompt {i} with other text or token ids than this run "
+                        f"({stored.get('text')!r} vs {text!r}); the folder was changed by hand. Use a new folder "
+                        "or overwrite=true."
+                    )
+                parts.append(ProbeResult.load(prompt_dir))
                 continue
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=cfg.max_length)[
-                "input_ids"
-            ]
-            part = probe_fn(model, ids, keep_blocks=keep, progress=False)
-            part.save(folder)
-            with open(run_dir / "probes.jsonl", "a") as fh:
-                fh.write(json.dumps({"prompt": i, "text": text, **part.scalars()}) + "\n")
+            part = probe_fn(model, ids[i], keep_blocks=keep, progress=False)
+            part.save(prompt_dir)
+            append_record(
+                run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}
+            )
             parts.append(part)
         result = ProbeResult.concat(parts)
         result.meta.update({"run": {k: v for k, v in info.items() if k != "prompts"}})
         result.save(run_dir / "result")
         scalars = result.scalars()
-        (run_dir / "scalars.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
-        figures = {
-            f"coupling_k{k}": plots.save(
-                plots.coupling_heatmaps({cfg.model.init: result}, k),
-                run_dir / "figures" / f"coupling_k{k}.png",
-            )
-            for k in result.ks
-        }
-        figures["trajectories_pca"] = plots.save(
-            plots.trajectory_pca({cfg.model.init: result}), run_dir / "figures" / "trajectories_pca.png"
+        write_json(run_dir / "scalars.json", scalars)
+        problems = announce_problems(result, scalars, f"{cfg.model.name} ({cfg.model.init})")
+        figures = plots.save_all(
+            {
+                **{
+                    f"coupling_k{k}": partial(plots.coupling_heatmaps, {cfg.model.init: result}, k)
+                    for k in result.ks
+                },
+                "trajectories_pca": partial(plots.trajectory_pca, {cfg.model.init: result}),
+            },
+            run_dir / "figures",
         )
         for logger in loggers:
             logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
             if type(logger).__name__ == "WandbLogger":
-                for key, path in figures.items():
-                    logger.log_image(key=f"align/figures/{key}", images=[str(path)], step=info["step"])
+                for key, fig_path in figures.items():
+                    logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
         print(
             f"{cfg.model.name} ({cfg.model.init}{', ' + cfg.model.revision if cfg.model.revision else ''}): "
             f"{len(result.tokens)} prompts, run folder {run_dir}"
         )
         print(format_scalars(scalars, indent="  "))
+        if problems:
+            print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
         _finish(loggers, 0)
         return scalars
     except BaseException:
         _finish(loggers, 1)
         raise
-
-
-def _lines(path: Path) -> list[str]:
-    return [x for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
 def _finish(loggers: list[Any], exit_code: int) -> None:

@@ -7,6 +7,9 @@ Saved as a folder with ``tensors.safetensors`` (all tensors), ``meta.json`` and 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +155,25 @@ class ProbeResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write the result to folder ``path`` (created): safetensors + JSON. Returns the folder."""
+        """Write the result to folder ``path``: safetensors + JSON. Returns the folder.
+
+        Atomic: the files are written to a temp folder beside ``path`` that then replaces it, so a reader (or a
+        rerun after a kill) sees either the complete earlier folder, none, or the complete new one."""
         from safetensors.torch import save_file
 
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        try:
+            self._write(folder, save_file)
+            _replace_folder(folder, target)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return target
+
+    def _write(self, folder: Path, save_file: Any) -> None:
         tensors: dict[str, Tensor] = {}
         for name in _PLAIN:
             value = getattr(self, name)
@@ -171,7 +188,6 @@ class ProbeResult:
         meta = {"layers": self.layers, "ks": self.ks, **self.meta}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         (folder / "scalars.json").write_text(json.dumps(self.scalars(), indent=2, sort_keys=True))
-        return folder
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
@@ -228,6 +244,17 @@ class ProbeResult:
         return cls(
             layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed
         )
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move folder ``new`` to ``target``, replacing an existing ``target`` (moved aside, then deleted)."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _f(value: Tensor) -> float:
