@@ -48,22 +48,11 @@ def revision_step(revision: str | None) -> int:
 
 
 def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
-    out = []
-    for _name, spec in (cfg.get("logger") or {}).items():
-        if "WandbLogger" in spec.get("_target_", ""):
-            out.append(
-                build(
-                    spec,
-                    group=cfg.get("group") or cfg.model.name,
-                    job_type="probe",
-                    tags=tags,
-                    name=f"{cfg.model.name}-{cfg.model.init}"
-                    + (f"-{cfg.model.revision}" if cfg.model.revision else ""),
-                )
-            )
-        else:
-            out.append(build(spec))
-    return out
+    from alignscope.cli.runtime import build_loggers
+
+    name = f"{cfg.model.name}-{cfg.model.init}" + (f"-{cfg.model.revision}" if cfg.model.revision else "")
+    wandb = {"group": cfg.get("group") or cfg.model.name, "job_type": "probe", "tags": tags, "name": name}
+    return build_loggers(cfg.get("logger"), wandb=wandb)
 
 
 def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ settings fail before any training step, and every W&B run is finished, also when
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.cli.config import config_dir
-from alignscope.cli.runtime import build, finish_wandb
+from alignscope.cli.runtime import build, check_probe_settings, finish_wandb
+from alignscope.cli.runtime import build_loggers as build_app_loggers
+
+log = logging.getLogger(__name__)
+
+LOGGER_CALLBACKS = ("LearningRateMonitor", "DeviceStatsMonitor")
+"""Lightning callbacks that refuse to run without a logger (class names)."""
 
 
 class TrainConfigError(ValueError):
@@ -39,19 +46,23 @@ def run_group(cfg: DictConfig) -> str:
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
-        if not isinstance(spec, DictConfig) or "_target_" not in spec:
-            raise TrainConfigError(
-                f"logger.{name} needs a _target_ (choose logger=wandb, logger=csv or logger=none)"
-            )
-        kwargs = {"group": run_group(cfg)} if "WandbLogger" in spec._target_ else {}
-        loggers.append(build(spec, **kwargs))
-    return loggers
+    """The ``logger`` group's loggers; W&B runs are grouped by :func:`run_group`."""
+    return build_app_loggers(cfg.get("logger"), wandb={"group": run_group(cfg)})
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     return [build(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
+
+
+def without_logger_callbacks(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """``callbacks`` less those that need a logger (:data:`LOGGER_CALLBACKS`) when there is none."""
+    if loggers:
+        return callbacks
+    dropped = [cb for cb in callbacks if type(cb).__name__ in LOGGER_CALLBACKS]
+    if dropped:
+        names = ", ".join(type(cb).__name__ for cb in dropped)
+        log.info("no logger (logger=none or WANDB_MODE=disabled): leaving out %s", names)
+    return [cb for cb in callbacks if cb not in dropped]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -65,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # 1. validate everything that can be validated before any heavy work
+    check_probe_settings(cfg.get("probe") or {})
     callbacks = build_callbacks(cfg)  # AlignmentMonitor validates its arguments here
     datamodule = build(cfg.data)
     datamodule.prepare()  # tokenizer and packed data (cached); empty-corpus errors surface here
@@ -88,7 +100,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {"data/unigram_loss": datamodule.unigram_loss, "data/vocab_size": len(tok)}
             )
         trainer = build(
-            cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir)
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=without_logger_callbacks(callbacks, loggers),
+            default_root_dir=str(run_dir),
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -1,8 +1,25 @@
-"""Shared by the Hydra apps: building objects from configs, and closing W&B runs."""
+"""Shared by the Hydra apps: building objects from configs, experiment loggers, and closing W&B runs."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = {"online": "online", "run": "online", "shared": "shared", "offline": "offline"}
+WANDB_MODES |= {"dryrun": "offline", "disabled": "disabled"}
+"""``WANDB_MODE`` values W&B accepts, and the mode each one means (``run`` and ``dryrun`` are old names)."""
+
+
+class LoggerConfigError(ValueError):
+    """A logger setting that cannot work; the message says what to change."""
+
+
+class ProbeSettingsError(ValueError):
+    """A setting of the ``probe`` config group that cannot work; the message says what to change."""
 
 
 def build(spec: Any, **kwargs: Any) -> Any:
@@ -18,6 +35,57 @@ def build(spec: Any, **kwargs: Any) -> Any:
         if isinstance(cause, (ValueError, TypeError)):
             raise cause from None
         raise
+
+
+def wandb_mode(configured_offline: bool) -> str:
+    """The W&B mode of a run: ``WANDB_MODE`` when set (it wins over the config, as W&B users expect), else
+    ``offline`` or ``online`` from the logger's ``offline`` setting."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return "offline" if configured_offline else "online"
+    if env not in WANDB_MODES:
+        raise LoggerConfigError(
+            f"WANDB_MODE={env!r} is not a W&B mode: set it to online, offline or disabled, or unset it "
+            "to use the logger's offline setting"
+        )
+    return WANDB_MODES[env]
+
+
+def build_loggers(specs: Mapping[str, Any] | None, wandb: Mapping[str, Any] | None = None) -> list[Any]:
+    """The experiment loggers of a ``logger`` config group (``logger=none``: none).
+
+    ``wandb``: keyword arguments for every W&B logger (the app's group, name, tags, job type). A W&B logger
+    runs in :func:`wandb_mode`; with ``WANDB_MODE=disabled`` it is left out (no run, no ``wandb/`` folder).
+    """
+    loggers = []
+    for name, spec in (specs or {}).items():
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping) or "_target_" not in spec:
+            raise LoggerConfigError(
+                f"logger.{name} needs a _target_ (choose logger=wandb, logger=csv or logger=none)"
+            )
+        if spec["_target_"].rsplit(".", 1)[-1] != "WandbLogger":
+            loggers.append(build(spec))
+            continue
+        mode = wandb_mode(bool(spec.get("offline", False)))
+        if mode == "disabled":
+            log.info("logger.%s: not logging to W&B (WANDB_MODE=disabled)", name)
+            continue
+        # the mode goes to wandb.init; Lightning's own offline flag would set WANDB_MODE for the whole process
+        loggers.append(build(spec, **(wandb or {}), offline=False, mode=mode))
+    return loggers
+
+
+def check_probe_settings(spec: Mapping[str, Any]) -> None:
+    """Fail on ``probe`` config group settings that :func:`alignscope.probe` would only meet after the model
+    is loaded: ``chunk_size`` must be a positive integer or null (chosen automatically)."""
+    chunk = spec.get("chunk_size")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ProbeSettingsError(
+            f"probe.chunk_size must be a positive integer (identity rows per vector-Jacobian product) or "
+            f"null to choose it automatically, got {chunk!r}"
+        )
 
 
 def finish_wandb(loggers: list[Any], exit_code: int) -> None:
