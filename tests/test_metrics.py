@@ -278,8 +278,8 @@ def test_top_svd_methods_agree_and_feed_the_metrics():
 
 
 def test_top_svd_gram_rank_deficient_and_nonfinite():
-    """A rank-2 matrix asked for K = 5 takes the full SVD (U_K is not J V_K / S_K there); a zero matrix too;
-    a non-finite matrix gives NaN factors."""
+    """A rank-2 matrix asked for K = 5 takes the full SVD (U_K is not J V_K / S_K there); a zero matrix has
+    zero singular values and NaN (undefined) vectors; a non-finite matrix gives NaN factors."""
     a, b = torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     J = torch.stack(
         [a @ a.T + b @ b.T, torch.zeros(16, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)]
@@ -289,7 +289,8 @@ def test_top_svd_gram_rank_deficient_and_nonfinite():
     want = metrics.top_svd(J[:2], 5, method="svd")
     assert torch.allclose(S[:2], want.S, atol=1e-12)
     assert torch.allclose(U[0] @ torch.diag(S[0, :5]) @ V[0].T, J[0], atol=1e-10)  # rank 2: top-5 rebuilds J
-    assert torch.isfinite(U[:2]).all() and torch.isnan(S[2]).all() and torch.isnan(U[2]).all()
+    assert torch.isfinite(U[0]).all() and torch.isnan(U[1]).all() and torch.isnan(V[1]).all()
+    assert torch.isnan(S[2]).all() and torch.isnan(U[2]).all()
 
 
 def test_top_svd_rejects_unknown_method():

@@ -4,6 +4,7 @@
 transformers, Lightning, Hydra and W&B are imported where they are used.
 """
 
+from alignscope.degenerate import DegenerateResultWarning
 from alignscope.models import BlockAdapter, random_init_twin, register_adapter
 from alignscope.probe import probe
 from alignscope.randomized import RandomizedSVD
@@ -12,6 +13,7 @@ from alignscope.result import ProbeResult
 __version__ = "0.1.0"
 __all__ = [
     "BlockAdapter",
+    "DegenerateResultWarning",
     "ProbeResult",
     "RandomizedSVD",
     "__version__",

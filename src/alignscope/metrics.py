@@ -23,10 +23,11 @@ class SVD(NamedTuple):
 
 
 def svd(jacobians: Tensor) -> SVD:
-    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors."""
-    safe, finite = _finite_part(jacobians)
+    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors, zero
+    matrices NaN singular vectors (:func:`undefined_as_nan`)."""
+    safe, finite = finite_part(jacobians)
     U, S, Vh = _linalg_svd(safe)
-    return _nan_where_not(finite, SVD(U, S, Vh.transpose(-2, -1)))
+    return undefined_as_nan(SVD(U, S, Vh.transpose(-2, -1)), finite)
 
 
 def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,22 +56,25 @@ def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.cat(f).reshape(*batch, *f[0].shape[1:]) for f in zip(*parts, strict=True))
 
 
-def _finite_part(jacobians: Tensor) -> tuple[Tensor, Tensor]:
-    """``(the matrices with every non-finite one zeroed, [...] bool: which were finite)``."""
-    finite = torch.isfinite(jacobians).all(dim=(-2, -1))
-    return (jacobians if bool(finite.all()) else torch.where(finite[..., None, None], jacobians, 0.0)), finite
+def finite_part(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``(the [..., m, n] matrices with every non-finite one zeroed, [...] bool: which were finite)``."""
+    finite = torch.isfinite(matrices).all(dim=(-2, -1))
+    return (matrices if bool(finite.all()) else torch.where(finite[..., None, None], matrices, 0.0)), finite
 
 
-def _nan_where_not(finite: Tensor, factors: SVD) -> SVD:
-    """All-NaN factors for the matrices that were not finite."""
-    if bool(finite.all()):
-        return factors
-    nan = torch.tensor(float("nan"), dtype=factors.S.dtype, device=factors.S.device)
+def undefined_as_nan(factors: SVD, finite: Tensor) -> SVD:
+    """NaN for what a factorization cannot define: every factor of a matrix that was not ``finite``
+    (``[...]`` bool), and the singular vectors of a zero matrix (``s_1 = 0``: every orthonormal basis fits,
+    so what an SVD routine returns there is arbitrary). ``U``, ``V``: ``[..., m, k]``, ``S``: ``[..., n]``."""
     U, S, V = factors
+    defined = finite & (S[..., 0] > 0)
+    if bool(defined.all()):
+        return factors
+    nan = torch.tensor(float("nan"), dtype=S.dtype, device=S.device)
     return SVD(
-        torch.where(finite[..., None, None], U, nan),
+        torch.where(defined[..., None, None], U, nan),
         torch.where(finite[..., None], S, nan),
-        torch.where(finite[..., None, None], V, nan),
+        torch.where(defined[..., None, None], V, nan),
     )
 
 
@@ -81,7 +85,8 @@ a matrix with a smaller top-K singular value (rank-deficient within K) takes the
 
 def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     """Every singular value and the top-``k`` singular vectors of ``[..., d, d]`` matrices: ``U``, ``V``
-    ``[..., d, k]``, ``S`` ``[..., d]`` (descending). Non-finite matrices give NaN factors, as :func:`svd`.
+    ``[..., d, k]``, ``S`` ``[..., d]`` (descending). Non-finite matrices give NaN factors and zero matrices
+    NaN vectors, as :func:`svd`.
 
     ``method="svd"``: the full SVD, truncated. ``method="gram"``: ``J^T J = V diag(S^2) V^T`` by a symmetric
     eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
@@ -119,7 +124,7 @@ GRAM_GROUP_VALUES = 2**28
 
 
 def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
-    safe, finite = _finite_part(jacobians)
+    safe, finite = finite_part(jacobians)
     j64 = safe.double()
     eigenvalues, vectors = torch.linalg.eigh(j64.transpose(-2, -1) @ j64)
     S = eigenvalues.flip(-1).clamp_min(0).sqrt()
@@ -131,7 +136,7 @@ def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
         full = svd(j64[deficient])
         U[deficient], V[deficient], S[deficient] = full.U[..., :k], full.V[..., :k], full.S
     dtype = jacobians.dtype
-    return _nan_where_not(finite, SVD(U.to(dtype), S.to(dtype), V.to(dtype)))
+    return undefined_as_nan(SVD(U.to(dtype), S.to(dtype), V.to(dtype)), finite)
 
 
 def _check_k(k: int, d: int) -> int:
@@ -146,7 +151,9 @@ def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD |
     ``out[i, j] = m_K(J_i, J_j) = || |A_{j,K}^T J_i B_{j,K}| - diag(s_{i,1..K}) ||_F / ||s_{i,1..K}||_2``
     with ``(A, B) = (U, V)`` for ``form="ujv"`` (the paper's metric) and ``(V, U)`` for ``form="vju"``;
     ``U_{j,K}, V_{j,K}`` are the top-K singular vectors of ``J_j``, ``s_i`` the singular values of ``J_i``,
-    ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form.
+    ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form. NaN in row and column
+    ``l`` when ``J_l`` is not finite, or zero (row: ``m_K`` is 0/0; column: a zero matrix has no singular
+    vectors, :func:`undefined_as_nan`).
     """
     return coupling_matrices(jacobians, [k], form, factors)[k]
 
@@ -218,7 +225,8 @@ def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
 
     ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``. The diagonal is the within-block alignment
     ``a_K(J_i) = || |U_{i,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (0 for a symmetric PSD Jacobian).
-    Only the first ``K`` columns of ``U`` and ``V`` are read (``[L, d, >= K]`` is enough).
+    Only the first ``K`` columns of ``U`` and ``V`` are read (``[L, d, >= K]`` is enough). NaN vectors (a
+    non-finite or zero Jacobian, :func:`undefined_as_nan`) give NaN in that block's row and column.
     """
     return alignment_matrices(U, V, [k])[k]
 

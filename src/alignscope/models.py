@@ -241,10 +241,14 @@ def build_causal_lm(
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model's position scheme supports, when its config says so."""
+    """The longest sequence the model's position scheme supports, when its config says so. A position
+    embedding with a padding row (RoBERTa) numbers positions from ``padding_idx + 1``: that many fewer fit."""
     cfg = model.config
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "max_seq_len"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
-            return value
+            embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+            positions = getattr(embeddings, "position_embeddings", None)
+            offset = positions.padding_idx if isinstance(positions, nn.Embedding) else None
+            return value - offset - 1 if offset is not None else value
     return None

@@ -7,7 +7,9 @@ padding side and batch composition cannot change a result.
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from alignscope.capture import (
     token_block_function,
     token_copies_function,
 )
+from alignscope.degenerate import DegenerateResultWarning, explain
 from alignscope.jacobian import (
     JacobianEngine,
     ReverseModeEngine,
@@ -30,7 +33,7 @@ from alignscope.jacobian import (
     make_engine,
     residual_jacobian,
 )
-from alignscope.models import get_adapter, resolve_layers
+from alignscope.models import context_length, get_adapter, resolve_layers
 from alignscope.randomized import RandomizedSVD
 from alignscope.result import ProbeResult
 
@@ -95,11 +98,19 @@ def probe(
             (:func:`copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context
             length. On the randomized path rows per product call, the same rule with ``T`` for encoders).
 
-    The model's parameters, training flags and attention setting are as before when this returns.
+    The model's parameters, training flags and attention setting are as before when this returns. Metrics
+    that are meaningless (NaN: a non-finite or exactly zero Jacobian, a single probed block, a trajectory
+    that overflows or stands still) come with a :class:`~alignscope.degenerate.DegenerateResultWarning` per
+    cause, naming the blocks and tokens, also kept in ``meta["warnings"]``.
+
+    Raises:
+        ValueError: a bad argument, or a prompt longer than the model's context
+            (:func:`alignscope.models.context_length`).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     ks = _validate_ks(ks)
+    chunk_size = _validate_chunk_size(chunk_size)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     probed = resolve_layers(layers, len(blocks))
@@ -124,7 +135,9 @@ def probe(
             "the randomized engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
             "engine: pass engine='exact' or 'single_token'"
         )
-    sequences = _sequences(input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None))
+    sequences = _sequences(
+        input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None), context_length(model)
+    )
     positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
 
     from tqdm.auto import tqdm
@@ -207,6 +220,9 @@ def probe(
         result.extras.update({name: torch.stack([t[name] for t in per_token]) for name in names})
     if kept:
         result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in per_token])
+    result.meta["warnings"] = explain(result)
+    for message in result.meta["warnings"]:
+        warnings.warn(message, DegenerateResultWarning, stacklevel=2)
     return result
 
 
@@ -480,10 +496,22 @@ def _validate_ks(ks: Sequence[int]) -> list[int]:
     return sorted(set(ks))
 
 
+def _validate_chunk_size(chunk_size: Any) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive integer (rows per product) or None for the default, "
+            f"got {chunk_size!r}"
+        )
+    return int(chunk_size)
+
+
 def _sequences(
-    input_ids: Any, attention_mask: Tensor | None, tokenizer: Any, vocab: int | None
+    input_ids: Any, attention_mask: Tensor | None, tokenizer: Any, vocab: int | None, context: int | None
 ) -> list[Tensor]:
-    """Per-prompt 1-D id tensors with padding removed."""
+    """Per-prompt 1-D id tensors with padding removed, each checked against the vocabulary and the
+    model's ``context`` length (None: no limit known)."""
     if isinstance(input_ids, str) or (
         isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(s, str) for s in input_ids)
     ):
@@ -526,6 +554,12 @@ def _sequences(
             raise ValueError(f"prompt {b} has no real tokens (empty, or fully masked by attention_mask)")
         if vocab is not None and (int(s.max()) >= vocab or int(s.min()) < 0):
             raise ValueError(f"prompt {b} has token ids outside the model's vocabulary [0, {vocab})")
+        if context is not None and s.numel() > context:
+            raise ValueError(
+                f"prompt {b} has {s.numel()} tokens, more than the model's context of {context} positions; "
+                f"truncate it to at most {context} tokens, e.g. tokenizer(text, truncation=True, "
+                f"max_length={context}) or input_ids[:, :{context}]"
+            )
     return seqs
 
 
@@ -664,7 +698,7 @@ def token_jacobians(
         raise ValueError(
             f"token_jacobians takes one prompt: input_ids of shape [T] or [1, T], got {tuple(ids.shape)}"
         )
-    (seq,) = _sequences(ids, None, None, getattr(model.config, "vocab_size", None))
+    (seq,) = _sequences(ids, None, None, getattr(model.config, "vocab_size", None), context_length(model))
     if not pairs:
         raise ValueError("pairs is empty; give (t_in, t_out) token pairs")
     t_in = torch.tensor([_positions(p[0], len(seq), 0)[0] for p in pairs])

@@ -12,6 +12,9 @@ triplets ``J ~ U diag(S) V^T`` and an a-posteriori error estimate:
 - ``tail_fro``: an unbiased estimate of ``|| (I - Q Q^T) J ||_F`` (the part of ``J`` outside the sketch) from
   ``probes`` Gaussian vectors, and ``fro2 = ||Q^T J||_F^2 + tail_fro^2``, an estimate of ``||J||_F^2``.
 
+A non-finite ``J`` gives all-NaN triplets and estimates, a zero ``J`` zero singular values and NaN vectors
+(as :func:`alignscope.metrics.svd`), never an error.
+
 Cost: ``r (2 power_iters + 2) + K + probes`` products, against ``d`` for an exact Jacobian.
 """
 
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from alignscope.batching import batchable_backward
+from alignscope.metrics import SVD, finite_part, undefined_as_nan
 
 RowFn = Callable[[Tensor], Tensor]
 """A block at one token as a function of that token's input row: ``[d] -> [d]`` (output row, no identity
@@ -199,8 +203,9 @@ class RandomizedSVD:
         for _ in range(self.power_iters):
             q = _orthonormal_rows(op.jvp(_orthonormal_rows(op.vjp(q))))
         b = op.vjp(q)  # [r, d] = Q^T J
-        ub, s, vh = torch.linalg.svd(b, full_matrices=False)  # b = ub diag(s) vh
-        u, v = q.T @ ub, vh.T  # [d, r]
+        safe, finite = finite_part(b)  # a non-finite J (NaN weights, overflow) gives non-finite products
+        ub, s, vh = torch.linalg.svd(safe, full_matrices=False)  # b = ub diag(s) vh
+        u, s, v = undefined_as_nan(SVD(q.T @ ub, s, vh.T), finite)  # [d, r], [r], [d, r]
         residuals = torch.linalg.vector_norm(op.jvp(v[:, :k].T) - (u[:, :k] * s[:k]).T, dim=-1)
         if self.probes:
             jg = applied[r:]  # [m, d]: J g for Gaussian g

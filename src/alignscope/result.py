@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from alignscope import metrics
+from alignscope.degenerate import explain
 
 HEADLINE = (
     "coupling/k10",
@@ -79,7 +80,8 @@ class ProbeResult:
         stable_rank: ``[P, L']``; inv_s1_slope, inv_s1_r2: ``[P]`` fit of ``1/s_1`` against block number.
         linearization_cosine: ``[P]``, only when every block was probed, else None.
         jacobians: ``[P, L', d, d]`` residual Jacobians when ``keep_jacobians=True``, else None.
-        meta: JSON-safe run facts (model, ks requested and effective, engine, dtype, ...).
+        meta: JSON-safe run facts (model, ks requested and effective, engine, dtype, ...); ``warnings``: why
+            metrics are NaN, one message per cause (:func:`alignscope.degenerate.explain`).
         extras: further tensors, e.g. ``block_jacobians`` ``[P, n, d, d]`` for ``meta["kept_blocks"]``.
     """
 
@@ -109,6 +111,11 @@ class ProbeResult:
         """The requested K values (keys of ``coupling``)."""
         return sorted(self.coupling)
 
+    @property
+    def zero_jacobians(self) -> Tensor:
+        """``[P, L']`` bool: the residual Jacobian is exactly zero (``s_1 = 0``; its coupling is 0/0)."""
+        return self.singular_values[..., 0] == 0
+
     def scalars(self) -> dict[str, float]:
         """Flat dict of named floats. Every aggregate is a plain mean over the probed tokens (NaN propagates):
 
@@ -121,7 +128,10 @@ class ProbeResult:
           ``linearization/cosine``: means over tokens.
         - ``spectra/s1/block_{l}``, ``spectra/stable_rank/block_{l}`` and their means over blocks
           ``spectra/s1_mean``, ``spectra/stable_rank_mean``.
-        - ``k_effective/k{K}``: K after clipping to d; ``nonfinite/jacobians``: count of non-finite Jacobians.
+        - ``k_effective/k{K}``: K after clipping to d; ``nonfinite/jacobians``: count of non-finite Jacobians;
+          ``degenerate/zero_jacobians``: count of exactly zero ones (:attr:`zero_jacobians`).
+
+        ``meta["warnings"]`` says why any of these is NaN (:mod:`alignscope.degenerate`).
         """
         out: dict[str, float] = {}
         names = [f"block_{layer:02d}" for layer in self.layers]
@@ -152,6 +162,7 @@ class ProbeResult:
         if self.linearization_cosine is not None:
             out["linearization/cosine"] = _f(self.linearization_cosine.mean())
         out["nonfinite/jacobians"] = float(self.nonfinite.sum())
+        out["degenerate/zero_jacobians"] = float(self.zero_jacobians.sum())
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -210,7 +221,8 @@ class ProbeResult:
     @classmethod
     def concat(cls, results: list[ProbeResult]) -> ProbeResult:
         """Join results of the same model, layers and ks along the token axis ``P`` (prompt indices are
-        renumbered in order; ``meta`` is the first result's, with prompt lengths joined and seconds summed)."""
+        renumbered in order; ``meta`` is the first result's, with prompt lengths joined, seconds summed and
+        the warnings restated for the joined tokens)."""
         if not results:
             raise ValueError("nothing to concatenate")
         first = results[0]
@@ -241,9 +253,12 @@ class ProbeResult:
             for k in first.extras
             if all(k in r.extras for r in results)
         }
-        return cls(
+        joined = cls(
             layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed
         )
+        if any("warnings" in r.meta for r in results):
+            joined.meta["warnings"] = explain(joined)
+        return joined
 
 
 def _replace_folder(new: Path, target: Path) -> None:
