@@ -10,10 +10,12 @@ every scalar is logged to all the trainer's loggers at ``trainer.global_step``, 
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
+import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from alignscope.problems import announce_problems
 from alignscope.randomized import RandomizedSVD
 from alignscope.result import HEADLINE, ProbeResult
+from alignscope.run_folder import (
+    RunFolder,
+    append_record,
+    package_version,
+    text_digest,
+    weights_digest,
+    write_json,
+    write_records,
+)
+
+MONITOR_RESULTS = ("probes", "probes.jsonl", "summary.json", "figures")
+"""The monitor's entries in its run folder."""
+CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
+"""Model-config keys left out of the monitor's fingerprint: they name or annotate, they do not set numbers."""
 
 
 class MonitorConfigError(ValueError):
@@ -54,6 +71,12 @@ class AlignmentMonitor(pl.Callback):
         figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
+        overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
+            settings, see :mod:`alignscope.run_folder`): clear it instead of refusing to start.
+
+    The run folder is locked while fit runs (a second process writing to it fails at once) and records a
+    fingerprint (model config, the hash of the weights at the first probe, prompts, probe settings,
+    package version). A resume from a checkpoint of another folder brings that folder's probes along.
     """
 
     def __init__(
@@ -76,6 +99,7 @@ class AlignmentMonitor(pl.Callback):
         prefix: str = "align/",
         model_attr: str | None = None,
         verbose: bool = True,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         _positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -121,6 +145,8 @@ class AlignmentMonitor(pl.Callback):
                 raise MonitorConfigError(
                     "AlignmentMonitor: prompts must be a non-empty [B, T] tensor of token ids"
                 )
+        if not isinstance(overwrite, bool):
+            raise MonitorConfigError(f"AlignmentMonitor: overwrite must be true or false, got {overwrite!r}")
         if not (every_n_steps or log_spaced or on_checkpoint or at_end):
             raise MonitorConfigError(
                 "AlignmentMonitor would only probe step 0: set every_n_steps, log_spaced, on_checkpoint or at_end"
@@ -143,7 +169,11 @@ class AlignmentMonitor(pl.Callback):
         self.prefix = prefix
         self.model_attr = model_attr
         self.verbose = verbose
+        self.overwrite = overwrite
         self.history: list[dict[str, float]] = []
+        self.init_weights: str | None = None
+        self.source_dir: str | None = None
+        self._folder: RunFolder | None = None
         self.seconds = 0.0
         self._first: ProbeResult | None = None
         self._latest: ProbeResult | None = None
@@ -167,6 +197,8 @@ class AlignmentMonitor(pl.Callback):
             "history": self.history,
             "prompts": self.prompts.tolist() if self.prompts is not None else None,
             "seconds": self.seconds,
+            "init_weights_sha256": self.init_weights,
+            "run_dir": self.source_dir,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -174,15 +206,80 @@ class AlignmentMonitor(pl.Callback):
         if state_dict.get("prompts") is not None:
             self.prompts = torch.tensor(state_dict["prompts"], dtype=torch.long)
         self.seconds = float(state_dict.get("seconds", 0.0))
+        self.init_weights = state_dict.get("init_weights_sha256")
+        self.source_dir = state_dict.get("run_dir")
 
     # ----------------------------------------------------------------- lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._model(pl_module)  # fail early if there is no Hugging Face model
+        model = self._model(pl_module)  # fail early if there is no Hugging Face model
         if self.prompts is None:
             self.prompts = self._sample_prompts(trainer)
+        if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
+            self.init_weights = weights_digest(model)
         if trainer.is_global_zero:
-            self._run_dir(trainer).mkdir(parents=True, exist_ok=True)
-            self._rewrite_jsonl(trainer)  # after a resume: exactly the restored trajectory
+            run_dir = self._run_dir(trainer)
+            self._folder = RunFolder(
+                run_dir, MONITOR_RESULTS, app="AlignmentMonitor", overwrite_hint="overwrite=True"
+            )
+            self._folder.__enter__()
+            self._folder.claim(self.fingerprint(model), overwrite=self.overwrite)
+            self._bring_probes_along(run_dir)
+            self.source_dir = str(run_dir.resolve())
+            write_records(run_dir / "probes.jsonl", [h for h in self.history if len(h) > 1])
+
+    def fingerprint(self, model: nn.Module) -> dict[str, Any]:
+        """What sets the monitor's numbers: model class and config, weights at the first probe, prompts, probe
+        settings, package version (see :mod:`alignscope.run_folder`)."""
+        config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_KEYS_IGNORED}
+        config = {k: v for k, v in config.items() if not k.startswith("alignscope_")}
+        return {
+            "app": "AlignmentMonitor",
+            "alignscope_version": package_version(),
+            "model": {"class": type(model).__name__, "config": config},
+            "init_weights_sha256": self.init_weights,
+            "prompts_sha256": text_digest(self.prompts.tolist()),
+            "probe": {
+                "layers": self.layers,
+                "tokens": self.tokens,
+                "ks": list(self.ks),
+                "engine": self.engine if isinstance(self.engine, str) else repr(self.engine),
+            },
+        }
+
+    def _bring_probes_along(self, run_dir: Path) -> None:
+        """After a resume from another folder's checkpoint, copy that folder's probes of the restored steps."""
+        if not self.history or self.source_dir is None or Path(self.source_dir) == run_dir.resolve():
+            return
+        source = Path(self.source_dir) / "probes"
+        steps = [int(h["step"]) for h in self.history if len(h) > 1]
+        missing = [s for s in steps if not (run_dir / "probes" / f"step_{s:07d}").is_dir()]
+        copied = []
+        for step in missing:
+            folder = source / f"step_{step:07d}"
+            if folder.is_dir():
+                shutil.copytree(folder, run_dir / "probes" / f"step_{step:07d}")
+                copied.append(step)
+        lost = sorted(set(missing) - set(copied))
+        note = f"resumed from a checkpoint of {self.source_dir}: copied {len(copied)} earlier probe(s)"
+        if lost:
+            note += (
+                f"; the tensors of step(s) {lost} are not there any more, so probes.jsonl keeps their scalars "
+                "but figures that need tensors start at the resume step"
+            )
+        print(f"alignscope: {note}", file=sys.stderr, flush=True)
+
+    def _release(self) -> None:
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.scheduled(trainer.global_step):
@@ -240,8 +337,7 @@ class AlignmentMonitor(pl.Callback):
         run_dir = self._run_dir(trainer)
         result.save(run_dir / "probes" / f"step_{step:07d}")
         entry = {"step": step, **scalars}
-        with open(run_dir / "probes.jsonl", "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
         if self._first is None and step == self.history[0]["step"]:
             self._first = result
@@ -308,11 +404,6 @@ class AlignmentMonitor(pl.Callback):
             return Path(self.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _rewrite_jsonl(self, trainer: pl.Trainer) -> None:
-        path = self._run_dir(trainer) / "probes.jsonl"
-        lines = [json.dumps(h) for h in self.history if len(h) > 1]
-        path.write_text("".join(line + "\n" for line in lines))
-
     def summary(self) -> dict[str, Any]:
         """Init (first probe) and final (latest probe) value of each headline metric, and their change."""
         first, last = self.history[0], self.history[-1]
@@ -328,43 +419,41 @@ class AlignmentMonitor(pl.Callback):
         return out
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        start = time.perf_counter()
         run_dir = self._run_dir(trainer)
+        write_json(run_dir / "summary.json", self.summary())  # the numbers first, figures after
+        start = time.perf_counter()
         if self.figures:
             self._figures(trainer, run_dir)
         self.seconds += time.perf_counter() - start
         summary = self.summary()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(run_dir / "summary.json", summary)
         if self.verbose:
             rank_zero_only(print)(format_summary(summary), flush=True)
+        if self._latest is not None:
+            announce_problems(self._latest, self.history[-1], f"the probe at step {self.history[-1]['step']}")
 
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
         from alignscope import plots
 
         first = self._first or self._load_probe(run_dir, int(self.history[0]["step"]))
         latest = self._latest or self._load_probe(run_dir, int(self.history[-1]["step"]))
-        paths: dict[str, Path] = {}
+        builders: dict[str, Any] = {}
         if first is not None and latest is not None:
             pair = {
                 f"step {first.meta.get('step', 0)}": first,
                 f"step {latest.meta.get('step', '?')}": latest,
             }
             for k in self.ks:
-                paths[f"coupling_k{k}"] = plots.save(
-                    plots.coupling_heatmaps(pair, k), run_dir / "figures" / f"coupling_k{k}.png"
-                )
-            paths["trajectories_pca"] = plots.save(
-                plots.trajectory_pca(pair), run_dir / "figures" / "trajectories_pca.png"
-            )
+                builders[f"coupling_k{k}"] = partial(plots.coupling_heatmaps, pair, k)
+            builders["trajectories_pca"] = partial(plots.trajectory_pca, pair)
         names = [
             n
             for n in HEADLINE
             if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in self.ks))
         ]
-        paths["metrics_vs_step"] = plots.save(
-            plots.metrics_vs_step([h for h in self.history if len(h) > 1], names),
-            run_dir / "figures" / "metrics_vs_step.png",
-        )
+        history = [h for h in self.history if len(h) > 1]
+        builders["metrics_vs_step"] = partial(plots.metrics_vs_step, history, names)
+        paths = plots.save_all(builders, run_dir / "figures")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 step = int(self.history[-1]["step"])

@@ -35,6 +35,17 @@ from alignscope.run_folder import (
 )
 
 PROBES = "probes.jsonl"
+PROBE_APP_RESULTS = (
+    "prompts",
+    PROBES,
+    "result",
+    "scalars.json",
+    "run.json",
+    "figures",
+    "csv",
+    "wandb",
+)
+"""The probe app's entries in its run folder (what an overwrite deletes)."""
 
 
 class ProbeAppConfigError(ValueError):
@@ -123,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     _check_settings(cfg)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
-    with RunFolder(cfg.paths.run_dir, app="alignscope-probe") as folder:
+    with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts)
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
         return _run(cfg, folder, fp, texts)

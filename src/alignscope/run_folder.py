@@ -20,7 +20,7 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ from torch import nn
 
 FINGERPRINT = "fingerprint.json"
 LOCK = ".alignscope.lock"
-KEEP_ON_OVERWRITE = (LOCK, ".hydra")
-"""Entries an overwrite leaves in place: the lock and Hydra's record of the current run's config."""
 
 
 class RunFolderError(RuntimeError):
@@ -184,12 +182,21 @@ class RunFolder:
 
     Args:
         path: the folder (created).
+        results: names of the entries (files, folders) that hold this app's numbers: what makes a folder
+            "used" and what an overwrite deletes. Other entries (Hydra's, a logger's) are left alone.
         app: the command that writes it, for messages (e.g. ``alignscope-probe``).
         overwrite_hint: how the user asks for an overwrite in that app (e.g. ``overwrite=true``).
     """
 
-    def __init__(self, path: str | Path, app: str = "alignscope", overwrite_hint: str = "overwrite=true"):
+    def __init__(
+        self,
+        path: str | Path,
+        results: tuple[str, ...],
+        app: str = "alignscope",
+        overwrite_hint: str = "overwrite=true",
+    ):
         self.path = Path(path)
+        self.results = results
         self.app = app
         self.overwrite_hint = overwrite_hint
         self._lock: Any = None
@@ -238,11 +245,8 @@ class RunFolder:
             raise RunFolderError(f"{path} is damaged ({err.msg}); start a new run folder") from err
 
     def holds_results(self) -> bool:
-        """Whether anything besides the lock and Hydra's config folder is in the folder."""
-        return any(p.name not in (*KEEP_ON_OVERWRITE, FINGERPRINT) for p in self._entries())
-
-    def _entries(self) -> Iterator[Path]:
-        return (p for p in self.path.iterdir() if not p.name.endswith(".log"))
+        """Whether any of the app's result entries exists."""
+        return any((self.path / name).exists() for name in self.results)
 
     def check(self, fingerprint: Mapping[str, Any], overwrite: bool = False) -> None:
         """Refuse (``RunFolderError``) when the stored fingerprint differs from ``fingerprint`` on any of its
@@ -272,12 +276,11 @@ class RunFolder:
         write_json(self.path / FINGERPRINT, dict(fingerprint))
 
     def clear(self) -> None:
-        """Delete every result in the folder (all but the lock, ``.hydra/`` and log files)."""
+        """Delete the app's results (the entries named by ``results``) and the fingerprint."""
         print(f"alignscope: overwrite: deleting the earlier results in {self.path}", file=sys.stderr)
-        for entry in list(self._entries()):
-            if entry.name in KEEP_ON_OVERWRITE:
-                continue
+        for name in (*self.results, FINGERPRINT):
+            entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
-            else:
+            elif entry.exists() or entry.is_symlink():
                 entry.unlink()
