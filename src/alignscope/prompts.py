@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import random
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,22 @@ def default_prompts() -> list[str]:
     """The shipped set: a few dozen short, varied English prompts (``default_prompts.txt``)."""
     text = resources.files("alignscope").joinpath("default_prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_prompt_file(path: Path) -> str:
+    """The text of a UTF-8 prompt file (a leading byte-order mark is dropped)."""
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = skip + err.start
+        line = data[:offset].count(b"\n") + 1
+        raise PromptConfigError(
+            f"prompts.path={str(path)!r} is not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} "
+            f"(line {line}) cannot be decoded ({err.reason}). Save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path} > prompts-utf8.txt, then set prompts.path to the new file"
+        ) from None
 
 
 def load_prompts(
@@ -39,9 +56,7 @@ def load_prompts(
     elif source == "file":
         if not path or not Path(path).expanduser().is_file():
             raise PromptConfigError(f"prompts.source=file needs prompts.path=<text file>, got {path!r}")
-        pool = [
-            x.strip() for x in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if x.strip()
-        ]
+        pool = [x.strip() for x in read_prompt_file(Path(path).expanduser()).splitlines() if x.strip()]
     elif source == "hf":
         import datasets
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from alignscope.result import HEADLINE, ProbeResult
+from alignscope.scores import ScoreTable, ScoreTableError, read_scores
 
 REPORT_METRICS = (
     *HEADLINE,
@@ -41,6 +43,10 @@ REPORT_METRICS = (
     "spectra/inv_s1_r2",
 )
 """The headline scalars and the fit qualities, in the report's table."""
+
+
+class ReportInputError(ValueError):
+    """A report setting that does not fit the run folders or scores; the message says what to change."""
 
 
 @dataclass
@@ -63,6 +69,11 @@ class Run:
     @property
     def revision(self) -> str:
         return str(self.info.get("revision") or "")
+
+    @property
+    def ks(self) -> list[int]:
+        """The probed K values (``result/meta.json``)."""
+        return list(json.loads((self.folder / "result" / "meta.json").read_text())["ks"])
 
     @property
     def result(self) -> ProbeResult:
@@ -313,14 +324,6 @@ def regress(x: Sequence[float], y: Sequence[float], x_name: str = "x", y_name: s
     )
 
 
-def read_scores(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise ValueError(f"{path} has no rows")
-    return rows
-
-
 def correlations(points: list[dict[str, Any]], x_names: Sequence[str], y_name: str) -> list[Regression]:
     """One regression of ``y_name`` on each of ``x_names`` over the points that have both."""
     out = []
@@ -382,35 +385,76 @@ def write_correlation(points: list[dict[str, Any]], regs: list[Regression], labe
     return text
 
 
-def run_points(
-    runs: list[Run], scores: list[dict[str, str]], metric: str, score_column: str
-) -> list[dict[str, Any]]:
-    """Join pretrained runs (latest revision per model) to score rows by model name or hub id."""
-    points = []
+def latest_pretrained(runs: list[Run]) -> dict[str, Run]:
+    """The pretrained run of each model at its latest checkpoint revision."""
     latest: dict[str, Run] = {}
     for r in runs:
         if r.init == "pretrained" and (
             r.model not in latest or _step_of(r.revision) >= _step_of(latest[r.model].revision)
         ):
             latest[r.model] = r
-    for row in scores:
-        keys = {row.get("model"), row.get("hub_id")} - {None, ""}
+    return latest
+
+
+def run_points(
+    runs: list[Run], scores: ScoreTable, metric: str, score_column: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Join pretrained runs (latest revision per model) to score rows by model name or hub id.
+
+    Returns the points and the score rows that match no run (``"gpt2 (line 3)"``).
+    """
+    points, unmatched = [], []
+    latest = latest_pretrained(runs)
+    for row in scores.rows:
+        keys = {row.model, row.hub_id} - {""}
         match = [r for r in latest.values() if r.model in keys or r.info.get("hub_id") in keys]
         if not match:
+            unmatched.append(f"{row.label} (line {row.line})")
             continue
         r = match[0]
         meta = r.result.meta
         points.append(
             {
-                "label": row.get("model") or r.model,
+                "label": row.model or r.model,
                 metric: r.scalars.get(metric, float("nan")),
-                score_column: float(row[score_column]),
+                score_column: row.values[score_column],
                 "log10_params": math.log10(r.info.get("num_params") or meta.get("num_params")),
                 "depth": meta["num_blocks"],
                 "width": meta["d_model"],
             }
         )
-    return points
+    return points, unmatched
+
+
+def check_k(runs: list[Run], k: int) -> None:
+    """``k`` must be among the probed K of every run (the coupling figures show ``m_K`` at that K)."""
+    lacking = [r for r in runs if k not in r.ks]
+    if lacking:
+        common = sorted(set.intersection(*(set(r.ks) for r in runs)))
+        choice = f"choose one of {common}" if common else "the runs share no K: report them separately"
+        raise ReportInputError(
+            f"--k {k} is not among the probed K of {len(lacking)} run(s), e.g. {lacking[0].folder} "
+            f"(K = {lacking[0].ks}): {choice}"
+        )
+
+
+def check_metric(runs: list[Run], metric: str) -> None:
+    """``metric`` must be a scalar of at least one of ``runs``."""
+    names = sorted({name for r in runs for name in r.scalars})
+    if metric not in names:
+        near = difflib.get_close_matches(metric, names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"scalars: {', '.join(names)}"
+        raise ReportInputError(f"--metric {metric!r} is not a scalar of the pretrained runs ({hint})")
+
+
+def _input_notes(skipped: list[str], unmatched: list[str]) -> list[str]:
+    """Markdown lines listing the score rows that were left out, and why."""
+    lines = []
+    if skipped:
+        lines += ["Skipped rows (blank or non-numeric cells):", ""] + [f"- {x}" for x in skipped] + [""]
+    if unmatched:
+        lines += ["Score rows without a pretrained probe run:", ""] + [f"- {x}" for x in unmatched] + [""]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -425,15 +469,44 @@ def build_report(
 ) -> dict[str, Any]:
     """Write the report folder; returns what was written (for tests and callers)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"out": out}
     sections = ["# alignscope report", ""]
-    if paths:
-        runs = find_runs(paths)
-        if not runs:
-            raise FileNotFoundError(
-                f"no finished probe runs (run.json + result/) below {list(map(str, paths))}"
-            )
+    runs = find_runs(paths) if paths else []
+    if paths and not runs:
+        raise FileNotFoundError(f"no finished probe runs (run.json + result/) below {list(map(str, paths))}")
+    if runs:
+        check_k(runs, k)
+    if scores:
+        if x_column:
+            table = read_scores(scores, numeric=[x_column, score_column])
+            points = [
+                {"label": row.label, x_column: row.values[x_column], score_column: row.values[score_column]}
+                for row in table.rows
+            ]
+            x_names, unmatched = [x_column], []
+        else:
+            if not runs:
+                raise ReportInputError("--scores without run folders needs --x-column (a column of the CSV)")
+            table = read_scores(scores, numeric=[score_column], need_ids=True)
+            pretrained = list(latest_pretrained(runs).values())
+            if not pretrained:
+                raise ReportInputError(
+                    "--scores correlates pretrained runs, and these run folders hold none (model.init=random "
+                    "only): probe with model.init=pretrained, or use --x-column"
+                )
+            check_metric(pretrained, metric)
+            points, unmatched = run_points(runs, table, metric, score_column)
+            if not points:
+                raise ReportInputError(
+                    f"no row of {scores} matches a pretrained probe run by model or hub_id: runs "
+                    f"{sorted({r.model for r in pretrained})} (hub ids "
+                    f"{sorted({r.info['hub_id'] for r in pretrained if r.info.get('hub_id')})}), score rows "
+                    f"{[row.label for row in table.rows]}; make the CSV's model or hub_id match"
+                )
+            x_names = [metric, "log10_params", "depth", "width"]
+        written["skipped"], written["unmatched"] = table.skipped, unmatched
+    out.mkdir(parents=True, exist_ok=True)
+    if runs:
         rows = comparison_rows(runs)
         written["rows"] = rows
         sections += ["## Pretrained against random init", "", write_table(rows, out)]
@@ -452,25 +525,13 @@ def build_report(
         written["figures"] = figs
         sections += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
     if scores:
-        table = read_scores(scores)
-        if x_column:
-            points = [
-                {
-                    "label": row.get("model", ""),
-                    x_column: float(row[x_column]),
-                    score_column: float(row[score_column]),
-                }
-                for row in table
-            ]
-            regs = correlations(points, [x_column], score_column)
-        else:
-            points = run_points(find_runs(paths), table, metric, score_column) if paths else []
-            regs = correlations(points, [metric, "log10_params", "depth", "width"], score_column)
+        regs = correlations(points, x_names, score_column)
         written["regressions"] = regs
         sections += [
             f"## Correlation with {score_column} ({scores})",
             "",
             write_correlation(points, regs, "label", out),
+            *_input_notes(table.skipped, unmatched),
         ]
     (out / "report.md").write_text("\n".join(sections) + "\n")
     return written
@@ -493,15 +554,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.runs and not args.x_column:
         parser.error("--scores without run folders needs --x-column")
     out = args.out or (str(Path(args.runs[0]) / "report") if args.runs else "report")
-    written = build_report(
-        args.runs,
-        out,
-        k=args.k,
-        metric=args.metric,
-        scores=args.scores,
-        score_column=args.score_column,
-        x_column=args.x_column,
-    )
+    try:
+        written = build_report(
+            args.runs,
+            out,
+            k=args.k,
+            metric=args.metric,
+            scores=args.scores,
+            score_column=args.score_column,
+            x_column=args.x_column,
+        )
+    except (ReportInputError, ScoreTableError, FileNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print((Path(written["out"]) / "report.md").read_text())
     print(f"report written to {written['out']}")
 
