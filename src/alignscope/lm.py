@@ -1,17 +1,49 @@
 """``CausalLMModule``: a LightningModule that trains a Hugging Face causal LM.
 
 AdamW (no weight decay on biases and norms), linear warm-up then cosine decay to ``min_lr_ratio * lr``,
-gradient clipping through the Trainer; logs ``train/loss``, ``val/loss`` and ``val/ppl``.
+gradient clipping through the Trainer; logs ``train/loss``, ``val/loss`` and ``val/ppl``. Checkpoints carry
+the random-number generators' states (torch, CUDA, numpy, Python), restored when training resumes, so that
+dropout draws after a resume are the ones an uninterrupted run makes.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
+
+RNG_KEY = "alignscope_rng_states"
+"""The checkpoint entry holding :func:`rng_states`."""
+
+
+def rng_states() -> dict[str, Any]:
+    """The global generators' states as plain values and tensors (loadable with ``weights_only``)."""
+    np_state = np.random.get_state(legacy=False)
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global generators to ``states`` (from :func:`rng_states`)."""
+    torch.set_rng_state(states["torch"])
+    np_state = states["numpy"]
+    key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**np_state, "state": {**np_state["state"], "key": key}})
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class CausalLMModule(pl.LightningModule):
@@ -41,6 +73,7 @@ class CausalLMModule(pl.LightningModule):
         self.model = model.train()  # models built for probing come in eval mode
         self.save_hyperparameters(ignore=["model"])
         self._val_losses: list[torch.Tensor] = []
+        self._rng_states_to_restore: dict[str, Any] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> Any:
         return self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
@@ -70,6 +103,18 @@ class CausalLMModule(pl.LightningModule):
             mean = torch.stack(self._val_losses).mean()
             self.log("val/ppl", torch.exp(mean), prog_bar=False, sync_dist=True)
         self._val_losses.clear()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied at train start: building the loaders and callbacks in between must not shift the streams
+        self._rng_states_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

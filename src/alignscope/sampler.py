@@ -1,0 +1,84 @@
+"""``ResumableSampler``: a seeded training order that a checkpoint can stop and resume mid-epoch.
+
+Epoch ``e`` visits the indices in the order ``torch.randperm(n)`` drawn from a generator seeded with
+``seed + e``; with ``R`` ranks, rank ``r`` takes every ``R``-th index of that order (the tail is dropped so that
+every rank gets ``n // R``). The order is a function of ``(seed, epoch)`` alone, so the sampler's state is two
+integers: the epoch and how many of its indices this rank has handed out (``position``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+from torch.utils.data import DistributedSampler
+
+
+class SamplerStateError(ValueError):
+    """A saved sampler state that does not fit this sampler; the message says what differs and what to do."""
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded shuffle, a new permutation each epoch, resumable mid-epoch, sharded across ranks.
+
+    ``len()`` is the whole epoch's count on this rank, also when resuming mid-epoch (the trainer counts the
+    epoch's batches by it and skips the ones already trained on). ``set_epoch`` (called by Lightning at the
+    start of every epoch) moves to another epoch's beginning; a finished epoch iterated again starts over.
+    ``state_dict`` / ``load_state_dict`` save and restore ``(epoch, position)``; one pass at a time.
+
+    The position counts the indices handed to the loader, i.e. the samples trained on when the loader reads
+    in the training process (``num_workers=0``). Worker processes read ahead: a resume then skips the
+    batches that were read ahead but not trained on (at most ``prefetch_factor * num_workers``).
+
+    Args:
+        dataset: a sized data set of ``n`` samples.
+        seed: the seed of every epoch's permutation (epoch ``e`` uses ``seed + e``).
+        num_replicas, rank: the number of ranks sharing the data set and this one's index.
+    """
+
+    def __init__(self, dataset: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.position = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.position >= self.num_samples:  # the epoch was finished: visit it again from its start
+            self.position = 0
+        order = list(super().__iter__())
+        for index in order[self.position :]:
+            self.position += 1
+            yield index
+
+    def state_dict(self) -> dict[str, Any]:
+        """``epoch`` and ``position`` (indices of the epoch handed out on this rank), with what they refer to."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "dataset_size": len(self.dataset),
+            "num_replicas": self.num_replicas,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` stopped; refuse a state of another data set, seed or number of ranks."""
+        mine = self.state_dict()
+        differs = [
+            f"{key} {state[key]} in the checkpoint, {mine[key]} now"
+            for key in ("dataset_size", "seed", "num_replicas")
+            if key in state and state[key] != mine[key]
+        ]
+        if differs:
+            raise SamplerStateError(
+                "cannot continue the checkpoint's training order: "
+                + "; ".join(differs)
+                + ". Resume with the data settings and number of devices of the checkpoint's run, or start a "
+                "new run without ckpt_path (e.g. load the weights only)."
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

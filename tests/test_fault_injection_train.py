@@ -1,0 +1,222 @@
+"""Fault injection for ``alignscope-train``: SIGKILL at several points, resume from ``checkpoints/last.ckpt``.
+
+A resumed run must reproduce an uninterrupted one: the same training order (the sampler's position is in the
+checkpoint), the same random draws (dropout is on here; the generators' states are in the checkpoint), so the
+same per-step losses and every probe scalar, each probed step exactly once and in order.
+
+The runs: 8 batches per epoch (``limit_train_batches``), 16 steps, so epochs end at steps 8 and 16; a
+checkpoint every 4 steps (8 and 16 at an epoch's end, 4 and 12 mid-epoch); probes every 5 steps and at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+MAX_STEPS = 16
+PROBED = [0, 5, 10, 15, 16]
+SETTINGS = [
+    "experiment=smoke",
+    "data.corpus.max_files=2",
+    "data.batch_size=16",
+    "+trainer.limit_train_batches=8",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.log_every_n_steps=1",
+    "model.config.resid_pdrop=0.1",
+    "model.config.attn_pdrop=0.1",
+    "logger=csv",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "callbacks.alignment_monitor.every_n_steps=5",
+    "callbacks.alignment_monitor.log_spaced=false",
+    "callbacks.alignment_monitor.figures=false",
+    "callbacks.progress_bar=null",
+]
+
+
+def inject(at: str | None = None, step: int = 0, sleep_s: float = 0.0) -> list[str]:
+    """Overrides that add :class:`fault_injector.FaultInjector` to the run's callbacks."""
+    out = ["+callbacks.fault._target_=fault_injector.FaultInjector", f"+callbacks.fault.step={step}"]
+    if at is not None:
+        out.append(f"+callbacks.fault.at={at}")
+    if sleep_s:
+        out.append(f"+callbacks.fault.sleep_s={sleep_s}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    """A data cache for this module, built once (tokenizer and packed arrays)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from alignscope.cli.config import config_dir
+
+    folder = tmp_path_factory.mktemp("alignscope-cache")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*SETTINGS, f"paths.run_dir={folder / 'unused'}"])
+    instantiate(cfg.data, cache_dir=str(folder)).prepare()
+    return str(folder)
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "alignscope.train", *SETTINGS, f"paths.run_dir={run_dir}", *overrides]
+
+
+def environment(cache_dir: str) -> dict[str, str]:
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "ALIGNSCOPE_CACHE": cache_dir, "PYTHONPATH": path, "WANDB_SILENT": "true"}
+
+
+def train(run_dir: Path, cache_dir: str, *overrides: str, killed: bool = False) -> None:
+    """Run ``alignscope-train``; it must finish (or, with ``killed``, die of SIGKILL)."""
+    out = subprocess.run(
+        command(run_dir, *overrides), capture_output=True, text=True, timeout=300, env=environment(cache_dir)
+    )
+    expected = -signal.SIGKILL if killed else 0
+    assert out.returncode == expected, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+
+
+def resume(run_dir: Path, cache_dir: str, *overrides: str) -> None:
+    train(run_dir, cache_dir, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir) -> Path:
+    """The uninterrupted run."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(run, cache_dir)
+    return run
+
+
+def probes(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "probes.jsonl").read_text().splitlines()]
+
+
+def logged(run_dir: Path, name: str) -> dict[int, float]:
+    """``{step: value}`` of a per-step metric in the CSV log (a step logged twice must agree with itself)."""
+    with open(run_dir / "csv" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get(name)]
+    values: dict[int, float] = {}
+    for r in rows:
+        step, value = int(r["step"]), float(r[name])
+        assert values.setdefault(step, value) == value, f"{name} logged twice at step {step}, differently"
+    return values
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    import torch
+
+    return int(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
+
+
+def assert_same_probes(run_dir: Path, reference: Path) -> None:
+    got, want = probes(run_dir), probes(reference)
+    assert [p["step"] for p in got] == [p["step"] for p in want] == PROBED  # each once, in order
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key, value in w.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(g[key]), (g["step"], key)
+            else:
+                assert g[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (g["step"], key)
+
+
+def assert_same_training(run_dir: Path, reference: Path, resumed_from: int) -> None:
+    """Every step the resumed run logged has the reference's loss and learning rate; it logged every step after
+    the checkpoint's."""
+    for name in ("train/loss", "train/lr"):
+        got, want = logged(run_dir, name), logged(reference, name)
+        assert set(range(resumed_from + 1, MAX_STEPS)) <= set(got), (name, sorted(got))
+        for step, value in got.items():
+            assert value == pytest.approx(want[step], rel=1e-5), (name, step)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the kill point")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the kill point was not reached in time")
+        time.sleep(0.05)
+
+
+def test_uninterrupted_run_reference(reference):
+    assert [p["step"] for p in probes(reference)] == PROBED
+    assert set(logged(reference, "train/loss")) >= set(range(1, MAX_STEPS))
+    assert checkpoint_step(reference) == MAX_STEPS
+
+
+def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(
+    tmp_path, cache_dir, reference
+):
+    """Killed from outside once a checkpoint is on disk and two probes are in probes.jsonl; resumed in the same
+    folder."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    jsonl = run / "probes.jsonl"
+    with subprocess.Popen(
+        command(run, *inject(sleep_s=0.3)),
+        env=environment(cache_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        wait_for(lambda: ckpt.is_file() and jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    before = checkpoint_step(run)
+    assert 0 < before < MAX_STEPS
+    resume(run, cache_dir)
+    assert_same_probes(run, reference)
+    assert_same_training(run, reference, resumed_from=before)
+
+
+@pytest.mark.parametrize(
+    ("at", "step", "resumed_from"),
+    [
+        ("probe_saved", 0, None),  # during the first probe: no checkpoint yet, the rerun starts over
+        ("batch_end", 10, 8),  # between checkpoints, after a probe the last checkpoint (epoch end) lacks
+        ("batch_start", 12, 12),  # right after a mid-epoch checkpoint
+        ("checkpoint_dump", 12, 8),  # while the checkpoint of step 12 is assembled: the one of step 8 stays
+    ],
+)
+def test_kill_points(tmp_path, cache_dir, reference, at, step, resumed_from):
+    run = tmp_path / "run"
+    train(run, cache_dir, *inject(at, step), killed=True)
+    computed = [p["step"] for p in probes(run)]
+    if resumed_from is None:
+        assert not (run / "checkpoints" / "last.ckpt").exists()
+        train(run, cache_dir)  # the same command again, in the same folder
+    else:
+        assert checkpoint_step(run) == resumed_from
+        resume(run, cache_dir)
+    final = [p["step"] for p in probes(run)]
+    assert set(computed) <= set(final)  # nothing computed before the kill is lost ...
+    assert_same_probes(run, reference)  # ... nor duplicated; the values are the uninterrupted run's
+    for p in PROBED:
+        assert (run / "probes" / f"step_{p:07d}" / "tensors.safetensors").is_file()
+    assert not list(run.glob("**/.*.tmp*"))  # no temp files of the killed writer are left
+    assert_same_training(run, reference, resumed_from=resumed_from or 0)
+
+
+def test_resume_into_a_new_folder_brings_the_earlier_probes_along(tmp_path, cache_dir, reference):
+    """``alignscope-train ckpt_path=<old run>/checkpoints/last.ckpt`` with a new run folder."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    train(old, cache_dir, *inject("batch_end", 10), killed=True)
+    assert checkpoint_step(old) == 8
+    train(new, cache_dir, f"ckpt_path={old / 'checkpoints' / 'last.ckpt'}")
+    assert_same_probes(new, reference)  # steps 0 and 5 come from the checkpoint, the rest from the new run
+    for p in PROBED:  # the tensors too, so figures comparing init with the end can be drawn
+        assert (new / "probes" / f"step_{p:07d}" / "tensors.safetensors").is_file()
+    assert_same_training(new, reference, resumed_from=8)
