@@ -129,19 +129,34 @@ def test_wandb_disabled_probe_app_writes_no_run(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ probe settings
-@pytest.mark.parametrize("chunk", [0, -4, 2.5, True, "32"])
-def test_bad_chunk_size_is_refused(chunk):
-    with pytest.raises(ProbeSettingsError, match=r"probe.chunk_size must be a positive integer"):
-        check_probe_settings({"chunk_size": chunk})
-    check_probe_settings({"chunk_size": None})
-    check_probe_settings({"chunk_size": 8})
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+        ({"chunk_size": -4}, "chunk_size must be a positive integer"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive integer"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer"),
+        ({"ks": []}, "ks is empty"),
+        ({"ks": [10, 0]}, "every K in ks must be a positive integer"),
+        ({"ks": None}, ".*not iterable"),
+    ],
+)
+def test_bad_probe_settings_are_refused(setting, message):
+    with pytest.raises(ProbeSettingsError, match=rf"bad probe setting: {message}.*probe.chunk_size"):
+        check_probe_settings(setting)
+
+
+def test_good_probe_settings_pass():
+    check_probe_settings({"chunk_size": None, "ks": [10, 30, 50]})
+    check_probe_settings({"chunk_size": 8, "ks": 4})
+    check_probe_settings({})
 
 
 def test_train_refuses_chunk_size_zero_before_any_work(tmp_path):
     from alignscope.train import train
 
     cache = tmp_path / "cache"
-    with pytest.raises(ProbeSettingsError, match=r"probe.chunk_size must be a positive integer.*got 0"):
+    with pytest.raises(ProbeSettingsError, match=r"chunk_size must be a positive integer.*got 0"):
         train(compose_train(tmp_path / "run", str(cache), "logger=csv", "probe.chunk_size=0"))
     assert not cache.exists()  # no tokenizer trained, no data packed
 
@@ -280,3 +295,48 @@ def test_report_checks_k_metric_and_columns_first(pretrained_run, tmp_path, caps
     )
     assert re.search(message, err), err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------- model configs
+@pytest.mark.parametrize(
+    ("model", "typo", "suggestion"),
+    [
+        ("tiny_gpt2", "n_layr", "n_layer"),
+        ("tiny_llama", "num_hiden_layers", "num_hidden_layers"),
+        ("tiny_llama", "rms_norm_epsilon", "rms_norm_eps"),
+    ],
+)
+def test_unknown_model_config_key_is_refused(tmp_path, model, typo, suggestion):
+    from hydra.utils import instantiate
+
+    from alignscope.models import ModelConfigError
+
+    cfg = compose_train(tmp_path, str(tmp_path), f"model={model}", f"+model.config.{typo}=3")
+    with pytest.raises(ModelConfigError, match=rf"does not know.*{typo} \(did you mean {suggestion}"):
+        instantiate(cfg.model)(vocab_size=64)
+
+
+def test_hf_config_name_refuses_unknown_keys(tmp_path):
+    from transformers import GPT2Config
+
+    from alignscope.models import ModelConfigError, build_causal_lm
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32).save_pretrained(tmp_path)
+    with pytest.raises(ModelConfigError, match=r"GPT2Config does not know.*n_embed \(did you mean n_embd"):
+        build_causal_lm(config_name=str(tmp_path), config={"n_embed": 32}, vocab_size=64)
+    with pytest.raises(ModelConfigError, match=r"rope_theta \(no close match\)"):
+        build_causal_lm(config_name=str(tmp_path), config={"rope_theta": 10.0}, vocab_size=64)
+
+
+def test_known_and_consumed_model_config_keys_pass():
+    from alignscope.models import build_causal_lm
+
+    gpt2 = build_causal_lm(
+        "gpt2", {"n_layer": 1, "n_embd": 16, "n_head": 2, "hidden_size": 16}, vocab_size=64
+    )
+    assert gpt2.config.n_embd == 16  # hidden_size is GPT-2's alias (attribute_map) of n_embd
+    config = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    llama = build_causal_lm(
+        "llama", {**config, "rope_theta": 500.0, "attn_implementation": "eager"}, vocab_size=64
+    )
+    assert llama.config.rope_parameters["rope_theta"] == 500.0  # consumed by LlamaConfig, not ignored

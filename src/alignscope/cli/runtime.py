@@ -78,14 +78,18 @@ def build_loggers(specs: Mapping[str, Any] | None, wandb: Mapping[str, Any] | No
 
 
 def check_probe_settings(spec: Mapping[str, Any]) -> None:
-    """Fail on ``probe`` config group settings that :func:`alignscope.probe` would only meet after the model
-    is loaded: ``chunk_size`` must be a positive integer or null (chosen automatically)."""
-    chunk = spec.get("chunk_size")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    """Fail on ``probe`` config group settings (``chunk_size``, ``ks``) that :func:`alignscope.probe` would
+    refuse only once a model is loaded; the same checks as ``probe`` itself."""
+    from alignscope.probe import _validate_chunk_size, _validate_ks
+
+    try:
+        _validate_chunk_size(spec.get("chunk_size"))
+        _validate_ks(spec.get("ks", (10, 30, 50)))
+    except (ValueError, TypeError) as err:
         raise ProbeSettingsError(
-            f"probe.chunk_size must be a positive integer (identity rows per vector-Jacobian product) or "
-            f"null to choose it automatically, got {chunk!r}"
-        )
+            f"bad probe setting: {err}; set probe.chunk_size to a positive integer or null (automatic) and "
+            "probe.ks to a list of positive integers"
+        ) from None
 
 
 def finish_wandb(loggers: list[Any], exit_code: int) -> None:
