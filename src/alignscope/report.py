@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="alignscope-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", help="sweep or run folders of alignscope-probe")
     parser.add_argument("--out", default=None, help="report folder (default: <first run folder>/report)")
-    parser.add_argument("--k", type=int, default=10, help="K for the coupling figures")
+    parser.add_argument("--k", type=int, default=10, help="K for the coupling figures (one of the probed K)")
     parser.add_argument("--metric", default="coupling/k10", help="metric to correlate with the scores")
     parser.add_argument("--scores", default=None, help="CSV with columns model and/or hub_id and the score")
     parser.add_argument("--score-column", default="benchmark_score")
