@@ -209,6 +209,15 @@ def test_probe_app_torn_last_line_is_recomputed(local_models, tmp_path):
     assert again == pytest.approx(first)
 
 
+def test_probe_app_checks_probe_settings_before_touching_the_folder(local_models, tmp_path):
+    from alignscope.cli.runtime import ProbeSettingsError
+
+    clean, _ = local_models
+    with pytest.raises(ProbeSettingsError, match="chunk_size"):
+        probe_run(tmp_path / "run", clean, "probe.chunk_size=0")
+    assert not (tmp_path / "run" / FINGERPRINT).exists()
+
+
 def test_probe_app_report_blocks_follow_probed_layers(local_models, tmp_path):
     clean, _ = local_models
     probe_run(tmp_path / "run", clean, "probe.layers=[0,2]")

@@ -89,6 +89,9 @@ def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
 
 
 def _check_settings(cfg: DictConfig) -> None:
+    from alignscope.cli.runtime import check_probe_settings
+
+    check_probe_settings(cfg.probe)
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ProbeAppConfigError(f"overwrite must be true or false, got {cfg.overwrite!r}")
     if isinstance(cfg.max_length, bool) or not isinstance(cfg.max_length, int) or cfg.max_length < 1:
