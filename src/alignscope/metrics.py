@@ -1,7 +1,9 @@
 """Metrics on residual Jacobians and token trajectories (plain torch; definitions as in DESIGN.md).
 
 Conventions: ``L`` blocks, model width ``d``; Jacobians are residual Jacobians ``J = dx^l/dx^{l-1} - I``.
-A value that cannot be computed (non-finite input, a degenerate fit) is NaN, never dropped.
+A value that cannot be computed (non-finite input, a zero Jacobian, a degenerate fit) is NaN, never dropped;
+norms are taken in units of the largest entry, so finite inputs far from 1 (float32 squares overflow beyond
+1.8e19) give the same ratios as moderate ones.
 """
 
 from __future__ import annotations
@@ -187,10 +189,11 @@ def coupling_matrices(
 def coupling_from_projections(projected: Tensor, S: Tensor, clipped: dict[int, int]) -> dict[int, Tensor]:
     """``{K: m_K [L, L]}`` from ``projected[i, j] = A_{j,Kmax}^T J_i B_{j,Kmax}`` (``[L, L, Kmax, Kmax]``) and the
     singular values ``S`` (``[L, >= Kmax]``); ``clipped`` maps each requested K to its clipped value."""
+    s1 = S[:, :1]  # [L, 1]: both norms in units of s_{i,1} (no overflow of squares, 0/0 for a zero J_i)
     out = {}
     for k, kc in clipped.items():
-        s_k = S[:, :kc]  # [L, K]
-        diff = projected[..., :kc, :kc].abs() - torch.diag_embed(s_k)[:, None]  # diag(s_i) broadcast over j
+        s_k = S[:, :kc] / s1  # [L, K]
+        diff = projected[..., :kc, :kc].abs() / s1[..., None, None] - torch.diag_embed(s_k)[:, None]
         out[k] = torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
     return out
 
@@ -250,7 +253,7 @@ def line_shape_score(trajectory: Tensor) -> Tensor:
     ``LSS = L / ||y^L - y^0||`` (>= 1; 1 for a straight line walked in one direction). A zero step gives NaN.
     """
     steps = trajectory[1:] - trajectory[:-1]
-    norms = torch.linalg.vector_norm(steps, dim=-1, keepdim=True)
+    norms = scaled_norm(steps, keepdim=True)
     unit = torch.where(norms > 0, steps / norms, torch.full_like(steps, float("nan")))
     return steps.shape[0] / torch.linalg.vector_norm(unit.sum(0))
 
@@ -294,8 +297,8 @@ def expodistance(trajectory: Tensor) -> Expodistance:
     ``trajectory``: ``[L + 1, d]``. Zero norms give ``-inf`` logs and hence NaN fits.
     """
     depth = torch.arange(trajectory.shape[0], dtype=trajectory.dtype, device=trajectory.device)
-    steps = torch.linalg.vector_norm(trajectory[1:] - trajectory[:-1], dim=-1).log()
-    norms = torch.linalg.vector_norm(trajectory, dim=-1).log()
+    steps = log_norm(trajectory[1:] - trajectory[:-1])
+    norms = log_norm(trajectory)
     step_fit, norm_fit = _finite_fit(depth[1:], steps), _finite_fit(depth, norms)
     return Expodistance(step_fit.slope, step_fit.r2, norm_fit.slope, norm_fit.r2)
 
@@ -307,16 +310,42 @@ def _finite_fit(x: Tensor, y: Tensor) -> LinearFit:
     return linear_fit(x, y)
 
 
+def scaled_norm(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Euclidean norm over ``dim`` computed in units of the largest magnitude, so squares of entries beyond
+    ``sqrt`` of the dtype's range (1.8e19 in float32) neither overflow nor underflow."""
+    scale = x.abs().amax(dim, keepdim=True)
+    norm = scale * torch.linalg.vector_norm(x / torch.where(scale > 0, scale, 1), dim=dim, keepdim=True)
+    return norm if keepdim else norm.squeeze(dim)
+
+
+def log_norm(x: Tensor, dim: int = -1) -> Tensor:
+    """``log ||x||`` over ``dim`` as ``log(max |x_i|) + log ||x / max |x_i| ||``: finite for every finite nonzero
+    ``x``, even where ``||x||`` itself would overflow; ``-inf`` for a zero vector."""
+    scale = x.abs().amax(dim, keepdim=True)
+    unit = x / torch.where(scale > 0, scale, 1)
+    return scale.squeeze(dim).log() + torch.linalg.vector_norm(unit, dim=dim).log()
+
+
+def _max_scaled(x: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """``x`` divided by its largest magnitude over ``dim`` (unchanged where that is 0): for scale-free
+    quantities (cosines, ratios) whose squares could overflow."""
+    scale = x.abs().amax(dim, keepdim=True)
+    return x / torch.where(scale > 0, scale, 1)
+
+
 def stable_rank(singular_values: Tensor) -> Tensor:
-    """``||J||_F^2 / s_1^2 = sum_i s_i^2 / s_1^2`` from descending singular values ``[..., d] -> [...]``."""
-    return (singular_values**2).sum(-1) / singular_values[..., 0] ** 2
+    """``||J||_F^2 / s_1^2 = sum_i (s_i / s_1)^2`` from descending singular values ``[..., d] -> [...]`` (no
+    overflow of the squares; NaN for a zero matrix, 0/0)."""
+    return (singular_values / singular_values[..., :1]).square().sum(-1)
 
 
 def inverse_top_singular_fit(top_singular: Tensor, depth: Tensor | None = None) -> LinearFit:
-    """Fit of ``1 / s_1`` against block depth (1-based block number unless given): ``[L] -> LinearFit``."""
+    """Fit of ``1 / s_1`` against block depth (1-based block number unless given): ``[L] -> LinearFit``.
+    NaN when any ``s_1`` is zero or not finite."""
     if depth is None:
         depth = torch.arange(1, top_singular.shape[0] + 1)
-    return _finite_fit(depth.to(top_singular.dtype).to(top_singular.device), 1 / top_singular)
+    inverse = torch.where(torch.isfinite(top_singular), 1 / top_singular, math.nan)  # 1/inf is no 0 here
+    return _finite_fit(depth.to(top_singular.dtype).to(top_singular.device), inverse)
 
 
 def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:
@@ -324,7 +353,7 @@ def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:
     z = x0
     for J in jacobians:
         z = z + J @ z
-    return torch.nn.functional.cosine_similarity(z, xL, dim=0)
+    return torch.nn.functional.cosine_similarity(_max_scaled(z), _max_scaled(xL), dim=0)
 
 
 def trajectory_pca(trajectories: Tensor) -> tuple[Tensor, Tensor]:
@@ -340,6 +369,6 @@ def trajectory_pca(trajectories: Tensor) -> tuple[Tensor, Tensor]:
     coords = centred @ vh[:comps].T
     if comps < 2:
         coords = torch.cat([coords, coords.new_zeros(P * n, 2 - comps)], dim=1)
-    var = s**2
+    var = (s / s[0]).square() if s[0] > 0 else s  # in units of the largest: squares cannot overflow
     ratio = var[:2] / var.sum() if var.sum() > 0 else torch.full((2,), float("nan"))
     return coords.reshape(P, n, 2), torch.nn.functional.pad(ratio, (0, 2 - ratio.numel()))

@@ -127,7 +127,8 @@ def analyze_sketch(sk: dict[str, Any], traj: Tensor, layers: list[int], ks: list
         "step_r2": expo.step_r2,
         "norm_slope": expo.norm_slope,
         "norm_r2": expo.norm_r2,
-        "stable_rank": sk["fro2"] / S[:, 0].square(),
+        # ||J||_F^2 = sum s_k^2 + tail_fro^2: the tail counts as one more term of stable_rank's sum
+        "stable_rank": metrics.stable_rank(torch.cat([S, sk["tail_fro"][:, None]], -1)),
         "inv_s1_slope": inv_fit.slope,
         "inv_s1_r2": inv_fit.r2,
         "triplet_residuals": sk["residuals"],
