@@ -186,3 +186,20 @@ def test_prompt_at_the_context_length_is_probed():
 def test_chunk_size_must_be_a_positive_integer(chunk_size, engine):
     with pytest.raises(ValueError, match=rf"chunk_size must be a positive integer .*got {chunk_size!r}"):
         probe(tiny_model("gpt2"), prompt_ids(1, 5), chunk_size=chunk_size, engine=engine)
+
+
+def test_huge_finite_jacobians_give_the_metrics_float64_gives():
+    """Block 1's residual Jacobian reaches s_1 ~ 5e21 (finite in float32, its squares are not): stable rank
+    and coupling are ratios and come out as in float64, not NaN."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1e22)
+        model.transformer.h[1].mlp.c_proj.bias.mul_(1e22)
+    ids = prompt_ids(1, 5)
+    f32, _ = probe_warned(model, ids, layers=[0, 1], engine="exact")
+    f64, _ = probe_warned(model, ids, layers=[0, 1], engine="exact", dtype=torch.float64)
+    assert float(f32.singular_values[0, 1, 0]) > 1e20 and not f32.nonfinite.any()
+    assert torch.allclose(f32.stable_rank.double(), f64.stable_rank, rtol=1e-3)
+    for k in f32.ks:
+        assert torch.isfinite(f32.coupling[k]).all()
+        assert torch.allclose(f32.coupling[k].double(), f64.coupling[k], atol=1e-3)
