@@ -129,6 +129,23 @@ def test_overflowing_block_is_named():
     assert_every_nan_scalar_explained(res)
 
 
+def test_an_overflowing_unprobed_last_block_is_named():
+    """The last block's output overflows; it is not probed, so no Jacobian is non-finite, yet the trajectory
+    metrics are NaN: the message says where the hidden states stop being finite."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[2].attn.c_proj.bias.fill_(1e38)
+        model.transformer.h[2].mlp.c_proj.bias.fill_(3e38)
+    res, issued = probe_warned(model, prompt_ids(2, 5), layers=[0, 1], engine="exact")
+    assert not res.nonfinite.any() and math.isnan(res.scalars()["lss/mean"])
+    assert issued == [
+        "the hidden states are non-finite from x^3 (block 2's output) on at 2 of 2 probed tokens (prompt 0 "
+        "token 4, prompt 1 token 4), from overflow or NaN weights: lss, expodistance and "
+        "linearization/cosine are NaN there"
+    ]
+    assert_every_nan_scalar_explained(res)
+
+
 def test_a_healthy_probe_issues_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateResultWarning)
