@@ -77,17 +77,21 @@ def environment(cache_dir: str) -> dict[str, str]:
     return {**os.environ, "ALIGNSCOPE_CACHE": cache_dir, "PYTHONPATH": path, "WANDB_SILENT": "true"}
 
 
-def train(run_dir: Path, cache_dir: str, *overrides: str, killed: bool = False) -> None:
-    """Run ``alignscope-train``; it must finish (or, with ``killed``, die of SIGKILL)."""
+def train(run_dir: Path, cache_dir: str, *overrides: str, killed: bool = False) -> str:
+    """Run ``alignscope-train``; it must finish (or, with ``killed``, die of SIGKILL). Returns its stderr."""
     out = subprocess.run(
         command(run_dir, *overrides), capture_output=True, text=True, timeout=300, env=environment(cache_dir)
     )
     expected = -signal.SIGKILL if killed else 0
     assert out.returncode == expected, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stderr
 
 
-def resume(run_dir: Path, cache_dir: str, *overrides: str) -> None:
-    train(run_dir, cache_dir, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", *overrides)
+def resume(run_dir: Path, cache_dir: str, ckpt_dir: Path | None = None) -> None:
+    """Resume from ``<ckpt_dir or run_dir>/checkpoints/last.ckpt``; Lightning finds the loader resumable."""
+    ckpt = (ckpt_dir or run_dir) / "checkpoints" / "last.ckpt"
+    stderr = train(run_dir, cache_dir, f"ckpt_path={ckpt}")
+    assert "not resumable" not in stderr
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,99 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
         time.sleep(0.05)
 
 
+# ------------------------------------------------------------------ in process: the pieces a resume relies on
+def test_sampler_resumes_mid_epoch_from_its_state():
+    from alignscope.resumable import ResumableSampler
+
+    data = list(range(23))
+    sampler = ResumableSampler(data, seed=3)
+    sampler.set_epoch(1)
+    epoch_0 = list(ResumableSampler(data, seed=3))
+    it = iter(sampler)
+    first = [next(it) for _ in range(7)]
+    state = sampler.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 7
+    resumed = ResumableSampler(data, seed=3)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(resumed) == 23  # the whole epoch, also mid-epoch: the trainer counts batches by it
+    assert sorted(first + rest) == data and first + rest != epoch_0  # epoch 1's permutation, not epoch 0's
+    fresh = ResumableSampler(data, seed=3)
+    fresh.set_epoch(1)
+    assert list(fresh) == first + rest
+    resumed.set_epoch(2)  # a new epoch starts at its beginning
+    assert len(list(resumed)) == 23
+    assert list(resumed) == list(resumed)  # a finished epoch iterated again starts over, same order
+
+
+def test_sampler_shards_ranks_and_refuses_a_state_of_other_data():
+    from alignscope.resumable import ResumableSampler, SamplerStateError
+
+    data = list(range(21))
+    ranks = [list(ResumableSampler(data, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
+    state = ResumableSampler(list(range(20)), seed=0).state_dict()
+    with pytest.raises(SamplerStateError, match="dataset_size 20 in the checkpoint, 21 now.*data settings"):
+        ResumableSampler(data, seed=0).load_state_dict(state)
+
+
+def test_train_loader_state_continues_the_training_order(cache_dir, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from alignscope.cli.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*SETTINGS, f"paths.run_dir={tmp_path}"])
+
+    def datamodule():
+        dm = instantiate(cfg.data, cache_dir=cache_dir)
+        dm.setup("fit")
+        return dm
+
+    loader = datamodule().train_dataloader()
+    batches = iter(loader)
+    seen = [next(batches)[0] for _ in range(3)]
+    state = loader.state_dict()  # what Lightning puts in the checkpoint (the fit loop's state)
+    assert state["epoch"] == 0 and state["position"] == 3 * loader.batch_size
+    later = next(batches)[0]
+    again = datamodule().train_dataloader()
+    again.load_state_dict(state)  # Lightning: before it iterates the loader again
+    assert len(again) == len(loader)
+    assert next(iter(again))[0].equal(later)
+    assert not any(later.equal(b) for b in seen)
+
+
+def test_checkpoint_carries_the_random_streams():
+    import io
+    import random
+
+    import numpy as np
+    import torch
+
+    from alignscope.lm import CausalLMModule
+    from alignscope.tiny import tiny_model
+
+    module = CausalLMModule(tiny_model("gpt2"))
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(4), np.random.rand(2), random.random())
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=True)  # plain values and tensors only
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    resumed = CausalLMModule(tiny_model("gpt2"))
+    resumed.on_load_checkpoint(restored)
+    torch.rand(3)  # what building loaders and callbacks may draw before training starts
+    resumed.on_train_start()
+    got = (torch.rand(4), np.random.rand(2), random.random())
+    assert got[0].equal(expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+# ------------------------------------------------------------------ subprocesses: kill -9 and resume
 def test_uninterrupted_run_reference(reference):
     assert [p["step"] for p in probes(reference)] == PROBED
     assert set(logged(reference, "train/loss")) >= set(range(1, MAX_STEPS))
@@ -172,7 +269,9 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     ) as proc:
-        wait_for(lambda: ckpt.is_file() and jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2, proc)
+        wait_for(
+            lambda: ckpt.is_file() and jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 2, proc
+        )
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     before = checkpoint_step(run)
@@ -215,7 +314,7 @@ def test_resume_into_a_new_folder_brings_the_earlier_probes_along(tmp_path, cach
     old, new = tmp_path / "old", tmp_path / "new"
     train(old, cache_dir, *inject("batch_end", 10), killed=True)
     assert checkpoint_step(old) == 8
-    train(new, cache_dir, f"ckpt_path={old / 'checkpoints' / 'last.ckpt'}")
+    resume(new, cache_dir, ckpt_dir=old)
     assert_same_probes(new, reference)  # steps 0 and 5 come from the checkpoint, the rest from the new run
     for p in PROBED:  # the tensors too, so figures comparing init with the end can be drawn
         assert (new / "probes" / f"step_{p:07d}" / "tensors.safetensors").is_file()

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from alignscope.cache_build import build_once
-from alignscope.sampler import ResumableSampler
+from alignscope.resumable import ResumableDataLoader, ResumableSampler
 
 DEFAULT_CACHE = os.environ.get("ALIGNSCOPE_CACHE", str(Path.home() / ".cache" / "alignscope"))
 EOS = "<|endoftext|>"
@@ -302,8 +302,6 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.train_tokens: np.ndarray | None = None
         self.val_tokens: np.ndarray | None = None
         self.unigram_loss: float | None = None
-        self.train_sampler: ResumableSampler | None = None
-        self._train_sampler_state: dict[str, Any] | None = None  # from a checkpoint, for the next loader
 
     @property
     def vocab_size(self) -> int:
@@ -367,21 +365,16 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.train_dataset = TensorDataset(torch.from_numpy(self.train_tokens.astype(np.int64)))
         self.val_dataset = TensorDataset(torch.from_numpy(self.val_tokens.astype(np.int64)))
 
-    def train_dataloader(self) -> DataLoader:
-        """Training batches ``[batch_size, seq_len]``: a seeded permutation per epoch (:class:`ResumableSampler`,
-        sharded across the trainer's ranks) that continues mid-epoch after :meth:`load_state_dict`."""
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training batches ``[batch_size, seq_len]`` in a seeded permutation per epoch, sharded across the
+        trainer's ranks; the loader's state (epoch, position) goes into Lightning checkpoints, so a resume
+        continues mid-epoch where the checkpoint was taken (see :mod:`alignscope.resumable`)."""
         trainer = self.trainer
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self.train_sampler = ResumableSampler(
-            self.train_dataset, seed=self.seed, num_replicas=ranks, rank=rank
-        )
-        if self._train_sampler_state is not None:
-            self.train_sampler.load_state_dict(self._train_sampler_state)
-            self._train_sampler_state = None
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=self.train_sampler,
+            sampler=ResumableSampler(self.train_dataset, seed=self.seed, num_replicas=ranks, rank=rank),
             num_workers=self.num_workers,
             drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),  # worker seeds; the global RNG is left alone
@@ -396,18 +389,4 @@ class CausalLMDataModule(pl.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Stored in Lightning checkpoints: the data settings and the training order's position."""
-        state: dict[str, Any] = {"seq_len": self.seq_len, "seed": self.seed}
-        if self.train_sampler is not None:
-            state["train_sampler"] = self.train_sampler.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the training order's position (Lightning calls this before it asks for the loaders)."""
-        sampler_state = state_dict.get("train_sampler")
-        if sampler_state is None:
-            return
-        if self.train_sampler is not None:
-            self.train_sampler.load_state_dict(sampler_state)
-        else:
-            self._train_sampler_state = sampler_state
+        return {"seq_len": self.seq_len, "seed": self.seed}

@@ -1,4 +1,8 @@
-"""``ResumableSampler``: a seeded training order that a checkpoint can stop and resume mid-epoch.
+"""A seeded training order that a checkpoint can stop and resume mid-epoch.
+
+- :class:`ResumableSampler`: the order and the position in it.
+- :class:`ResumableDataLoader`: a ``DataLoader`` with ``state_dict`` / ``load_state_dict``, which Lightning
+  stores in its checkpoints (the fit loop's state) and restores before it iterates the loader again.
 
 Epoch ``e`` visits the indices in the order ``torch.randperm(n)`` drawn from a generator seeded with
 ``seed + e``; with ``R`` ranks, rank ``r`` takes every ``R``-th index of that order (the tail is dropped so that
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class SamplerStateError(ValueError):
@@ -82,3 +86,16 @@ class ResumableSampler(DistributedSampler):
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose state is its sampler's (see :class:`ResumableSampler`); Lightning checkpoints it.
+
+    A loader Lightning rebuilt with another sampler (``overfit_batches``) has no state to keep."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict() if isinstance(self.sampler, ResumableSampler) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.load_state_dict(state)
