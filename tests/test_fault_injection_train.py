@@ -24,12 +24,14 @@ import pytest
 
 TESTS = Path(__file__).parent
 MAX_STEPS = 16
+BATCHES_PER_EPOCH = 8
+BATCH_SIZE = 16
 PROBED = [0, 5, 10, 15, 16]
 SETTINGS = [
     "experiment=smoke",
     "data.corpus.max_files=2",
-    "data.batch_size=16",
-    "+trainer.limit_train_batches=8",
+    f"data.batch_size={BATCH_SIZE}",
+    f"+trainer.limit_train_batches={BATCHES_PER_EPOCH}",
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.log_every_n_steps=1",
     "model.config.resid_pdrop=0.1",
@@ -117,10 +119,14 @@ def logged(run_dir: Path, name: str) -> dict[int, float]:
     return values
 
 
-def checkpoint_step(run_dir: Path) -> int:
+def checkpoint(run_dir: Path) -> dict:
     import torch
 
-    return int(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    return int(checkpoint(run_dir)["global_step"])
 
 
 def assert_same_probes(run_dir: Path, reference: Path) -> None:
@@ -298,7 +304,13 @@ def test_kill_points(tmp_path, cache_dir, reference, at, step, resumed_from):
         assert not (run / "checkpoints" / "last.ckpt").exists()
         train(run, cache_dir)  # the same command again, in the same folder
     else:
-        assert checkpoint_step(run) == resumed_from
+        saved = checkpoint(run)
+        assert saved["global_step"] == resumed_from
+        # Lightning keeps the training loader's state in the fit loop's: the epoch and the samples it handed out
+        (loader,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        epoch = (resumed_from - 1) // BATCHES_PER_EPOCH
+        assert loader["epoch"] == epoch
+        assert loader["position"] == (resumed_from - epoch * BATCHES_PER_EPOCH) * BATCH_SIZE
         resume(run, cache_dir)
     final = [p["step"] for p in probes(run)]
     assert set(computed) <= set(final)  # nothing computed before the kill is lost ...
