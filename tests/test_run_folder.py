@@ -171,6 +171,18 @@ def test_probe_app_refuses_a_folder_of_another_model(local_models, tmp_path, cap
         probe_run(tmp_path / "run2", in_place)
 
 
+def test_probe_app_refuses_a_stored_prompt_of_other_ids(local_models, tmp_path):
+    clean, _ = local_models
+    run_dir = tmp_path / "run"
+    probe_run(run_dir, clean)
+    path = run_dir / "probes.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[1]["ids_sha256"] = "0" * 64  # the folder edited by hand
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(RunFolderError, match="prompt 1 with other text or token ids"):
+        probe_run(run_dir, clean)
+
+
 def test_probe_app_on_non_finite_model_writes_everything_and_says_so(local_models, tmp_path, capsys):
     clean, nan = local_models
     run_dir = tmp_path / "run"
