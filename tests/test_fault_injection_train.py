@@ -89,10 +89,10 @@ def train(run_dir: Path, cache_dir: str, *overrides: str, killed: bool = False) 
     return out.stderr
 
 
-def resume(run_dir: Path, cache_dir: str, ckpt_dir: Path | None = None) -> None:
+def resume(run_dir: Path, cache_dir: str, *overrides: str, ckpt_dir: Path | None = None) -> None:
     """Resume from ``<ckpt_dir or run_dir>/checkpoints/last.ckpt``; Lightning finds the loader resumable."""
     ckpt = (ckpt_dir or run_dir) / "checkpoints" / "last.ckpt"
-    stderr = train(run_dir, cache_dir, f"ckpt_path={ckpt}")
+    stderr = train(run_dir, cache_dir, f"ckpt_path={ckpt}", *overrides)
     assert "not resumable" not in stderr
 
 
@@ -198,6 +198,37 @@ def test_sampler_shards_ranks_and_refuses_a_state_of_other_data():
         ResumableSampler(data, seed=0).load_state_dict(state)
 
 
+def test_loader_state_counts_the_batches_handed_out_not_those_workers_read_ahead():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from alignscope.resumable import ResumableDataLoader, ResumableSampler
+
+    data = TensorDataset(torch.arange(64))
+
+    def loader(epoch: int = 0) -> ResumableDataLoader:
+        sampler = ResumableSampler(data, seed=1)
+        sampler.set_epoch(epoch)
+        return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=2, drop_last=True)
+
+    first = loader()
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    assert state["position"] == 12 < first.sampler.position  # the workers have read further
+    following = next(batches)[0]
+    again = loader()
+    again.load_state_dict(state)
+    assert next(iter(again))[0].equal(following)
+    # resumed at an epoch's end: Lightning creates the iterator, then sets the next epoch
+    at_end = loader()
+    at_end.load_state_dict({**state, "position": 64})
+    batches = iter(at_end)
+    at_end.sampler.set_epoch(1)
+    assert next(batches)[0].equal(next(iter(loader(epoch=1)))[0])
+
+
 def test_train_loader_state_continues_the_training_order(cache_dir, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -288,21 +319,29 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
 
 
 @pytest.mark.parametrize(
-    ("at", "step", "resumed_from"),
+    ("at", "step", "resumed_from", "extra"),
     [
-        ("probe_saved", 0, None),  # during the first probe: no checkpoint yet, the rerun starts over
-        ("batch_end", 10, 8),  # between checkpoints, after a probe the last checkpoint (epoch end) lacks
-        ("batch_start", 12, 12),  # right after a mid-epoch checkpoint
-        ("checkpoint_dump", 12, 8),  # while the checkpoint of step 12 is assembled: the one of step 8 stays
+        ("probe_saved", 0, None, []),  # during the first probe: no checkpoint yet, the rerun starts over
+        ("batch_end", 10, 8, []),  # between checkpoints, after a probe the last checkpoint (epoch end) lacks
+        ("batch_start", 12, 12, []),  # right after a mid-epoch checkpoint
+        ("checkpoint_dump", 12, 8, []),  # while the checkpoint of step 12 is assembled: the one of 8 stays
+        ("batch_start", 12, 12, ["data.num_workers=2"]),  # workers read ahead of training
+    ],
+    ids=[
+        "first_probe",
+        "between_checkpoints",
+        "after_checkpoint",
+        "during_checkpoint",
+        "after_checkpoint_workers",
     ],
 )
-def test_kill_points(tmp_path, cache_dir, reference, at, step, resumed_from):
+def test_kill_points(tmp_path, cache_dir, reference, at, step, resumed_from, extra):
     run = tmp_path / "run"
-    train(run, cache_dir, *inject(at, step), killed=True)
+    train(run, cache_dir, *inject(at, step), *extra, killed=True)
     computed = [p["step"] for p in probes(run)]
     if resumed_from is None:
         assert not (run / "checkpoints" / "last.ckpt").exists()
-        train(run, cache_dir)  # the same command again, in the same folder
+        train(run, cache_dir, *extra)  # the same command again, in the same folder
     else:
         saved = checkpoint(run)
         assert saved["global_step"] == resumed_from
@@ -311,7 +350,7 @@ def test_kill_points(tmp_path, cache_dir, reference, at, step, resumed_from):
         epoch = (resumed_from - 1) // BATCHES_PER_EPOCH
         assert loader["epoch"] == epoch
         assert loader["position"] == (resumed_from - epoch * BATCHES_PER_EPOCH) * BATCH_SIZE
-        resume(run, cache_dir)
+        resume(run, cache_dir, *extra)
     final = [p["step"] for p in probes(run)]
     assert set(computed) <= set(final)  # nothing computed before the kill is lost ...
     assert_same_probes(run, reference)  # ... nor duplicated; the values are the uninterrupted run's
