@@ -110,8 +110,10 @@ def probes(run_dir: Path) -> list[dict[str, float]]:
 
 def logged(run_dir: Path, name: str) -> dict[int, float]:
     """``{step: value}`` of a per-step metric in the CSV log (a step logged twice must agree with itself)."""
-    with open(run_dir / "csv" / "metrics.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get(name)]
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):  # one version per attempt
+        with open(path) as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get(name)]
     values: dict[int, float] = {}
     for r in rows:
         step, value = int(r["step"]), float(r[name])
@@ -141,12 +143,17 @@ def assert_same_probes(run_dir: Path, reference: Path) -> None:
                 assert g[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (g["step"], key)
 
 
-def assert_same_training(run_dir: Path, reference: Path, resumed_from: int) -> None:
-    """Every step the resumed run logged has the reference's loss and learning rate; it logged every step after
-    the checkpoint's."""
+def assert_same_training(
+    run_dir: Path, reference: Path, resumed_from: int, earlier: Path | None = None
+) -> None:
+    """Every step the killed and the resumed attempt logged (in ``run_dir``, and in ``earlier`` when the resume
+    went to a new folder) has the reference's loss and learning rate, and together they logged every step:
+    nothing before the kill was lost."""
     for name in ("train/loss", "train/lr"):
         got, want = logged(run_dir, name), logged(reference, name)
-        assert set(range(resumed_from + 1, MAX_STEPS)) <= set(got), (name, sorted(got))
+        if earlier is not None:
+            got = {**logged(earlier, name), **got}
+        assert set(range(1, MAX_STEPS)) <= set(got), (name, resumed_from, sorted(got))
         for step, value in got.items():
             assert value == pytest.approx(want[step], rel=1e-5), (name, step)
 
@@ -369,4 +376,4 @@ def test_resume_into_a_new_folder_brings_the_earlier_probes_along(tmp_path, cach
     assert_same_probes(new, reference)  # steps 0 and 5 come from the checkpoint, the rest from the new run
     for p in PROBED:  # the tensors too, so figures comparing init with the end can be drawn
         assert (new / "probes" / f"step_{p:07d}" / "tensors.safetensors").is_file()
-    assert_same_training(new, reference, resumed_from=8)
+    assert_same_training(new, reference, resumed_from=8, earlier=old)

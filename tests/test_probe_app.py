@@ -60,7 +60,7 @@ def test_probe_app_writes_everything(sweep):
         scalars = json.loads((run_dir / "scalars.json").read_text())
         assert math.isfinite(scalars["coupling/k10"])
         assert (run_dir / "figures" / "coupling_k10.png").is_file()
-        with open(run_dir / "csv" / "metrics.csv") as fh:
+        with open(run_dir / "csv" / "version_0" / "metrics.csv") as fh:
             assert "align/coupling/k10" in next(csv.DictReader(fh))
     a = json.loads((sweep / "0" / "scalars.json").read_text())["coupling/k10"]
     b = json.loads((sweep / "1" / "scalars.json").read_text())["coupling/k10"]

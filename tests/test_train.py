@@ -41,7 +41,7 @@ def test_short_fit_with_csv_logger(tmp_path, cache_dir):
     assert final["global_step"] == 12
     steps = jsonl_steps(run)
     assert steps == [0, 1, 2, 4, 5, 10, 12]  # step 0, log-spaced below 5, every 5, end of fit
-    with open(run / "csv" / "metrics.csv") as fh:
+    with open(run / "csv" / "version_0" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     logged = {int(r["step"]) for r in rows if r.get("align/coupling/k10")}
     assert {0, 12} <= logged and logged == set(steps)
