@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ["WANDB_MODE"] = "offline"  # WANDB_MODE wins over the configs: a user's "online" must not reach the tests
+os.environ["WANDB_MODE"] = (
+    "offline"  # WANDB_MODE wins over the configs: a user's "online" must not reach the tests
+)
 
 from alignscope.models import get_adapter
 from alignscope.tiny import TINY_CONFIGS, tiny_model
