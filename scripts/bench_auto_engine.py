@@ -56,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from alignscope import probe
-    from alignscope.probe import planned_engine, randomized_products
-    from alignscope.randomized import RandomizedSVD
+    from alignscope.core.randomized import RandomizedSVD
+    from alignscope.probing.probe import planned_engine, randomized_products
 
     header = (
         "| d | blocks | K | randomized products / d | randomized (s) | single_token (s) | "

@@ -20,9 +20,9 @@ def run_one(seq: int, chunk: int, vectorize: bool, repeats: int) -> dict:
 
     import torch
 
-    from alignscope.capture import block_function, capture_block_calls, probe_mode
-    from alignscope.jacobian import ReverseModeEngine
+    from alignscope.autodiff.jacobian import ReverseModeEngine
     from alignscope.models import get_adapter
+    from alignscope.models.capture import block_function, capture_block_calls, probe_mode
     from benchlib import block_model  # the same SmolLM2-sized block (scripts/ is on sys.path)
 
     model = block_model(576)

@@ -39,9 +39,14 @@ TOP_K = 10
 
 
 def time_engines(d: int, seq: int, budget_s: float) -> dict:
-    from alignscope.capture import block_function, probe_mode, token_block_function, token_copies_function
-    from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
-    from alignscope.probe import COPIES_CHUNK, token_chunk
+    from alignscope.autodiff.jacobian import ReverseModeEngine, jacobian_by_copies
+    from alignscope.models.capture import (
+        block_function,
+        probe_mode,
+        token_block_function,
+        token_copies_function,
+    )
+    from alignscope.probing.probe import COPIES_CHUNK, token_chunk
 
     model = block_model(d)
     out = {"d": d, "T": seq}
@@ -79,8 +84,9 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
             "single_token_copies": (on_copies, None, token.input[0], zero),
         }
         results = {}
-        from alignscope.randomized import LinearizedBlock, RandomizedSVD
-        from alignscope.sketch_probe import row_function
+        from alignscope.autodiff.linearized import LinearizedBlock
+        from alignscope.core.randomized import RandomizedSVD
+        from alignscope.probing.sketch_probe import row_function
 
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         sketch = RandomizedSVD()
@@ -118,11 +124,12 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
 def large_block(d: int, seq: int) -> dict:
     """Exact single-token (probe default) against randomized top-K on one block-token of width ``d`` (the
     full-sequence engines are left out: hours at d = 4096 on a CPU)."""
-    from alignscope.capture import probe_mode, token_block_function
-    from alignscope.jacobian import ReverseModeEngine
-    from alignscope.probe import token_chunk
-    from alignscope.randomized import LinearizedBlock, RandomizedSVD
-    from alignscope.sketch_probe import row_function
+    from alignscope.autodiff.jacobian import ReverseModeEngine
+    from alignscope.autodiff.linearized import LinearizedBlock
+    from alignscope.core.randomized import RandomizedSVD
+    from alignscope.models.capture import probe_mode, token_block_function
+    from alignscope.probing.probe import token_chunk
+    from alignscope.probing.sketch_probe import row_function
 
     model = block_model(d)
     with probe_mode(model):
@@ -153,8 +160,9 @@ def large_block(d: int, seq: int) -> dict:
 
 
 def smollm2_probe() -> dict:
-    from alignscope import metrics, probe
-    from alignscope.prompts import load_prompts
+    from alignscope import probe
+    from alignscope.apps.prompts import load_prompts
+    from alignscope.core import metrics
 
     model, tok = zoo_model("smollm2_135m")
     ids = [tok(p)["input_ids"] for p in load_prompts(num=8, seed=0)]

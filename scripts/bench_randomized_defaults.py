@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
 
-    from alignscope import metrics, probe
-    from alignscope.prompts import load_prompts
-    from alignscope.randomized import RandomizedSVD
+    from alignscope import probe
+    from alignscope.apps.prompts import load_prompts
+    from alignscope.core import metrics
+    from alignscope.core.randomized import RandomizedSVD
 
     model, tok = zoo_model("smollm2_135m")
     ids = [tok(p)["input_ids"] for p in load_prompts(num=args.prompts, seed=0)]

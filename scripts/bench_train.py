@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for alignscope-train")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="alignscope-bench-")) / "run"
-    cmd = [sys.executable, "-m", "alignscope.train", f"hydra.run.dir={run_dir}", *args.overrides]
+    cmd = [sys.executable, "-m", "alignscope.apps.train", f"hydra.run.dir={run_dir}", *args.overrides]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
     wall = time.perf_counter() - start

@@ -73,8 +73,8 @@ def zoo_model(name: str) -> tuple[Any, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from alignscope.cli.config import config_dir
-    from alignscope.zoo import load_model, load_tokenizer
+    from alignscope.apps.config import config_dir
+    from alignscope.models.zoo import load_model, load_tokenizer
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("probe_app", overrides=[f"model={name}"])
@@ -99,15 +99,15 @@ class BlockToken:
         return self.blocks[self.layer]
 
     def full(self) -> Any:
-        from alignscope.capture import capture_block_calls
+        from alignscope.models.capture import capture_block_calls
 
         return capture_block_calls(self.model, self.adapter, self.blocks, self.ids)[self.layer]
 
 
 def block_token(model, seq: int, layer: int = 1, seed: int = 0) -> BlockToken:
-    """The :class:`BlockToken` of a ``seq``-token random prompt; call inside ``alignscope.capture.probe_mode``."""
-    from alignscope.capture import capture_token_calls
+    """The :class:`BlockToken` of a ``seq``-token random prompt; call inside ``alignscope.models.capture.probe_mode``."""
     from alignscope.models import get_adapter
+    from alignscope.models.capture import capture_token_calls
 
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)

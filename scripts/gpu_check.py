@@ -39,7 +39,7 @@ def svd_timings(d: int, device: torch.device, sync) -> None:
     """The analysis needs every singular value and the top-K singular vectors of one d x d matrix per
     block-token; time the options once on a residual-like matrix (I + noise): torch's default SVD, the
     approximate gesvda driver, eigh of J^T J in float64, and what the probe runs (``metrics.top_svd``)."""
-    from alignscope.metrics import top_svd
+    from alignscope.core.metrics import top_svd
 
     torch.manual_seed(0)
     a = torch.eye(d, device=device) + 0.3 * torch.randn(d, d, device=device) / d**0.5
@@ -54,8 +54,13 @@ def chunk_sweep(model, seqs: list[int], device: torch.device, sync) -> None:
     """Time one block-token Jacobian (block 1, last token) per way of batching it, to choose the GPU
     defaults: batched VJPs through the single-token call (rows per call), copies of the token (copies per
     pass) and the full-sequence reference engine (rows per call)."""
-    from alignscope.capture import block_function, probe_mode, token_block_function, token_copies_function
-    from alignscope.jacobian import ReverseModeEngine, jacobian_by_copies
+    from alignscope.autodiff.jacobian import ReverseModeEngine, jacobian_by_copies
+    from alignscope.models.capture import (
+        block_function,
+        probe_mode,
+        token_block_function,
+        token_copies_function,
+    )
 
     with probe_mode(model):
         for seq in seqs:
@@ -189,7 +194,7 @@ def agreement(model, ids, blocks: int) -> None:
 
     from alignscope import probe
 
-    probe_module = importlib.import_module("alignscope.probe")
+    probe_module = importlib.import_module("alignscope.probing.probe")
     layers = list(range(blocks))
     single = probe(model, ids, layers=layers, keep_jacobians=True, engine="single_token")
     probe_module.ANALYSIS_SVD = "svd"

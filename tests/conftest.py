@@ -14,7 +14,7 @@ os.environ["WANDB_MODE"] = (
 )
 
 from alignscope.models import get_adapter
-from alignscope.tiny import TINY_CONFIGS, tiny_model
+from alignscope.models.tiny import TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -78,7 +78,7 @@ def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from alignscope.prompts import default_prompts
+    from alignscope.apps.prompts import default_prompts
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(

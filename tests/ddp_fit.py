@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from alignscope.callback import AlignmentMonitor
+from alignscope.apps.callback import AlignmentMonitor
 from test_callback import PlainLM, quiet_trainer
 
 if __name__ == "__main__":

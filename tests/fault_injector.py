@@ -42,7 +42,7 @@ class FaultInjector(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.at != "probe_saved":
             return
-        from alignscope.result import ProbeResult
+        from alignscope.probing.result import ProbeResult
 
         original = ProbeResult.save
 

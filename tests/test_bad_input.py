@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from alignscope.cli.config import config_dir
-from alignscope.cli.runtime import LoggerConfigError, ProbeSettingsError, check_probe_settings
+from alignscope.apps.config import config_dir
+from alignscope.apps.runtime import LoggerConfigError, ProbeSettingsError, check_probe_settings
 from conftest import save_tiny_local_model
 from test_train import compose_train, jsonl_steps
 
@@ -35,7 +35,7 @@ FAST_FIT = ["trainer.max_steps=2", "data.corpus.max_files=8", "callbacks.alignme
 def test_training_without_a_logger(tmp_path, cache_dir, monkeypatch, caplog, overrides, wandb_mode):
     import wandb
 
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     monkeypatch.setenv("WANDB_MODE", wandb_mode)
     run = tmp_path / "run"
@@ -47,7 +47,7 @@ def test_training_without_a_logger(tmp_path, cache_dir, monkeypatch, caplog, ove
 
 
 def _wandb_loggers(*overrides: str):
-    from alignscope.train import build_loggers
+    from alignscope.apps.train import build_loggers
 
     return build_loggers(compose_train(Path("/nonexistent"), "/nonexistent", "logger=wandb", *overrides))
 
@@ -87,7 +87,7 @@ def test_logger_without_target_is_refused(monkeypatch):
 
 
 def test_probe_app_loggers_keep_their_naming_and_honour_disabled(tmp_path, monkeypatch):
-    from alignscope.probe_app import _loggers
+    from alignscope.apps.probe_app import _loggers
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_probe(tmp_path, "logger=wandb", "model=pythia_160m", "model.revision=step1000")
@@ -105,7 +105,7 @@ def test_probe_app_loggers_keep_their_naming_and_honour_disabled(tmp_path, monke
 
 
 def test_offline_run_leaves_wandb_mode_of_the_process_alone(tmp_path, monkeypatch):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     local = save_tiny_local_model(tmp_path / "model")
@@ -117,7 +117,7 @@ def test_offline_run_leaves_wandb_mode_of_the_process_alone(tmp_path, monkeypatc
 
 
 def test_wandb_disabled_probe_app_writes_no_run(tmp_path, monkeypatch):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     local = save_tiny_local_model(tmp_path / "model")
@@ -153,7 +153,7 @@ def test_good_probe_settings_pass():
 
 
 def test_train_refuses_chunk_size_zero_before_any_work(tmp_path):
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     cache = tmp_path / "cache"
     with pytest.raises(ProbeSettingsError, match=r"chunk_size must be a positive integer.*got 0"):
@@ -163,7 +163,7 @@ def test_train_refuses_chunk_size_zero_before_any_work(tmp_path):
 
 # ------------------------------------------------------------------------------------------- prompt files
 def test_prompt_file_not_utf8(tmp_path):
-    from alignscope.prompts import PromptConfigError, load_prompts
+    from alignscope.apps.prompts import PromptConfigError, load_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_bytes("first prompt\ncaf\xe9 au lait\n".encode("latin-1"))
@@ -175,7 +175,7 @@ def test_prompt_file_not_utf8(tmp_path):
 
 
 def test_prompt_file_with_byte_order_mark(tmp_path):
-    from alignscope.prompts import load_prompts
+    from alignscope.apps.prompts import load_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_bytes(b"\xef\xbb\xbffirst prompt\nsecond prompt\n")
@@ -188,7 +188,7 @@ PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_s
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> Path:
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     root = tmp_path_factory.mktemp("report-input")
     local = save_tiny_local_model(root / "model")
@@ -207,7 +207,7 @@ def pretrained_run(tmp_path_factory) -> Path:
 
 
 def _report_fails(argv: list[str], capsys) -> str:
-    from alignscope.report import main
+    from alignscope.apps.report import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -230,7 +230,7 @@ def test_report_names_a_missing_column(tmp_path, capsys):
 
 
 def test_report_skips_and_lists_rows_with_blank_or_bad_cells(tmp_path):
-    from alignscope.report import build_report
+    from alignscope.apps.report import build_report
 
     scores = tmp_path / "scores.csv"
     scores.write_text(
@@ -256,7 +256,7 @@ def test_report_fails_when_no_row_is_usable(tmp_path, capsys):
 
 
 def test_report_lists_unmatched_models(pretrained_run, tmp_path):
-    from alignscope.report import build_report
+    from alignscope.apps.report import build_report
 
     scores = tmp_path / "scores.csv"
     scores.write_text("model,hub_id,benchmark_score\nlocal,,50.0\ngpt9,org/gpt9,40.0\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignscope.batching import batchable_backward
+from alignscope.autodiff.batching import batchable_backward
 
 OPS = {
     "silu": F.silu,
@@ -97,7 +97,7 @@ def test_batchable_backward_matches_torch(name):
 
 
 def test_only_plain_list_indices_become_slices():
-    from alignscope.batching import _as_basic_index
+    from alignscope.autodiff.batching import _as_basic_index
 
     assert _as_basic_index((Ellipsis, [-2], slice(None))) == ((Ellipsis, slice(-2, -1), slice(None)), 1)
     assert _as_basic_index((slice(None), [-1])) == ((slice(None), slice(-1, None)), 1)
@@ -150,8 +150,8 @@ def test_no_backward_op_runs_row_by_row_in_a_single_token_jacobian(monkeypatch):
     once per identity row (d of them, in one product here); with it, a few times per product."""
     import contextlib
 
-    from alignscope import jacobian
-    from alignscope.capture import probe_mode
+    from alignscope.autodiff import jacobian
+    from alignscope.models.capture import probe_mode
     from conftest import tiny_model
 
     model = tiny_model("llama")  # SiLU MLP, eager softmax attention

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from alignscope import cache_build, zoo
-from alignscope.cache_build import CacheBuildError, build_once, lock_path, temp_leftovers
-from alignscope.data import BPETokenizer, CausalLMDataModule, TextFilesCorpus
+from alignscope.apps.data import BPETokenizer, CausalLMDataModule, TextFilesCorpus
+from alignscope.models import cache_build, zoo
+from alignscope.models.cache_build import CacheBuildError, build_once, lock_path, temp_leftovers
 
 FILES = {"config.json": b'{"model_type": "fake"}', "weights.bin": bytes(range(256)) * 64}
 
@@ -118,7 +118,7 @@ def test_parallel_first_use_of_a_zoo_model_unpacks_once(cache, tmp_path):
     script = (
         BARRIER
         + """
-from alignscope import zoo
+from alignscope.models import zoo
 log = pathlib.Path(sys.argv[4])
 write_complete = zoo._write_complete
 def slow_write_complete(folder):
@@ -169,7 +169,7 @@ def test_leftovers_of_a_killed_builder_are_removed_by_the_next(tmp_path, capsys)
     started = tmp_path / "started"
     script = """
 import sys, time, pathlib
-from alignscope.cache_build import build_once
+from alignscope.models.cache_build import build_once
 def build(tmp):
     tmp.mkdir()
     (tmp / "part").write_bytes(b"x" * 1000)
@@ -323,7 +323,7 @@ def test_a_model_cache_from_another_wheel_is_rebuilt(cache, tmp_path, monkeypatc
 def test_shipped_zoo_entries_are_pinned():
     from omegaconf import OmegaConf
 
-    from alignscope.cli.config import config_dir
+    from alignscope.apps.config import config_dir
 
     for entry in ("smollm2_135m", "minilm_l6"):
         spec = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / f"{entry}.yaml"))

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from alignscope.callback import AlignmentMonitor, MonitorConfigError
+from alignscope.apps.callback import AlignmentMonitor, MonitorConfigError
 from conftest import tiny_model
 
 

@@ -1,4 +1,4 @@
-"""Attention over a constant KV cache (alignscope.constant_cache): products part by part, equal to the joined
+"""Attention over a constant KV cache (alignscope.autodiff.constant_cache): products part by part, equal to the joined
 computation, and no gradient into the cached keys and values."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignscope import constant_cache
-from alignscope.batching import batchable_backward
-from alignscope.constant_cache import parts_of, per_matrix_matmul, split_matmul
+from alignscope.autodiff import constant_cache
+from alignscope.autodiff.batching import batchable_backward
+from alignscope.autodiff.constant_cache import parts_of, per_matrix_matmul, split_matmul
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -164,7 +164,7 @@ def test_single_token_calls_of_every_causal_family_give_the_cache_no_gradient(mo
     """In every causal family's single-token Jacobian the cache joins go part by part: no gradient reaches
     the joined keys and values (and it does when the product is not split: the check can fail)."""
     from alignscope import probe
-    from alignscope.tiny import TINY_CONFIGS
+    from alignscope.models.tiny import TINY_CONFIGS
     from conftest import prompt_ids, tiny_model
 
     joined = constant_cache.joined

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from alignscope.data import (
+from alignscope.apps.data import (
     BPETokenizer,
     CausalLMDataModule,
     DataConfigError,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignscope import DegenerateResultWarning, ProbeResult, probe
-from alignscope.degenerate import degeneracies, explain
+from alignscope.probing.degenerate import degeneracies, explain
 from conftest import prompt_ids, tiny_model
 
 ENGINES = ["exact", "single_token", "randomized"]
@@ -187,7 +187,7 @@ def test_prompt_longer_than_the_context_is_rejected_up_front(family, overrides, 
     with pytest.raises(ValueError, match=message + r".*max_length=" + str(limit)):
         probe(model, [short[0].tolist(), long[0].tolist()], engine="exact")
     if family == "gpt2":
-        from alignscope.probe import token_jacobians
+        from alignscope.probing.probe import token_jacobians
 
         with pytest.raises(ValueError, match="more than the model's context of 64"):
             token_jacobians(model, long[0], pairs=[(0, 0)])

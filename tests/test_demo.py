@@ -15,7 +15,7 @@ def test_demo_app_prints_and_saves(tmp_path):
         [
             sys.executable,
             "-m",
-            "alignscope.cli.demo",
+            "alignscope.apps.demo",
             f"hydra.run.dir={run_dir}",
             "prompts.num=2",
             "model=tiny_llama",
@@ -38,7 +38,7 @@ def test_demo_app_prints_and_saves(tmp_path):
 
 def test_demo_rejects_a_bad_override(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "alignscope.cli.demo", f"hydra.run.dir={tmp_path}", "probe.layers=[99]"],
+        [sys.executable, "-m", "alignscope.apps.demo", f"hydra.run.dir={tmp_path}", "probe.layers=[99]"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -93,10 +93,10 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     """At long contexts the default single-token path on CPUs (batched VJPs, the cache a constant) and the
     copies of the token in one sequence (CUDA's plan: their own mask rows, positions and rotary embeddings)
     give the exact Jacobians."""
-    from alignscope.capture import capture_token_calls, probe_mode, token_copies_function
     from alignscope.models import get_adapter
+    from alignscope.models.capture import capture_token_calls, probe_mode, token_copies_function
 
-    probe_module = importlib.import_module("alignscope.probe")
+    probe_module = importlib.import_module("alignscope.probing.probe")
     model = tiny_model(family, **LONG_CONTEXT.get(family, {}))
     length = COPIES_FROM + 4
     ids = prompt_ids(1, length, seed=4)
@@ -129,7 +129,7 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
 def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     """What probe() runs on CUDA, here on the CPU: copies (``copies_plan``, here from the first token on),
     GPU chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
-    probe_module = importlib.import_module("alignscope.probe")  # the package exports the function as probe
+    probe_module = importlib.import_module("alignscope.probing.probe")
 
     model = tiny_model(family)
     ids = prompt_ids(1, 9, seed=12)
@@ -157,7 +157,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
 
 
 def test_token_chunk_on_cuda_follows_the_row_budget():
-    from alignscope.probe import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
+    from alignscope.probing.probe import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
 
     assert token_chunk(63, "cuda", 4096) == CUDA_TOKEN_CHUNK
     assert token_chunk(2047, "cuda", 4096) == CUDA_ROW_BUDGET // (2048 * 4096)
@@ -172,7 +172,7 @@ def test_token_chunk_on_cuda_follows_the_row_budget():
 def test_long_contexts_with_sdpa_bfloat16_and_float64(copies, monkeypatch):
     """The batched single-token path (sdpa written out with the cache a constant) and the copies path."""
     if copies:
-        probe_module = importlib.import_module("alignscope.probe")
+        probe_module = importlib.import_module("alignscope.probing.probe")
         monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
     ids = prompt_ids(1, COPIES_FROM + 2, seed=6)
     model = tiny_model("llama")

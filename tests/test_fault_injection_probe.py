@@ -1,6 +1,6 @@
 """alignscope-probe killed (SIGKILL) at several points and rerun, and two processes started in one folder:
 nothing computed is lost, nothing is duplicated, the rerun completes, and the numbers equal an uninterrupted
-run's. Each run is a real subprocess of ``python -m alignscope.probe_app`` on a tiny local model."""
+run's. Each run is a real subprocess of ``python -m alignscope.apps.probe_app`` on a tiny local model."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def command(run_dir: Path, model: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "alignscope.probe_app",
+        "alignscope.apps.probe_app",
         f"hydra.run.dir={run_dir}",
         "model=local",
         f"model.path={model}",

@@ -61,7 +61,7 @@ def cache_dir(tmp_path_factory) -> str:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from alignscope.cli.config import config_dir
+    from alignscope.apps.config import config_dir
 
     folder = tmp_path_factory.mktemp("alignscope-cache")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -71,7 +71,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def command(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "alignscope.train", *SETTINGS, f"paths.run_dir={run_dir}", *overrides]
+    return [sys.executable, "-m", "alignscope.apps.train", *SETTINGS, f"paths.run_dir={run_dir}", *overrides]
 
 
 def environment(cache_dir: str) -> dict[str, str]:
@@ -171,7 +171,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
 
 # ------------------------------------------------------------------ in process: the pieces a resume relies on
 def test_sampler_resumes_mid_epoch_from_its_state():
-    from alignscope.resumable import ResumableSampler
+    from alignscope.apps.resumable import ResumableSampler
 
     data = list(range(23))
     sampler = ResumableSampler(data, seed=3)
@@ -195,7 +195,7 @@ def test_sampler_resumes_mid_epoch_from_its_state():
 
 
 def test_sampler_shards_ranks_and_refuses_a_state_of_other_data():
-    from alignscope.resumable import ResumableSampler, SamplerStateError
+    from alignscope.apps.resumable import ResumableSampler, SamplerStateError
 
     data = list(range(21))
     ranks = [list(ResumableSampler(data, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
@@ -209,7 +209,7 @@ def test_loader_state_counts_the_batches_handed_out_not_those_workers_read_ahead
     import torch
     from torch.utils.data import TensorDataset
 
-    from alignscope.resumable import ResumableDataLoader, ResumableSampler
+    from alignscope.apps.resumable import ResumableDataLoader, ResumableSampler
 
     data = TensorDataset(torch.arange(64))
 
@@ -240,7 +240,7 @@ def test_train_loader_state_continues_the_training_order(cache_dir, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from alignscope.cli.config import config_dir
+    from alignscope.apps.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*SETTINGS, f"paths.run_dir={tmp_path}"])
@@ -270,8 +270,8 @@ def test_checkpoint_carries_the_random_streams():
     import numpy as np
     import torch
 
-    from alignscope.lm import CausalLMModule
-    from alignscope.tiny import tiny_model
+    from alignscope.apps.lm import CausalLMModule
+    from alignscope.models.tiny import tiny_model
 
     module = CausalLMModule(tiny_model("gpt2"))
     checkpoint: dict = {}

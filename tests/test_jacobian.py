@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignscope.capture import block_function, capture_block_calls, probe_mode
-from alignscope.jacobian import ReverseModeEngine, make_engine, residual_jacobian
+from alignscope.autodiff.jacobian import ReverseModeEngine, make_engine, residual_jacobian
 from alignscope.models import get_adapter
-from alignscope.probe import token_jacobians
+from alignscope.models.capture import block_function, capture_block_calls, probe_mode
+from alignscope.probing.probe import token_jacobians
 from conftest import prompt_ids, tiny_model, whole_model_jacobian
 
 
@@ -101,7 +101,7 @@ def test_engine_options_are_validated():
 def test_out_of_memory_halves_the_rows_instead_of_looping(monkeypatch):
     """A (simulated) out-of-memory error in a batched product or a pass of copies retries with half the
     rows, with a warning; the Jacobian is unchanged and no row loop runs."""
-    from alignscope.jacobian import jacobian_by_copies
+    from alignscope.autodiff.jacobian import jacobian_by_copies
 
     weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""Property-based tests of alignscope.metrics: random shapes, ranks, scales and non-finite entries, checked
+"""Property-based tests of alignscope.core.metrics: random shapes, ranks, scales and non-finite entries, checked
 against independent computations (torch.linalg directly) and invariants (ranges, orthogonal changes of
 basis, NaN exactly where the input cannot define a value)."""
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignscope import metrics
+from alignscope.core import metrics
 
 FAST = settings(max_examples=60, deadline=None)
 

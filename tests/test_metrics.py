@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignscope import metrics
+from alignscope.core import metrics
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -316,7 +316,7 @@ def test_svd_in_threads_matches_one_call_and_restores_the_thread_count(monkeypat
     torch.linalg.svd of the whole batch, any batch shape, and torch's thread count as before."""
     import threading
 
-    from alignscope import metrics
+    from alignscope.core import metrics
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)

@@ -8,13 +8,13 @@ from torch import nn
 
 from alignscope import probe
 from alignscope.models import (
-    ADAPTERS,
     BlockAdapter,
     get_adapter,
     random_init_twin,
     register_adapter,
     resolve_layers,
 )
+from alignscope.models.adapters import ADAPTERS
 from conftest import FAMILIES, tiny_model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignscope import ProbeResult, probe
-from alignscope.metrics import coupling_matrix, line_shape_score
+from alignscope.core.metrics import coupling_matrix, line_shape_score
 from conftest import prompt_ids, tiny_model, whole_model_jacobian
 
 
@@ -229,7 +229,7 @@ def test_bfloat16_model_probed_in_float32():
 
 
 def test_token_jacobians_takes_one_prompt():
-    from alignscope.probe import token_jacobians
+    from alignscope.probing.probe import token_jacobians
 
     with pytest.raises(ValueError, match="one prompt"):
         token_jacobians(tiny_model("gpt2"), prompt_ids(2, 4), pairs=[(0, 1)])

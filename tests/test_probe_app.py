@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from alignscope import zoo
-from alignscope.cli.config import config_dir
-from alignscope.report import build_report, find_runs, regress
-from alignscope.report import main as report_main
+from alignscope.apps.config import config_dir
+from alignscope.apps.report import build_report, find_runs, regress
+from alignscope.apps.report import main as report_main
+from alignscope.models import zoo
 from conftest import save_tiny_local_model, wandb_history_bytes
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
@@ -31,7 +31,7 @@ def compose_probe(run_dir: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     root = tmp_path_factory.mktemp("sweep")
     local = save_tiny_local_model(root / "model", seed=5)
@@ -68,7 +68,7 @@ def test_probe_app_writes_everything(sweep):
 
 
 def test_probe_app_resumes_without_recomputing(sweep, tmp_path):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     run_dir = sweep / "0"
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "prompts").rglob("tensors.safetensors")}
@@ -237,8 +237,8 @@ def test_broken_cache_is_detected_and_rebuilt(monkeypatch, tmp_path):
 
 
 def test_bad_prompt_and_model_settings(tmp_path):
-    from alignscope.probe_app import run
-    from alignscope.prompts import PromptConfigError
+    from alignscope.apps.probe_app import run
+    from alignscope.apps.prompts import PromptConfigError
 
     with pytest.raises(PromptConfigError, match="only 36 prompts"):
         run(compose_probe(tmp_path, "model=local", f"model.path={tmp_path}", "prompts.num=100"))
@@ -276,7 +276,7 @@ def test_offline_zoo_models_probe(name, family, tmp_path):
 
 
 def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     local = save_tiny_local_model(tmp_path / "model", seed=5)
     prompts = tmp_path / "prompts.txt"
@@ -311,7 +311,7 @@ def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):
 
 
 def test_prompt_selection_is_seeded():
-    from alignscope.prompts import default_prompts, load_prompts
+    from alignscope.apps.prompts import default_prompts, load_prompts
 
     a, b = load_prompts(num=5, seed=1), load_prompts(num=5, seed=1)
     assert a == b and a != load_prompts(num=5, seed=2)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from alignscope import ProbeResult, probe
-from alignscope.capture import capture_token_calls, probe_mode
+from alignscope.autodiff.linearized import LinearizedBlock
+from alignscope.core.randomized import RandomizedSVD, vector_angle_bounds
 from alignscope.models import get_adapter
-from alignscope.probe import auto_product_budget, choose_engine, randomized_products
-from alignscope.randomized import LinearizedBlock, RandomizedSVD, vector_angle_bounds
-from alignscope.sketch_probe import row_function
+from alignscope.models.capture import capture_token_calls, probe_mode
+from alignscope.probing.probe import auto_product_budget, choose_engine, randomized_products
+from alignscope.probing.sketch_probe import row_function
 from conftest import FAMILIES, prompt_ids, tiny_model
 
 
@@ -162,9 +163,9 @@ def test_engine_choice_and_errors(tmp_path):
 def test_probe_app_and_monitor_take_the_randomized_engine(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from alignscope.callback import AlignmentMonitor, MonitorConfigError
-    from alignscope.cli.config import config_dir
-    from alignscope.probe_app import run
+    from alignscope.apps.callback import AlignmentMonitor, MonitorConfigError
+    from alignscope.apps.config import config_dir
+    from alignscope.apps.probe_app import run
     from conftest import save_tiny_local_model
 
     local = save_tiny_local_model(tmp_path / "model")
@@ -175,7 +176,7 @@ def test_probe_app_and_monitor_take_the_randomized_engine(tmp_path):
         f"model.path={local}",
         "prompts.num=2",
         "probe.ks=[3]",
-        "+probe.engine._target_=alignscope.randomized.RandomizedSVD",
+        "+probe.engine._target_=alignscope.core.randomized.RandomizedSVD",
         "+probe.engine.power_iters=1",
     ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -222,8 +223,8 @@ def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():
 def test_training_app_monitors_with_the_randomized_engine(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from alignscope.cli.config import config_dir
-    from alignscope.train import train
+    from alignscope.apps.config import config_dir
+    from alignscope.apps.train import train
 
     run = tmp_path / "run"
     overrides = [
@@ -252,15 +253,15 @@ def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
     batched products); a full-rank sketch equals the exact probe either way."""
     import importlib
 
-    from alignscope import sketch_probe
-    from alignscope.probe import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
+    from alignscope.probing import sketch_probe
+    from alignscope.probing.probe import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
 
     copies_fn, on_copies = sketch_probe.token_copies_function, []
     monkeypatch.setattr(
         sketch_probe, "token_copies_function", lambda *a: on_copies.append(a) or copies_fn(*a)
     )
     if copies:
-        probe_module = importlib.import_module("alignscope.probe")
+        probe_module = importlib.import_module("alignscope.probing.probe")
         plan = (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK)
         monkeypatch.setattr(
             probe_module, "copies_plan", lambda device, sketch=False: plan if sketch else None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignscope.run_folder import (
+from alignscope.apps.run_folder import (
     FINGERPRINT,
     RunFolder,
     RunFolderError,
@@ -137,7 +137,7 @@ def local_models(tmp_path_factory):
 
 
 def probe_run(run_dir: Path, model: Path, *overrides: str):
-    from alignscope.probe_app import run
+    from alignscope.apps.probe_app import run
 
     return run(
         compose_probe(
@@ -222,7 +222,7 @@ def test_probe_app_torn_last_line_is_recomputed(local_models, tmp_path):
 
 
 def test_probe_app_checks_probe_settings_before_touching_the_folder(local_models, tmp_path):
-    from alignscope.cli.runtime import ProbeSettingsError
+    from alignscope.apps.runtime import ProbeSettingsError
 
     clean, _ = local_models
     with pytest.raises(ProbeSettingsError, match="chunk_size"):
@@ -252,7 +252,7 @@ def test_probe_app_truncates_to_the_models_context(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the monitor
 def _fit(dirpath: Path, layers: int = 3, lr: float = 0.5, **monitor_kwargs):
-    from alignscope.callback import AlignmentMonitor
+    from alignscope.apps.callback import AlignmentMonitor
     from test_callback import PlainLM, loaders, quiet_trainer
 
     module = PlainLM()

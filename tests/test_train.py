@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from alignscope.cli.config import config_dir
+from alignscope.apps.config import config_dir
 
 SMOKE = ["experiment=smoke"]
 
@@ -34,7 +34,7 @@ def jsonl_steps(run_dir: Path) -> list[int]:
 
 
 def test_short_fit_with_csv_logger(tmp_path, cache_dir):
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     run = tmp_path / "run"
     final = train(compose_train(run, cache_dir, "logger=csv"))
@@ -58,7 +58,7 @@ def test_short_fit_with_csv_logger(tmp_path, cache_dir):
 
 
 def test_wandb_offline_run_has_history(tmp_path, cache_dir):
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     run = tmp_path / "run"
     train(compose_train(run, cache_dir, "logger=wandb", "group=unit-test"))
@@ -74,7 +74,7 @@ def test_wandb_offline_run_has_history(tmp_path, cache_dir):
 def _run_cli(args: list[str], cache_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALIGNSCOPE_CACHE": cache_dir, "WANDB_SILENT": "true"}
     out = subprocess.run(
-        [sys.executable, "-m", "alignscope.train", *args],
+        [sys.executable, "-m", "alignscope.apps.train", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -103,7 +103,7 @@ def test_two_job_multirun(tmp_path, cache_dir, launcher):
 
 
 def test_resume_continues_the_trajectory(tmp_path, cache_dir):
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     run = tmp_path / "run"
     train(compose_train(run, cache_dir, "logger=csv", "trainer.max_steps=6"))
@@ -128,7 +128,7 @@ def test_resume_continues_the_trajectory(tmp_path, cache_dir):
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, cache_dir, overrides, match):
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     with pytest.raises(ValueError, match=match):
         train(compose_train(tmp_path / "run", cache_dir, "logger=csv", *overrides))
@@ -136,8 +136,8 @@ def test_bad_settings_fail_before_training(tmp_path, cache_dir, overrides, match
 
 
 def test_fine_tune_a_pretrained_model_from_a_local_path(tmp_path, cache_dir):
-    from alignscope.tiny import tiny_model
-    from alignscope.train import train
+    from alignscope.apps.train import train
+    from alignscope.models.tiny import tiny_model
 
     local = tmp_path / "pretrained"
     tiny_model("gpt2", vocab_size=600, n_positions=64).save_pretrained(local)
@@ -160,7 +160,7 @@ def test_fine_tune_a_pretrained_model_from_a_local_path(tmp_path, cache_dir):
 def test_wandb_run_is_finished_when_training_fails(tmp_path, cache_dir):
     import wandb
 
-    from alignscope.train import train
+    from alignscope.apps.train import train
 
     with pytest.raises(Exception, match="precision"):
         train(compose_train(tmp_path / "run", cache_dir, "logger=wandb", "trainer.precision=bogus"))

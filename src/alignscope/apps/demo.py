@@ -8,9 +8,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from alignscope.cli.config import config_dir
-from alignscope.cli.runtime import build
-from alignscope.result import format_scalars
+from alignscope.apps.config import config_dir
+from alignscope.apps.runtime import build
+from alignscope.probing.result import format_scalars
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="demo")

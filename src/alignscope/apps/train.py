@@ -1,4 +1,4 @@
-"""``alignscope-train`` (also ``python -m alignscope.train``): train a causal LM with the AlignmentMonitor.
+"""``alignscope-train`` (also ``python -m alignscope.apps.train``): train a causal LM with the AlignmentMonitor.
 
 Hydra app over ``conf/train.yaml``; every object is built from its config group with ``_target_``. Bad
 settings fail before any training step, and every W&B run is finished, also when training fails.
@@ -14,9 +14,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignscope.cli.config import config_dir
-from alignscope.cli.runtime import build, check_probe_settings, finish_wandb
-from alignscope.cli.runtime import build_loggers as build_app_loggers
+from alignscope.apps.config import config_dir
+from alignscope.apps.runtime import build, check_probe_settings, finish_wandb
+from alignscope.apps.runtime import build_loggers as build_app_loggers
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Build data, model, loggers and callbacks from ``cfg``; fit; return final metrics."""
     import lightning.pytorch as pl
 
-    from alignscope.lm import CausalLMModule
+    from alignscope.apps.lm import CausalLMModule
     from alignscope.models import context_length
 
     pl.seed_everything(cfg.seed, workers=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignscope.models import CACHE_KWARGS, BlockAdapter
+from alignscope.models.adapters import CACHE_KWARGS, BlockAdapter
 
 
 @dataclass
@@ -284,7 +284,7 @@ def token_copies_function(block: nn.Module, call: BlockCall, adapter: BlockAdapt
     the output depends on input row ``i`` alone, exactly as in the single-token call, and one backward pass
     over ``n`` copies gives ``n`` rows of the Jacobian: no ``vmap``, and the cached keys and values are
     shared by all copies instead of receiving a gradient per row (which the batched single-token products
-    now avoid too, :mod:`alignscope.constant_cache`; copies remain CUDA's plan for long contexts). Rewritten: the ``[1, 1, 1, t + 1]`` mask (float or bool),
+    now avoid too, :mod:`alignscope.autodiff.constant_cache`; copies remain CUDA's plan for long contexts). Rewritten: the ``[1, 1, 1, t + 1]`` mask (float or bool),
     ``position_ids`` ``[1, 1]``, ``cache_position`` ``[1]``, rotary ``position_embeddings`` ``([1, 1, e],
     [1, 1, e])``; any other tensor argument (e.g. MPT's ``position_bias``) gives ``None``, and so does an
     adapter with ``token_copies=False`` (masking inside the module, e.g. GPT-Neo's local attention).

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from alignscope.batching import batchable_backward
+from alignscope.autodiff.batching import batchable_backward
 
 BlockFn = Callable[[Tensor], Tensor]
 """A block as a function of its hidden-state input: ``[n, T, d] -> [n, T, d]``."""
@@ -47,7 +47,7 @@ class ReverseModeEngine:
     ``chunk_size`` identity rows (``is_grads_batched``; ``vectorize=False`` uses a plain loop of
     ``torch.autograd.grad``, one row at a time). The graph is retained across the products and freed after
     each group, so memory is bounded by about ``chunk_size * copies * T`` activation rows. The forward is
-    recorded under :func:`~alignscope.batching.batchable_backward`, so no backward op runs row by row.
+    recorded under :func:`~alignscope.autodiff.batching.batchable_backward`, so no backward op runs row by row.
 
     Args:
         chunk_size: identity rows per vector-Jacobian product.
@@ -133,7 +133,7 @@ class ReverseModeEngine:
 def jacobian_by_copies(copies_fn: Callable[[Tensor], Tensor], x: Tensor, chunk_size: int = 256) -> Tensor:
     """``d x d`` Jacobian ``d f(x) / d x`` of a row function evaluated on independent copies (``copies_fn:
     [n, d] -> [n, d]``, row ``i`` of the output a function of input row ``i`` alone, e.g.
-    :func:`alignscope.capture.token_copies_function`): for each chunk of ``n`` identity rows, ``n`` copies of
+    :func:`alignscope.models.capture.token_copies_function`): for each chunk of ``n`` identity rows, ``n`` copies of
     ``x`` go through one forward pass and one plain backward pass with cotangent ``e_r`` on copy ``r``.
     Twice the arithmetic of a batched VJP (the forward runs per row), but dense matrix products only.
     """

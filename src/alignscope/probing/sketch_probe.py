@@ -3,7 +3,7 @@
 For one token and every probed block ``l`` (same block calls as the exact paths: the single-token call
 against the KV cache for causal decoders, the full-sequence call otherwise):
 
-1. top-``Kmax`` singular triplets of ``J_l`` from :class:`~alignscope.randomized.RandomizedSVD`;
+1. top-``Kmax`` singular triplets of ``J_l`` from :class:`~alignscope.core.randomized.RandomizedSVD`;
 2. coupling projections computed *exactly* from products: ``J_i V_{j,K}`` for every ``j`` (``L' K`` JVPs of
    block ``i``) gives ``U_{j,K}^T J_i V_{j,K}``, and ``J_i U_{j,K}`` the vju form. Forming them from the
    rank-``r`` sketch instead was measured to bias ``m_K`` by up to 0.1 on SmolLM2's trained blocks, whose
@@ -21,14 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignscope import metrics
-from alignscope.capture import BlockCall, block_function, token_block_function, token_copies_function
-from alignscope.randomized import LinearizedBlock, LowRank, RandomizedSVD, vector_angle_bounds
+from alignscope.autodiff.linearized import LinearizedBlock
+from alignscope.core import metrics
+from alignscope.core.randomized import LowRank, RandomizedSVD, vector_angle_bounds
+from alignscope.models.capture import BlockCall, block_function, token_block_function, token_copies_function
 
 
 def row_function(block, call: BlockCall, adapter, dtype: torch.dtype, t: int | None):
     """Block ``l`` at token ``t`` as ``[d] -> [d]`` and its input row: ``t=None`` for a single-token call
-    (``call`` recorded by :func:`~alignscope.capture.capture_token_calls`), else position ``t`` of a
+    (``call`` recorded by :func:`~alignscope.models.capture.capture_token_calls`), else position ``t`` of a
     full-sequence call (every other token's input held fixed)."""
     x = call.input[0].to(dtype)  # [T, d]
     if t is None:
@@ -56,7 +57,7 @@ def sketch_token(
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring).
     ``copies``: run the products on copies of the token (single-token calls with a long context on CUDA,
-    :func:`alignscope.probe.copies_plan`; blocks that cannot take copies fall back to batched products)."""
+    :func:`alignscope.probing.probe.copies_plan`; blocks that cannot take copies fall back to batched products)."""
 
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
         fn, x = row_function(blocks[layer], calls[layer], adapter, dtype, t)
@@ -103,7 +104,7 @@ def sketch_token(
 
 
 def analyze_sketch(sk: dict[str, Any], traj: Tensor, layers: list[int], ks: list[int]) -> dict[str, Any]:
-    """The per-token metrics of :func:`alignscope.probe._analyze` from :func:`sketch_token`'s output, plus
+    """The per-token metrics of :func:`alignscope.probing.probe._analyze` from :func:`sketch_token`'s output, plus
     the error statement in ``extras``-named keys (``triplet_residuals``, ``tail_fro``,
     ``coupling_error_k{K}``)."""
     S, U, V = sk["S"], sk["U"], sk["V"]

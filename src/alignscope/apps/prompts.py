@@ -14,7 +14,7 @@ class PromptConfigError(ValueError):
 
 def default_prompts() -> list[str]:
     """The shipped set: a few dozen short, varied English prompts (``default_prompts.txt``)."""
-    text = resources.files("alignscope").joinpath("default_prompts.txt").read_text(encoding="utf-8")
+    text = resources.files("alignscope.apps").joinpath("default_prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignscope import metrics
-from alignscope.degenerate import explain
+from alignscope.core import metrics
+from alignscope.probing.degenerate import explain
 
 HEADLINE = (
     "coupling/k10",
@@ -81,7 +81,7 @@ class ProbeResult:
         linearization_cosine: ``[P]``, only when every block was probed, else None.
         jacobians: ``[P, L', d, d]`` residual Jacobians when ``keep_jacobians=True``, else None.
         meta: JSON-safe run facts (model, ks requested and effective, engine, dtype, ...); ``warnings``: why
-            metrics are NaN, one message per cause (:func:`alignscope.degenerate.explain`).
+            metrics are NaN, one message per cause (:func:`alignscope.probing.degenerate.explain`).
         extras: further tensors, e.g. ``block_jacobians`` ``[P, n, d, d]`` for ``meta["kept_blocks"]``.
     """
 
@@ -131,7 +131,7 @@ class ProbeResult:
         - ``k_effective/k{K}``: K after clipping to d; ``nonfinite/jacobians``: count of non-finite Jacobians;
           ``degenerate/zero_jacobians``: count of exactly zero ones (:attr:`zero_jacobians`).
 
-        ``meta["warnings"]`` says why any of these is NaN (:mod:`alignscope.degenerate`).
+        ``meta["warnings"]`` says why any of these is NaN (:mod:`alignscope.probing.degenerate`).
         """
         out: dict[str, float] = {}
         names = [f"block_{layer:02d}" for layer in self.layers]

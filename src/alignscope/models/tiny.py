@@ -67,7 +67,7 @@ def tiny_model(family: str = "gpt2", seed: int = 0, **overrides: Any) -> nn.Modu
     """A tiny random-init model of ``family`` (see ``TINY_CONFIGS``), eval mode, float32, seeded."""
     import transformers
 
-    from alignscope.models import random_init_twin
+    from alignscope.models.build import random_init_twin
 
     if family not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(TINY_CONFIGS)}")

@@ -9,7 +9,7 @@ Corpora (each returns train and validation texts as Hugging Face ``datasets.Data
 Tokenizers: :class:`BPETokenizer` trains a byte-level BPE on the training split (``tokenizers`` library) and
 caches it; :class:`HubTokenizer` loads a hub tokenizer (e.g. GPT-2's). Sequences are packed to a fixed length
 (documents joined with the end-of-text token) and cached as ``.npy``. Caches are built once under a file lock
-and checked on load; a damaged one is rebuilt (:mod:`alignscope.cache_build`).
+and checked on load; a damaged one is rebuilt (:mod:`alignscope.models.cache_build`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from alignscope.cache_build import build_once
-from alignscope.resumable import ResumableDataLoader, ResumableSampler
+from alignscope.apps.resumable import ResumableDataLoader, ResumableSampler
+from alignscope.models.cache_build import build_once
 
 DEFAULT_CACHE = os.environ.get("ALIGNSCOPE_CACHE", str(Path.home() / ".cache" / "alignscope"))
 EOS = "<|endoftext|>"
@@ -368,7 +368,7 @@ class CausalLMDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         """Training batches ``[batch_size, seq_len]`` in a seeded permutation per epoch, sharded across the
         trainer's ranks; the loader's state (epoch, position) goes into Lightning checkpoints, so a resume
-        continues mid-epoch where the checkpoint was taken (see :mod:`alignscope.resumable`)."""
+        continues mid-epoch where the checkpoint was taken (see :mod:`alignscope.apps.resumable`)."""
         trainer = self.trainer
         ranks, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return ResumableDataLoader(

@@ -1,6 +1,6 @@
 """Attention over a constant KV cache: no per-row gradients for the cached keys and values.
 
-In a single-token block call (:func:`alignscope.capture.token_block_function`) the token attends to the
+In a single-token block call (:func:`alignscope.models.capture.token_block_function`) the token attends to the
 cached keys and values of the earlier tokens, which are constants, and to its own, which depend on the input
 row. The model's cache joins them (``torch.cat([cached, new], dim=-2)``) and autograd then differentiates the
 attention's matrix products with respect to the whole joined tensor. Under ``vmap`` (the batched VJPs of the
@@ -8,7 +8,7 @@ exact and randomized engines) that costs, for every identity row, a ``[heads, T,
 cache that is thrown away, plus ``rows x heads`` matrix-vector products against copies of the cache expanded
 per row: on a SmolLM2 block at T = 73, 70 of a Jacobian's 100 ms (30 ms at T = 10).
 
-While :func:`alignscope.batching.batchable_backward` is active:
+While :func:`alignscope.autodiff.batching.batchable_backward` is active:
 
 - ``torch.cat([c, n], dim)`` with ``c`` a constant and ``n`` requiring grad returns the joined tensor as
   usual and remembers its two parts (:class:`Parts`);

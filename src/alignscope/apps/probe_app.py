@@ -1,4 +1,4 @@
-"""``alignscope-probe`` (also ``python -m alignscope.probe_app``): probe a model, pretrained or at random init.
+"""``alignscope-probe`` (also ``python -m alignscope.apps.probe_app``): probe a model, pretrained or at random init.
 
 Hydra app over ``conf/probe_app.yaml``. Prompts are probed one at a time and each one's result goes to the
 run folder as soon as it is computed (``prompts/p<i>/`` and a line of ``probes.jsonl``), so a crash loses
@@ -18,12 +18,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignscope import plots
-from alignscope.cli.config import config_dir
-from alignscope.cli.runtime import build, finish_wandb
-from alignscope.problems import announce_problems
-from alignscope.result import format_scalars
-from alignscope.run_folder import (
+from alignscope.apps import plots
+from alignscope.apps.config import config_dir
+from alignscope.apps.problems import announce_problems
+from alignscope.apps.run_folder import (
     RunFolder,
     RunFolderError,
     append_record,
@@ -33,6 +31,8 @@ from alignscope.run_folder import (
     weights_digest,
     write_json,
 )
+from alignscope.apps.runtime import build, finish_wandb
+from alignscope.probing.result import format_scalars
 
 PROBES = "probes.jsonl"
 PROBE_APP_RESULTS = (
@@ -59,7 +59,7 @@ def revision_step(revision: str | None) -> int:
 
 
 def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
-    from alignscope.cli.runtime import build_loggers
+    from alignscope.apps.runtime import build_loggers
 
     name = f"{cfg.model.name}-{cfg.model.init}" + (f"-{cfg.model.revision}" if cfg.model.revision else "")
     wandb = {"group": cfg.get("group") or cfg.model.name, "job_type": "probe", "tags": tags, "name": name}
@@ -89,7 +89,7 @@ def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    from alignscope.cli.runtime import check_probe_settings
+    from alignscope.apps.runtime import check_probe_settings
 
     check_probe_settings(cfg.probe)
     if not isinstance(cfg.get("overwrite", False), bool):
@@ -133,7 +133,7 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, context: int | N
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Load, probe prompt by prompt (saving each), join, log; return the scalars."""
-    from alignscope.prompts import load_prompts
+    from alignscope.apps.prompts import load_prompts
 
     _check_settings(cfg)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
@@ -147,9 +147,9 @@ def _run(cfg: DictConfig, folder: RunFolder, fp: dict[str, Any], texts: list[str
     from tqdm.auto import tqdm
 
     from alignscope.models import context_length, get_adapter
-    from alignscope.probe import planned_engine
-    from alignscope.result import ProbeResult
-    from alignscope.zoo import load_tokenizer
+    from alignscope.models.zoo import load_tokenizer
+    from alignscope.probing.probe import planned_engine
+    from alignscope.probing.result import ProbeResult
 
     run_dir = folder.path
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from alignscope.result import ProbeResult
+    from alignscope.probing.result import ProbeResult
 
 
 class DegenerateResultWarning(UserWarning):

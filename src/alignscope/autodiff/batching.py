@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from alignscope import constant_cache
+from alignscope.autodiff import constant_cache
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -256,7 +256,7 @@ class _BatchableBackward(TorchFunctionMode):
     @staticmethod
     def _constant_cache(func, args: tuple, kwargs: dict) -> Tensor | None:
         """A KV cache's join of constant and new keys, a shape operation on it, or a product with it
-        (:mod:`alignscope.constant_cache`); None for anything else."""
+        (:mod:`alignscope.autodiff.constant_cache`); None for anything else."""
         if func in constant_cache.CATS:
             tensors = args[0] if args else kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)

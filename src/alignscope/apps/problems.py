@@ -9,12 +9,12 @@ import math
 import sys
 from collections.abc import Mapping
 
-from alignscope.result import HEADLINE, ProbeResult
+from alignscope.probing.result import HEADLINE, ProbeResult
 
 
 def result_problems(result: ProbeResult, scalars: Mapping[str, float] | None = None) -> list[str]:
     """Sentences on the result's non-finite or degenerate numbers (``[]`` when all is well): the causes the
-    probe recorded in ``meta["warnings"]`` (see :mod:`alignscope.degenerate`) and the headline scalars that
+    probe recorded in ``meta["warnings"]`` (see :mod:`alignscope.probing.degenerate`) and the headline scalars that
     are not finite."""
     out = [str(w) for w in result.meta.get("warnings", [])]
     if scalars is not None:

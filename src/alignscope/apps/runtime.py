@@ -80,7 +80,7 @@ def build_loggers(specs: Mapping[str, Any] | None, wandb: Mapping[str, Any] | No
 def check_probe_settings(spec: Mapping[str, Any]) -> None:
     """Fail on ``probe`` config group settings (``chunk_size``, ``ks``) that :func:`alignscope.probe` would
     refuse only once a model is loaded; the same checks as ``probe`` itself."""
-    from alignscope.probe import _validate_chunk_size, _validate_ks
+    from alignscope.probing.probe import _validate_chunk_size, _validate_ks
 
     try:
         _validate_chunk_size(spec.get("chunk_size"))

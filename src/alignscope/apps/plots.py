@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from alignscope import metrics
-from alignscope.result import ProbeResult
+from alignscope.core import metrics
+from alignscope.probing.result import ProbeResult
 
 
 def _plt():

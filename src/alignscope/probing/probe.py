@@ -16,8 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignscope import metrics
-from alignscope.capture import (
+from alignscope.autodiff.jacobian import (
+    JacobianEngine,
+    ReverseModeEngine,
+    jacobian_by_copies,
+    make_engine,
+    residual_jacobian,
+)
+from alignscope.core import metrics
+from alignscope.core.randomized import RandomizedSVD
+from alignscope.models import context_length, get_adapter, resolve_layers
+from alignscope.models.capture import (
     block_function,
     capture_block_calls,
     capture_token_calls,
@@ -25,17 +34,8 @@ from alignscope.capture import (
     token_block_function,
     token_copies_function,
 )
-from alignscope.degenerate import DegenerateResultWarning, explain
-from alignscope.jacobian import (
-    JacobianEngine,
-    ReverseModeEngine,
-    jacobian_by_copies,
-    make_engine,
-    residual_jacobian,
-)
-from alignscope.models import context_length, get_adapter, resolve_layers
-from alignscope.randomized import RandomizedSVD
-from alignscope.result import ProbeResult
+from alignscope.probing.degenerate import DegenerateResultWarning, explain
+from alignscope.probing.result import ProbeResult
 
 TokenSpec = str | int | Sequence[int]
 """``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
@@ -76,9 +76,9 @@ def probe(
             (reverse mode through the block's full-sequence call), ``"single_token"`` (reverse mode through
             the block called on the probed token alone against the model's KV cache of the earlier tokens;
             the same Jacobian, far cheaper for long prompts), ``"randomized"`` (matrix-free top-K triplets
-            from a randomized range finder, :class:`~alignscope.randomized.RandomizedSVD`, or pass an
+            from a randomized range finder, :class:`~alignscope.core.randomized.RandomizedSVD`, or pass an
             instance to set its oversampling and power iterations; coupling projections exact, see
-            :mod:`alignscope.sketch_probe`), or a ``JacobianEngine`` instance (full sequence). ``"auto"``
+            :mod:`alignscope.probing.sketch_probe`), or a ``JacobianEngine`` instance (full sequence). ``"auto"``
             picks ``"randomized"`` when it needs few enough products (large ``d``, few blocks, small K;
             :func:`auto_product_budget`). ``meta["engine"]`` says which ran. The randomized engine
             stores the top ``Kmax + oversample`` singular values only, an estimate of the stable rank,
@@ -100,7 +100,7 @@ def probe(
 
     The model's parameters, training flags and attention setting are as before when this returns. Metrics
     that are meaningless (NaN: a non-finite or exactly zero Jacobian, a single probed block, a trajectory
-    that overflows or stands still) come with a :class:`~alignscope.degenerate.DegenerateResultWarning` per
+    that overflows or stands still) come with a :class:`~alignscope.probing.degenerate.DegenerateResultWarning` per
     cause, naming the blocks and tokens, also kept in ``meta["warnings"]``.
 
     Raises:
@@ -227,7 +227,7 @@ def probe(
 
 
 ANALYSIS_SVD = "auto"
-"""How the exact paths factor each Jacobian (:func:`alignscope.metrics.top_svd`): ``"auto"`` is the Gram
+"""How the exact paths factor each Jacobian (:func:`alignscope.core.metrics.top_svd`): ``"auto"`` is the Gram
 eigendecomposition in float64 on CUDA (8x faster than cuSOLVER's SVD at d = 4096) and the SVD on CPUs."""
 
 
@@ -245,7 +245,7 @@ def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) ->
 
     CPUs: as many rows as keep ``rows x (context + 1)`` (per-row attention scores) within
     ``CPU_ROW_BUDGET``, clamped to [32, 1024]. Measured (docs/benchmarks.md) since the cache takes no per-row
-    gradient (:mod:`alignscope.constant_cache`): at d = 576 all 576 rows in one call 35 ms per block-token at
+    gradient (:mod:`alignscope.autodiff.constant_cache`): at d = 576 all 576 rows in one call 35 ms per block-token at
     T = 16 and 73 (128 rows: 42 ms), 128 rows best at T = 2048. CUDA: as many rows as keep ``rows x (context +
     1) x d`` values within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: on an H100 at d = 4096,
     T = 64, 64 rows per call took 0.175 s per block-token and 256 to 4096 rows 0.061-0.067 s (measured
@@ -280,7 +280,7 @@ def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, 
     """``(cached tokens from which the single-token path runs copies of the token, copies per pass)`` on
     ``device`` (``sketch``: for the randomized engine's products), or None: batched VJPs at every length.
 
-    CPUs: None. With the cache a constant in the batched products (:mod:`alignscope.constant_cache`),
+    CPUs: None. With the cache a constant in the batched products (:mod:`alignscope.autodiff.constant_cache`),
     copies, which run a forward per row, lost at every length measured (docs/benchmarks.md): at d = 576,
     T = 73 35 ms against 63 ms, T = 512 56-60 ms against 89-94 ms, T = 2048 153 ms alike; the randomized
     top-10 at d = 768, T = 512 45 ms against 97 ms."""
@@ -405,8 +405,8 @@ def _randomized_meta(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> d
 
 
 def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dtype, chunk_size, bar):
-    """All per-token metrics of token ``t`` on the randomized path (:mod:`alignscope.sketch_probe`)."""
-    from alignscope.sketch_probe import analyze_sketch, sketch_token
+    """All per-token metrics of token ``t`` on the randomized path (:mod:`alignscope.probing.sketch_probe`)."""
+    from alignscope.probing.sketch_probe import analyze_sketch, sketch_token
 
     if adapter.causal:
         calls, row = capture_token_calls(model, adapter, blocks, ids, t), None

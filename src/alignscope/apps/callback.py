@@ -24,10 +24,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from alignscope.problems import announce_problems
-from alignscope.randomized import RandomizedSVD
-from alignscope.result import HEADLINE, ProbeResult
-from alignscope.run_folder import (
+from alignscope.apps.problems import announce_problems
+from alignscope.apps.run_folder import (
     RunFolder,
     append_record,
     package_version,
@@ -36,6 +34,8 @@ from alignscope.run_folder import (
     write_json,
     write_records,
 )
+from alignscope.core.randomized import RandomizedSVD
+from alignscope.probing.result import HEADLINE, ProbeResult
 
 MONITOR_RESULTS = ("probes", "probes.jsonl", "summary.json", "figures")
 """The monitor's entries in its run folder."""
@@ -72,7 +72,7 @@ class AlignmentMonitor(pl.Callback):
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
         overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
-            settings, see :mod:`alignscope.run_folder`): clear it instead of refusing to start.
+            settings, see :mod:`alignscope.apps.run_folder`): clear it instead of refusing to start.
 
     The run folder is locked while fit runs (a second process writing to it fails at once) and records a
     fingerprint (model config, the hash of the weights at the first probe, prompts, probe settings,
@@ -229,7 +229,7 @@ class AlignmentMonitor(pl.Callback):
 
     def fingerprint(self, model: nn.Module) -> dict[str, Any]:
         """What sets the monitor's numbers: model class and config, weights at the first probe, prompts, probe
-        settings, package version (see :mod:`alignscope.run_folder`)."""
+        settings, package version (see :mod:`alignscope.apps.run_folder`)."""
         config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_KEYS_IGNORED}
         config = {k: v for k, v in config.items() if not k.startswith("alignscope_")}
         return {
@@ -319,7 +319,7 @@ class AlignmentMonitor(pl.Callback):
         trainer.strategy.barrier("alignment_monitor")
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        from alignscope.probe import probe
+        from alignscope.probing.probe import probe
 
         start = time.perf_counter()
         model = self._model(pl_module)
@@ -433,7 +433,7 @@ class AlignmentMonitor(pl.Callback):
             announce_problems(self._latest, self.history[-1], f"the probe at step {self.history[-1]['step']}")
 
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
-        from alignscope import plots
+        from alignscope.apps import plots
 
         first = self._first or self._load_probe(run_dir, int(self.history[0]["step"]))
         latest = self._latest or self._load_probe(run_dir, int(self.history[-1]["step"]))

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from alignscope.result import HEADLINE, ProbeResult
-from alignscope.scores import ScoreTable, ScoreTableError, read_scores
+from alignscope.apps.scores import ScoreTable, ScoreTableError, read_scores
+from alignscope.probing.result import HEADLINE, ProbeResult
 
 REPORT_METRICS = (
     *HEADLINE,
@@ -138,7 +138,7 @@ def comparison_rows(runs: list[Run], metrics: Sequence[str] = REPORT_METRICS) ->
 
 
 def _step_of(revision: str) -> int:
-    from alignscope.probe_app import revision_step
+    from alignscope.apps.probe_app import revision_step
 
     return revision_step(revision)
 
@@ -169,7 +169,7 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> str:
 # --------------------------------------------------------------------------------------------- figures
 def _grid(result: ProbeResult, k: int):
     """Mean over tokens of ``|U_{j,K}^T J_i V_{j,K}|`` for the kept blocks: ``[n, n, K, K]``."""
-    from alignscope import metrics
+    from alignscope.core import metrics
 
     J = result.extras["block_jacobians"]  # [P, n, d, d]
     k = min(k, J.shape[-1])
@@ -182,7 +182,7 @@ def _grid(result: ProbeResult, k: int):
 
 def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -> list[Path]:
     """All per-model figures; returns their paths."""
-    from alignscope import plots
+    from alignscope.apps import plots
 
     plt = plots._plt()
     results = {init: r.result for init, r in sorted(by_init.items())}
@@ -252,7 +252,7 @@ def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -
 
 def _save_panels(fig, axes, path: Path) -> Path:
     """Legend and grid on every panel, then save."""
-    from alignscope import plots
+    from alignscope.apps import plots
 
     for ax in axes:
         ax.legend(fontsize=7)
@@ -263,7 +263,7 @@ def _save_panels(fig, axes, path: Path) -> Path:
 
 def revision_figure(model: str, runs: list[Run], out: Path, metrics: Sequence[str]) -> Path | None:
     """Each metric against checkpoint step, pretrained checkpoints (and random if present)."""
-    from alignscope import plots
+    from alignscope.apps import plots
 
     stepped = [r for r in runs if r.model == model and r.revision and _step_of(r.revision) >= 0]
     if len({r.revision for r in stepped}) < 2:
@@ -338,7 +338,7 @@ def _finite(v: Any) -> bool:
 
 
 def write_correlation(points: list[dict[str, Any]], regs: list[Regression], label_key: str, out: Path) -> str:
-    from alignscope import plots
+    from alignscope.apps import plots
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "correlation.csv", "w", newline="") as fh:

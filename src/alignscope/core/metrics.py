@@ -1,0 +1,374 @@
+"""Metrics on residual Jacobians and token trajectories (plain torch; definitions as in DESIGN.md).
+
+Conventions: ``L`` blocks, model width ``d``; Jacobians are residual Jacobians ``J = dx^l/dx^{l-1} - I``.
+A value that cannot be computed (non-finite input, a zero Jacobian, a degenerate fit) is NaN, never dropped;
+norms are taken in units of the largest entry, so finite inputs far from 1 (float32 squares overflow beyond
+1.8e19) give the same ratios as moderate ones.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SVD(NamedTuple):
+    """``J = U diag(S) V^T``; singular values descending. Shapes ``[..., d, d]``, ``[..., d]``, ``[..., d, d]``."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+
+def svd(jacobians: Tensor) -> SVD:
+    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors, zero
+    matrices NaN singular vectors (:func:`undefined_as_nan`)."""
+    safe, finite = finite_part(jacobians)
+    U, S, Vh = _linalg_svd(safe)
+    return undefined_as_nan(SVD(U, S, Vh.transpose(-2, -1)), finite)
+
+
+def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd`` of ``[..., m, n]``. On CPUs with ``p >= 2`` intra-op threads the matrices go to
+    ``p`` Python threads in parts, each part's SVD with one intra-op thread (torch's thread count is set to 1
+    meanwhile, then restored): LAPACK's SVD uses extra threads poorly, independent matrices use them fully
+    (2 cores, 30 of SmolLM2's 576 x 576 Jacobians: 0.96-1.13 s in one call with 2 threads, 0.66-0.74 s as
+    two calls with one thread each)."""
+    threads = torch.get_num_threads()
+    flat = matrices.reshape(-1, *matrices.shape[-2:])
+    if matrices.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
+        return torch.linalg.svd(matrices)
+
+    def one_thread_svd(part: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        torch.set_num_threads(1)
+        return torch.linalg.svd(part)
+
+    workers = min(threads, flat.shape[0])
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one_thread_svd, flat.tensor_split(workers)))
+    finally:
+        torch.set_num_threads(threads)
+    batch = matrices.shape[:-2]
+    return tuple(torch.cat(f).reshape(*batch, *f[0].shape[1:]) for f in zip(*parts, strict=True))
+
+
+def finite_part(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``(the [..., m, n] matrices with every non-finite one zeroed, [...] bool: which were finite)``."""
+    finite = torch.isfinite(matrices).all(dim=(-2, -1))
+    return (matrices if bool(finite.all()) else torch.where(finite[..., None, None], matrices, 0.0)), finite
+
+
+def undefined_as_nan(factors: SVD, finite: Tensor) -> SVD:
+    """NaN for what a factorization cannot define: every factor of a matrix that was not ``finite``
+    (``[...]`` bool), and the singular vectors of a zero matrix (``s_1 = 0``: every orthonormal basis fits,
+    so what an SVD routine returns there is arbitrary). ``U``, ``V``: ``[..., m, k]``, ``S``: ``[..., n]``."""
+    U, S, V = factors
+    defined = finite & (S[..., 0] > 0)
+    if bool(defined.all()):
+        return factors
+    nan = torch.tensor(float("nan"), dtype=S.dtype, device=S.device)
+    return SVD(
+        torch.where(defined[..., None, None], U, nan),
+        torch.where(finite[..., None], S, nan),
+        torch.where(defined[..., None, None], V, nan),
+    )
+
+
+GRAM_MIN_RATIO = 1e-6
+""":func:`top_svd` with ``method="gram"`` forms ``U_K = J V_K / S_K`` only where ``s_K >= GRAM_MIN_RATIO s_1``;
+a matrix with a smaller top-K singular value (rank-deficient within K) takes the full SVD instead."""
+
+
+def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
+    """Every singular value and the top-``k`` singular vectors of ``[..., d, d]`` matrices: ``U``, ``V``
+    ``[..., d, k]``, ``S`` ``[..., d]`` (descending). Non-finite matrices give NaN factors and zero matrices
+    NaN vectors, as :func:`svd`.
+
+    ``method="svd"``: the full SVD, truncated. ``method="gram"``: ``J^T J = V diag(S^2) V^T`` by a symmetric
+    eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
+    singular value has absolute error about ``1e-8 s_1``, below a float32 SVD's ``~1e-7 s_1``), then
+    ``U_k = J V_k / S_k``. On a GPU that is about 8x faster than cuSOLVER's SVD at d = 4096 (0.11 s against
+    0.92 s on an H200, docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
+    """
+    method = top_svd_method(method, jacobians.device)
+    k = _check_k(k, jacobians.shape[-1])
+    if method == "svd":
+        U, S, V = svd(jacobians)
+        return SVD(U[..., :k], S, V[..., :k])
+    d = jacobians.shape[-1]
+    flat = jacobians.reshape(-1, d, d)
+    group = max(1, GRAM_GROUP_VALUES // (d * d))  # bounds the float64 temporaries (J, J^T J, eigenvectors)
+    if flat.shape[0] > group:
+        parts = [_gram_top_svd(flat[i : i + group], k) for i in range(0, flat.shape[0], group)]
+        U, S, V = (torch.cat(factor) for factor in zip(*parts, strict=True))
+        batch = jacobians.shape[:-2]
+        return SVD(U.reshape(*batch, d, k), S.reshape(*batch, d), V.reshape(*batch, d, k))
+    return _gram_top_svd(jacobians, k)
+
+
+def top_svd_method(method: str, device: torch.device | str) -> str:
+    """The method :func:`top_svd` runs on ``device``: ``"auto"`` is ``"gram"`` on CUDA, ``"svd"`` elsewhere."""
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
+    if method != "auto":
+        return method
+    return "gram" if torch.device(device).type == "cuda" else "svd"
+
+
+GRAM_GROUP_VALUES = 2**28
+"""Matrix entries per group of :func:`top_svd`'s Gram route (each float64 temporary at most 2 GiB)."""
+
+
+def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
+    safe, finite = finite_part(jacobians)
+    j64 = safe.double()
+    eigenvalues, vectors = torch.linalg.eigh(j64.transpose(-2, -1) @ j64)
+    S = eigenvalues.flip(-1).clamp_min(0).sqrt()
+    V = vectors[..., -k:].flip(-1)
+    top = S[..., :k]
+    U = (j64 @ V) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    deficient = (top[..., -1] < GRAM_MIN_RATIO * top[..., 0]) & finite
+    if bool(deficient.any()):  # U_K undefined by J V_K / S_K: take those matrices' full SVDs
+        full = svd(j64[deficient])
+        U[deficient], V[deficient], S[deficient] = full.U[..., :k], full.V[..., :k], full.S
+    dtype = jacobians.dtype
+    return undefined_as_nan(SVD(U.to(dtype), S.to(dtype), V.to(dtype)), finite)
+
+
+def _check_k(k: int, d: int) -> int:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"K must be a positive integer, got {k!r}")
+    return min(k, d)
+
+
+def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD | None = None) -> Tensor:
+    """Coupling ``m_K`` for every ordered block pair: ``[L, d, d] -> [L, L]``.
+
+    ``out[i, j] = m_K(J_i, J_j) = || |A_{j,K}^T J_i B_{j,K}| - diag(s_{i,1..K}) ||_F / ||s_{i,1..K}||_2``
+    with ``(A, B) = (U, V)`` for ``form="ujv"`` (the paper's metric) and ``(V, U)`` for ``form="vju"``;
+    ``U_{j,K}, V_{j,K}`` are the top-K singular vectors of ``J_j``, ``s_i`` the singular values of ``J_i``,
+    ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form. NaN in row and column
+    ``l`` when ``J_l`` is not finite, or zero (row: ``m_K`` is 0/0; column: a zero matrix has no singular
+    vectors, :func:`undefined_as_nan`).
+    """
+    return coupling_matrices(jacobians, [k], form, factors)[k]
+
+
+def coupling_matrices(
+    jacobians: Tensor, ks: list[int], form: str = "ujv", factors: SVD | None = None
+) -> dict[int, Tensor]:
+    """:func:`coupling_matrix` for several K at once: ``{K: [L, L]}``.
+
+    The projections ``A_{j,K}^T J_i B_{j,K}`` are formed once for the largest K (one ``[L K, d] x [d, L d]``
+    matrix product, then one ``[L K, d] x [d, K]`` product per j) and every smaller K reads their top-left
+    ``K x K`` block.
+    """
+    if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
+        raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
+    if form not in ("ujv", "vju"):
+        raise ValueError(f"form must be 'ujv' or 'vju', got {form!r}")
+    n, d = jacobians.shape[0], jacobians.shape[-1]
+    clipped = {k: _check_k(k, d) for k in ks}
+    kmax = max(clipped.values())
+    U, S, V = factors if factors is not None else svd(jacobians)
+    left, right = (U[..., :kmax], V[..., :kmax]) if form == "ujv" else (V[..., :kmax], U[..., :kmax])
+    # applied[j, l, i, :] = (J_i right_j)[:, l]: one GEMM [L K, d] x [d, L d], laid out for the next one
+    applied = right.transpose(1, 2).reshape(n * kmax, d) @ jacobians.reshape(n * d, d).T
+    # [j, (l, i), k] = sum_a applied[j, l, i, a] left_j[a, k]: one product per j, rows contiguous
+    projected = torch.bmm(applied.view(n, kmax * n, d), left)
+    projected = projected.view(n, kmax, n, kmax).permute(2, 0, 3, 1)  # [L, L, K, K]: left_j^T J_i right_j
+    return coupling_from_projections(projected, S, clipped)
+
+
+def coupling_from_projections(projected: Tensor, S: Tensor, clipped: dict[int, int]) -> dict[int, Tensor]:
+    """``{K: m_K [L, L]}`` from ``projected[i, j] = A_{j,Kmax}^T J_i B_{j,Kmax}`` (``[L, L, Kmax, Kmax]``) and the
+    singular values ``S`` (``[L, >= Kmax]``); ``clipped`` maps each requested K to its clipped value."""
+    s1 = S[:, :1]  # [L, 1]: both norms in units of s_{i,1} (no overflow of squares, 0/0 for a zero J_i)
+    out = {}
+    for k, kc in clipped.items():
+        s_k = S[:, :kc] / s1  # [L, K]
+        diff = projected[..., :kc, :kc].abs() / s1[..., None, None] - torch.diag_embed(s_k)[:, None]
+        out[k] = torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
+    return out
+
+
+def coupling_summary(m: Tensor) -> Tensor:
+    """``coupling_K = mean over ordered pairs i != j of (1 - m_K(J_i, J_j)^2)``: ``[..., L, L] -> [...]``.
+
+    Higher means more coupled (1 for identical bases). NaN when there are fewer than two blocks.
+    """
+    return off_diagonal_mean(1 - m**2)
+
+
+def coupling_per_block(m: Tensor) -> Tensor:
+    """Row means over ``j != i`` of ``1 - m_K(J_i, J_j)^2``: ``[..., L, L] -> [..., L]``."""
+    n = m.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=m.device)
+    vals = torch.where(off, 1 - m**2, torch.zeros_like(m)).sum(-1)
+    return vals / (n - 1) if n > 1 else torch.full_like(vals, float("nan"))
+
+
+def off_diagonal_mean(a: Tensor) -> Tensor:
+    """Mean of the off-diagonal entries of ``[..., n, n]``; NaN for ``n < 2``."""
+    n = a.shape[-1]
+    if n < 2:
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
+    off = ~torch.eye(n, dtype=torch.bool, device=a.device)
+    return torch.where(off, a, torch.zeros_like(a)).sum((-2, -1)) / (n * (n - 1))
+
+
+def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
+    """Left/right singular-vector alignment: ``[L, d, d], [L, d, d] -> [L, L]``.
+
+    ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``. The diagonal is the within-block alignment
+    ``a_K(J_i) = || |U_{i,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (0 for a symmetric PSD Jacobian).
+    Only the first ``K`` columns of ``U`` and ``V`` are read (``[L, d, >= K]`` is enough). NaN vectors (a
+    non-finite or zero Jacobian, :func:`undefined_as_nan`) give NaN in that block's row and column.
+    """
+    return alignment_matrices(U, V, [k])[k]
+
+
+def alignment_matrices(U: Tensor, V: Tensor, ks: list[int]) -> dict[int, Tensor]:
+    """:func:`alignment_matrix` for several K: ``{K: [L, L]}``, the overlaps formed once at the largest K."""
+    clipped = {k: _check_k(k, U.shape[-2]) for k in ks}
+    kmax = max(clipped.values())
+    overlap = torch.einsum("jak,ial->ijkl", U[..., :kmax], V[..., :kmax]).abs()
+    out = {}
+    for k, kc in clipped.items():
+        eye = torch.eye(kc, dtype=U.dtype, device=U.device)
+        out[k] = torch.linalg.matrix_norm(overlap[..., :kc, :kc] - eye) / math.sqrt(kc)
+    return out
+
+
+def line_shape_score(trajectory: Tensor) -> Tensor:
+    """Line-shape score of a trajectory ``[L + 1, d] -> []`` (Gai & Zhang 2021).
+
+    Unit-step path ``y^0 = x^0``, ``y^l = y^{l-1} + (x^l - x^{l-1}) / ||x^l - x^{l-1}||``;
+    ``LSS = L / ||y^L - y^0||`` (>= 1; 1 for a straight line walked in one direction). A zero step gives NaN.
+    """
+    steps = trajectory[1:] - trajectory[:-1]
+    norms = scaled_norm(steps, keepdim=True)
+    unit = torch.where(norms > 0, steps / norms, torch.full_like(steps, float("nan")))
+    return steps.shape[0] / torch.linalg.vector_norm(unit.sum(0))
+
+
+class LinearFit(NamedTuple):
+    """Least-squares ``y ~ slope * x + intercept`` and its ``R^2`` (NaN when ``y`` is constant or non-finite)."""
+
+    slope: Tensor
+    intercept: Tensor
+    r2: Tensor
+
+
+def linear_fit(x: Tensor, y: Tensor) -> LinearFit:
+    """Least-squares line through points ``(x, y)``, both ``[n]``; ``R^2 = 1 - SS_res / SS_tot``."""
+    x, y = x.to(y.dtype), y
+    if x.numel() < 2:
+        nan = torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
+        return LinearFit(nan, nan, nan)
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = (xc**2).sum()
+    slope = (xc * yc).sum() / sxx if sxx > 0 else torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
+    intercept = y.mean() - slope * x.mean()
+    ss_tot = (yc**2).sum()
+    ss_res = ((y - slope * x - intercept) ** 2).sum()
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
+    return LinearFit(slope, intercept, r2)
+
+
+class Expodistance(NamedTuple):
+    """Exponential-growth fits of a trajectory: slopes are growth rates of the log per layer."""
+
+    step_slope: Tensor
+    step_r2: Tensor
+    norm_slope: Tensor
+    norm_r2: Tensor
+
+
+def expodistance(trajectory: Tensor) -> Expodistance:
+    """Fit ``log ||x^l - x^{l-1}||`` (``l = 1..L``) and ``log ||x^l||`` (``l = 0..L``) against ``l``.
+
+    ``trajectory``: ``[L + 1, d]``. Zero norms give ``-inf`` logs and hence NaN fits.
+    """
+    depth = torch.arange(trajectory.shape[0], dtype=trajectory.dtype, device=trajectory.device)
+    steps = log_norm(trajectory[1:] - trajectory[:-1])
+    norms = log_norm(trajectory)
+    step_fit, norm_fit = _finite_fit(depth[1:], steps), _finite_fit(depth, norms)
+    return Expodistance(step_fit.slope, step_fit.r2, norm_fit.slope, norm_fit.r2)
+
+
+def _finite_fit(x: Tensor, y: Tensor) -> LinearFit:
+    if not torch.isfinite(y).all():
+        nan = torch.tensor(float("nan"), dtype=y.dtype, device=y.device)
+        return LinearFit(nan, nan, nan)
+    return linear_fit(x, y)
+
+
+def scaled_norm(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    """Euclidean norm over ``dim`` computed in units of the largest magnitude, so squares of entries beyond
+    ``sqrt`` of the dtype's range (1.8e19 in float32) neither overflow nor underflow."""
+    scale = x.abs().amax(dim, keepdim=True)
+    norm = scale * torch.linalg.vector_norm(x / torch.where(scale > 0, scale, 1), dim=dim, keepdim=True)
+    return norm if keepdim else norm.squeeze(dim)
+
+
+def log_norm(x: Tensor, dim: int = -1) -> Tensor:
+    """``log ||x||`` over ``dim`` as ``log(max |x_i|) + log ||x / max |x_i| ||``: finite for every finite nonzero
+    ``x``, even where ``||x||`` itself would overflow; ``-inf`` for a zero vector."""
+    scale = x.abs().amax(dim, keepdim=True)
+    unit = x / torch.where(scale > 0, scale, 1)
+    return scale.squeeze(dim).log() + torch.linalg.vector_norm(unit, dim=dim).log()
+
+
+def _max_scaled(x: Tensor, dim: int | tuple[int, ...] = -1) -> Tensor:
+    """``x`` divided by its largest magnitude over ``dim`` (unchanged where that is 0): for scale-free
+    quantities (cosines, ratios) whose squares could overflow."""
+    scale = x.abs().amax(dim, keepdim=True)
+    return x / torch.where(scale > 0, scale, 1)
+
+
+def stable_rank(singular_values: Tensor) -> Tensor:
+    """``||J||_F^2 / s_1^2 = sum_i (s_i / s_1)^2`` from descending singular values ``[..., d] -> [...]`` (no
+    overflow of the squares; NaN for a zero matrix, 0/0)."""
+    return (singular_values / singular_values[..., :1]).square().sum(-1)
+
+
+def inverse_top_singular_fit(top_singular: Tensor, depth: Tensor | None = None) -> LinearFit:
+    """Fit of ``1 / s_1`` against block depth (1-based block number unless given): ``[L] -> LinearFit``.
+    NaN when any ``s_1`` is zero or not finite."""
+    if depth is None:
+        depth = torch.arange(1, top_singular.shape[0] + 1)
+    inverse = torch.where(torch.isfinite(top_singular), 1 / top_singular, math.nan)  # 1/inf is no 0 here
+    return _finite_fit(depth.to(top_singular.dtype).to(top_singular.device), inverse)
+
+
+def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:
+    """Cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``; ``jacobians``: ``[L, d, d]`` in block order."""
+    z = x0
+    for J in jacobians:
+        z = z + J @ z
+    return torch.nn.functional.cosine_similarity(_max_scaled(z), _max_scaled(xL), dim=0)
+
+
+def trajectory_pca(trajectories: Tensor) -> tuple[Tensor, Tensor]:
+    """2-D PCA of token trajectories ``[P, L + 1, d]`` (all points pooled, centred).
+
+    Returns coordinates ``[P, L + 1, 2]`` and the explained-variance ratios ``[2]``.
+    """
+    P, n, d = trajectories.shape
+    points = trajectories.reshape(P * n, d)
+    centred = points - points.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    comps = min(2, vh.shape[0])
+    coords = centred @ vh[:comps].T
+    if comps < 2:
+        coords = torch.cat([coords, coords.new_zeros(P * n, 2 - comps)], dim=1)
+    var = (s / s[0]).square() if s[0] > 0 else s  # in units of the largest: squares cannot overflow
+    ratio = var[:2] / var.sum() if var.sum() > 0 else torch.full((2,), float("nan"))
+    return coords.reshape(P, n, 2), torch.nn.functional.pad(ratio, (0, 2 - ratio.numel()))
