@@ -58,6 +58,7 @@ def main() -> None:
     from alignscope import probe
     from alignscope.core.randomized import RandomizedSVD
     from alignscope.probing.probe import planned_engine, randomized_products
+    from alignscope.probing.settings import ProbeSettings
 
     header = (
         "| d | blocks | K | randomized products / d | randomized (s) | single_token (s) | "
@@ -80,7 +81,7 @@ def main() -> None:
         line = (
             f"| {d} | {blocks} | {','.join(map(str, ks))} | {share:.2f} | {best['randomized']:.2f} | "
             f"{best['single_token']:.2f} | {best['single_token'] / best['randomized']:.2f}x | "
-            f"{planned_engine(model, 'auto', ks)} |"
+            f"{planned_engine(model, ProbeSettings(ks=ks))} |"
         )
         lines.append(line)
         print(line, flush=True)

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from alignscope.apps.config import config_dir
-from alignscope.apps.runtime import LoggerConfigError, ProbeSettingsError, check_probe_settings
+from alignscope.apps.runtime import LoggerConfigError, ProbeSettingsError, probe_settings
 from conftest import save_tiny_local_model
 from test_train import compose_train, jsonl_steps
 
@@ -138,18 +138,26 @@ def test_wandb_disabled_probe_app_writes_no_run(tmp_path, monkeypatch):
         ({"chunk_size": True}, "chunk_size must be a positive integer"),
         ({"ks": []}, "ks is empty"),
         ({"ks": [10, 0]}, "every K in ks must be a positive integer"),
-        ({"ks": None}, ".*not iterable"),
+        ({"ks": None}, "ks must be a list of positive integers"),
+        ({"tokens": "first"}, "tokens must be 'last', 'all' or a list of positions"),
+        ({"layers": []}, "layers is empty"),
+        ({"engine": "fast"}, "unknown engine 'fast'"),
+        ({"attention": "flash"}, "attention must be 'eager' or 'sdpa'"),
+        ({"dtype": "float16"}, "dtype must be torch.float32 or torch.float64"),
     ],
 )
 def test_bad_probe_settings_are_refused(setting, message):
-    with pytest.raises(ProbeSettingsError, match=rf"bad probe setting: {message}.*probe.chunk_size"):
-        check_probe_settings(setting)
+    with pytest.raises(ProbeSettingsError, match=rf"bad probe setting: {message}"):
+        probe_settings({"_target_": "alignscope.ProbeSettings", **setting})
 
 
 def test_good_probe_settings_pass():
-    check_probe_settings({"chunk_size": None, "ks": [10, 30, 50]})
-    check_probe_settings({"chunk_size": 8, "ks": 4})
-    check_probe_settings({})
+    from alignscope import ProbeSettings
+
+    assert probe_settings(
+        {"_target_": "alignscope.ProbeSettings", "chunk_size": 8, "ks": 4}
+    ) == ProbeSettings(chunk_size=8, ks=(4,))
+    assert probe_settings({"_target_": "alignscope.ProbeSettings"}) == ProbeSettings()
 
 
 def test_train_refuses_chunk_size_zero_before_any_work(tmp_path):

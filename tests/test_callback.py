@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from alignscope import ProbeSettings
 from alignscope.apps.callback import AlignmentMonitor, MonitorConfigError
 from conftest import tiny_model
 
@@ -97,7 +98,9 @@ def test_schedule():
         (dict(num_prompts=-1), "num_prompts"),
         (dict(ks=[10, 0]), "every K in ks"),
         (dict(tokens="middle"), "tokens must be"),
-        (dict(layers=[]), "layers must be"),
+        (dict(layers=[]), "layers is empty"),
+        (dict(chunk_size=0), "chunk_size must be a positive integer"),
+        (dict(probe=ProbeSettings(), ks=[4]), "either whole"),
         (dict(prompts=torch.rand(2, 3)), "prompts must be"),
         (dict(every_n_steps=None, log_spaced=False, at_end=False), "only probe step 0"),
         (dict(log_spaced="yes"), "log_spaced"),

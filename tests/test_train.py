@@ -120,8 +120,8 @@ def test_resume_continues_the_trajectory(tmp_path, cache_dir):
     ("overrides", "match"),
     [
         (["callbacks.alignment_monitor.every_n_steps=0"], "every_n_steps must be a positive integer"),
-        (["callbacks.alignment_monitor.ks=[]"], "ks is empty"),
-        (["callbacks.alignment_monitor.tokens=first"], "tokens must be 'last', 'all'"),
+        (["probe.ks=[]"], "ks is empty"),
+        (["probe.tokens=first"], "tokens must be 'last', 'all'"),
         (["data=text_files", "data.corpus.paths=[/nonexistent/**/*.txt]"], "empty corpus: no files match"),
         (["data.seq_len=64", "model.config.n_positions=32"], "beyond the model's context of 32"),
         (["data.seq_len=4000"], "corpus is too small for seq_len=4000|beyond the model's context"),

@@ -13,12 +13,14 @@ from alignscope.models import BlockAdapter, random_init_twin, register_adapter
 from alignscope.probing.degenerate import DegenerateResultWarning
 from alignscope.probing.probe import probe, token_jacobians
 from alignscope.probing.result import ProbeResult
+from alignscope.probing.settings import ProbeSettings
 
 __version__ = "0.1.0"
 __all__ = [
     "BlockAdapter",
     "DegenerateResultWarning",
     "ProbeResult",
+    "ProbeSettings",
     "RandomizedSVD",
     "__version__",
     "probe",

@@ -36,6 +36,7 @@ from alignscope.apps.run_folder import (
 )
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.result import HEADLINE, ProbeResult
+from alignscope.probing.settings import ProbeSettings, ProbeSettingsError
 
 MONITOR_RESULTS = ("probes", "probes.jsonl", "summary.json", "figures")
 """The monitor's entries in its run folder."""
@@ -63,7 +64,8 @@ class AlignmentMonitor(pl.Callback):
             things change; later the regular cadence takes over).
         prompts: ``[B, T]`` token ids to probe; default: ``num_prompts`` validation sequences, seeded.
         num_prompts, prompt_length, seed: the default prompt sample (``prompt_length`` first tokens of each).
-        layers, tokens, ks, chunk_size, engine: passed to :func:`alignscope.probe`.
+        probe: every probe setting at once (:class:`alignscope.ProbeSettings`, what ``conf/probe`` builds).
+        layers, tokens, ks, chunk_size, engine: the same settings one by one (when ``probe`` is not given).
         on_checkpoint: also probe whenever a checkpoint is saved.
         at_end: probe at the end of fit.
         dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
@@ -87,6 +89,7 @@ class AlignmentMonitor(pl.Callback):
         num_prompts: int = 8,
         prompt_length: int | None = 64,
         seed: int = 0,
+        probe: ProbeSettings | None = None,
         layers: Sequence[int] | None = None,
         tokens: str | Sequence[int] = "last",
         ks: Sequence[int] = (10, 30, 50),
@@ -105,40 +108,25 @@ class AlignmentMonitor(pl.Callback):
         _positive_int("every_n_steps", every_n_steps, allow_none=True)
         _positive_int("num_prompts", num_prompts)
         _positive_int("prompt_length", prompt_length, allow_none=True)
-        _positive_int("chunk_size", chunk_size, allow_none=True)
-        if not (
-            isinstance(engine, RandomizedSVD) or engine in ("auto", "exact", "single_token", "randomized")
-        ):
-            raise MonitorConfigError(
-                "AlignmentMonitor: engine must be auto, exact, single_token, randomized or a RandomizedSVD, "
-                f"got {engine!r}"
-            )
         if not isinstance(log_spaced, bool):
             raise MonitorConfigError(
                 f"AlignmentMonitor: log_spaced must be true or false, got {log_spaced!r}"
             )
-        ks = [ks] if isinstance(ks, int) else list(ks)
-        if not ks:
-            raise MonitorConfigError("AlignmentMonitor: ks is empty; give K values such as [10, 30, 50]")
-        for k in ks:
-            _positive_int("every K in ks", k)
-        if isinstance(tokens, str):
-            if tokens not in ("last", "all"):
+        try:
+            given = ProbeSettings(layers=layers, tokens=tokens, ks=ks, chunk_size=chunk_size, engine=engine)
+        except ProbeSettingsError as err:
+            raise MonitorConfigError(f"AlignmentMonitor: {err}") from None
+        if probe is not None:
+            if not isinstance(probe, ProbeSettings):
                 raise MonitorConfigError(
-                    f"AlignmentMonitor: tokens must be 'last', 'all' or positions, got {tokens!r}"
+                    f"AlignmentMonitor: probe must be an alignscope.ProbeSettings, got {type(probe).__name__}"
                 )
-        else:
-            tokens = list(tokens)
-            if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            if given != ProbeSettings():
                 raise MonitorConfigError(
-                    f"AlignmentMonitor: token positions must be integers, got {tokens!r}"
+                    "AlignmentMonitor: give the probe settings either whole (probe=ProbeSettings(...)) or as "
+                    "arguments (layers, tokens, ks, chunk_size, engine), not both"
                 )
-        if layers is not None:
-            layers = list(layers)
-            if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-                raise MonitorConfigError(
-                    f"AlignmentMonitor: layers must be block indices or null, got {layers!r}"
-                )
+        self.settings = probe if probe is not None else given
         if prompts is not None:
             prompts = torch.as_tensor(prompts)
             if prompts.ndim != 2 or prompts.numel() == 0 or prompts.dtype.is_floating_point:
@@ -157,11 +145,6 @@ class AlignmentMonitor(pl.Callback):
         self.num_prompts = num_prompts
         self.prompt_length = prompt_length
         self.seed = seed
-        self.layers = layers
-        self.tokens = tokens
-        self.ks = tuple(ks)
-        self.chunk_size = chunk_size
-        self.engine = engine
         self.on_checkpoint = on_checkpoint
         self.at_end = at_end
         self.dirpath = dirpath
@@ -238,12 +221,7 @@ class AlignmentMonitor(pl.Callback):
             "model": {"class": type(model).__name__, "config": config},
             "init_weights_sha256": self.init_weights,
             "prompts_sha256": text_digest(self.prompts.tolist()),
-            "probe": {
-                "layers": self.layers,
-                "tokens": self.tokens,
-                "ks": list(self.ks),
-                "engine": self.engine if isinstance(self.engine, str) else repr(self.engine),
-            },
+            "probe": {k: v for k, v in self.settings.record().items() if k != "progress"},
         }
 
     def _bring_probes_along(self, run_dir: Path) -> None:
@@ -323,15 +301,7 @@ class AlignmentMonitor(pl.Callback):
 
         start = time.perf_counter()
         model = self._model(pl_module)
-        result = probe(
-            model,
-            self.prompts,
-            layers=self.layers,
-            tokens=self.tokens,
-            ks=self.ks,
-            chunk_size=self.chunk_size,
-            engine=self.engine,
-        )
+        result = probe(model, self.prompts, settings=self.settings)
         result.meta["step"] = step
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
@@ -443,13 +413,13 @@ class AlignmentMonitor(pl.Callback):
                 f"step {first.meta.get('step', 0)}": first,
                 f"step {latest.meta.get('step', '?')}": latest,
             }
-            for k in self.ks:
+            for k in self.settings.ks:
                 builders[f"coupling_k{k}"] = partial(plots.coupling_heatmaps, pair, k)
             builders["trajectories_pca"] = partial(plots.trajectory_pca, pair)
         names = [
             n
             for n in HEADLINE
-            if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in self.ks))
+            if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in self.settings.ks))
         ]
         history = [h for h in self.history if len(h) > 1]
         builders["metrics_vs_step"] = partial(plots.metrics_vs_step, history, names)

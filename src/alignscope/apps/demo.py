@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from alignscope.apps.config import config_dir
-from alignscope.apps.runtime import build
+from alignscope.apps.runtime import build, probe_settings
 from alignscope.probing.result import format_scalars
 
 
@@ -24,7 +24,9 @@ def main(cfg: DictConfig) -> None:
     model = build(cfg.model)(vocab_size=cfg.prompts.vocab_size)
     g = torch.Generator().manual_seed(cfg.prompts.seed)
     ids = torch.randint(0, model.config.vocab_size, (cfg.prompts.num, cfg.prompts.length), generator=g)
-    result = build(cfg.probe)(model, ids)
+    from alignscope import probe
+
+    result = probe(model, ids, settings=probe_settings(cfg.probe))
     folder = result.save(run_dir / "probe")
     meta = result.meta
     print(

@@ -31,8 +31,9 @@ from alignscope.apps.run_folder import (
     weights_digest,
     write_json,
 )
-from alignscope.apps.runtime import build, finish_wandb
+from alignscope.apps.runtime import build, finish_wandb, probe_settings
 from alignscope.probing.result import format_scalars
+from alignscope.probing.settings import ProbeSettings
 
 PROBES = "probes.jsonl"
 PROBE_APP_RESULTS = (
@@ -88,22 +89,22 @@ def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
     }
 
 
-def _check_settings(cfg: DictConfig) -> None:
-    from alignscope.apps.runtime import check_probe_settings
-
-    check_probe_settings(cfg.probe)
+def _check_settings(cfg: DictConfig) -> ProbeSettings:
+    """The probe settings, and the app's own settings checked, before any folder, model or data work."""
+    settings = probe_settings(cfg.probe)
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ProbeAppConfigError(f"overwrite must be true or false, got {cfg.overwrite!r}")
     if isinstance(cfg.max_length, bool) or not isinstance(cfg.max_length, int) or cfg.max_length < 1:
         raise ProbeAppConfigError(f"max_length must be a positive number of tokens, got {cfg.max_length!r}")
+    return settings
 
 
-def report_blocks(cfg: DictConfig, num_blocks: int) -> list[int]:
+def report_blocks(cfg: DictConfig, settings: ProbeSettings, num_blocks: int) -> list[int]:
     """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else the first, middle and
     last of the probed layers."""
     from alignscope.models import resolve_layers
 
-    probed = resolve_layers(cfg.probe.get("layers"), num_blocks)
+    probed = resolve_layers(settings.layers, num_blocks)
     if cfg.get("report_blocks") is None:
         return sorted({probed[0], probed[len(probed) // 2], probed[-1]})
     keep = resolve_layers(list(cfg.report_blocks), num_blocks)
@@ -135,20 +136,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Load, probe prompt by prompt (saving each), join, log; return the scalars."""
     from alignscope.apps.prompts import load_prompts
 
-    _check_settings(cfg)
+    settings = _check_settings(cfg)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts)
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
-        return _run(cfg, folder, fp, texts)
+        return _run(cfg, settings, folder, fp, texts)
 
 
-def _run(cfg: DictConfig, folder: RunFolder, fp: dict[str, Any], texts: list[str]) -> dict[str, float]:
+def _run(
+    cfg: DictConfig, settings: ProbeSettings, folder: RunFolder, fp: dict[str, Any], texts: list[str]
+) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from alignscope.models import context_length, get_adapter
     from alignscope.models.zoo import load_tokenizer
-    from alignscope.probing.probe import planned_engine
+    from alignscope.probing.probe import planned_engine, probe
     from alignscope.probing.result import ProbeResult
 
     run_dir = folder.path
@@ -159,12 +162,8 @@ def _run(cfg: DictConfig, folder: RunFolder, fp: dict[str, Any], texts: list[str
     tokenizer = load_tokenizer(**model_cfg)
     fp["weights"] = {"class": type(model).__name__, "sha256": weights_digest(model)}
     folder.claim(fp, overwrite=cfg.get("overwrite", False))
-    keep: list[int] | None = report_blocks(cfg, len(get_adapter(model).blocks(model)))
-    probe_fn = build(cfg.probe)
-    settings = getattr(probe_fn, "keywords", {})
-    path = planned_engine(
-        model, settings.get("engine", "auto"), settings.get("ks", (10, 30, 50)), settings.get("layers")
-    )
+    keep: list[int] | None = report_blocks(cfg, settings, len(get_adapter(model).blocks(model)))
+    path = planned_engine(model, settings)
     if path == "randomized":  # no Jacobians are formed: no |U_j^T J_i V_j| grids for the report
         keep = None
     ids = tokenize(tokenizer, texts, cfg.max_length, context_length(model))
@@ -203,7 +202,7 @@ def _run(cfg: DictConfig, folder: RunFolder, fp: dict[str, Any], texts: list[str
                     )
                 parts.append(ProbeResult.load(prompt_dir))
                 continue
-            part = probe_fn(model, ids[i], keep_blocks=keep, progress=False)
+            part = probe(model, ids[i], keep_blocks=keep, settings=settings)
             part.save(prompt_dir)
             append_record(
                 run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}

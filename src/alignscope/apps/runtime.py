@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from alignscope.probing.settings import ProbeSettingsError
+
 log = logging.getLogger(__name__)
 
 WANDB_MODES = {"online": "online", "run": "online", "shared": "shared", "offline": "offline"}
@@ -16,10 +18,6 @@ WANDB_MODES |= {"dryrun": "offline", "disabled": "disabled"}
 
 class LoggerConfigError(ValueError):
     """A logger setting that cannot work; the message says what to change."""
-
-
-class ProbeSettingsError(ValueError):
-    """A setting of the ``probe`` config group that cannot work; the message says what to change."""
 
 
 def build(spec: Any, **kwargs: Any) -> Any:
@@ -77,19 +75,20 @@ def build_loggers(specs: Mapping[str, Any] | None, wandb: Mapping[str, Any] | No
     return loggers
 
 
-def check_probe_settings(spec: Mapping[str, Any]) -> None:
-    """Fail on ``probe`` config group settings (``chunk_size``, ``ks``) that :func:`alignscope.probe` would
-    refuse only once a model is loaded; the same checks as ``probe`` itself."""
-    from alignscope.probing.probe import _validate_chunk_size, _validate_ks
+def probe_settings(spec: Any) -> Any:
+    """The :class:`~alignscope.probing.settings.ProbeSettings` of a ``probe`` config group, built (and so
+    checked) before any data, model or training work; a bad setting is a ``ProbeSettingsError`` naming it."""
+    from alignscope.probing.settings import ProbeSettings
 
     try:
-        _validate_chunk_size(spec.get("chunk_size"))
-        _validate_ks(spec.get("ks", (10, 30, 50)))
-    except (ValueError, TypeError) as err:
+        settings = build(spec)
+    except ProbeSettingsError as err:
+        raise ProbeSettingsError(f"bad probe setting: {err}") from None
+    if not isinstance(settings, ProbeSettings):
         raise ProbeSettingsError(
-            f"bad probe setting: {err}; set probe.chunk_size to a positive integer or null (automatic) and "
-            "probe.ks to a list of positive integers"
-        ) from None
+            f"the probe config group must build alignscope.ProbeSettings, got {type(settings).__name__}"
+        )
+    return settings
 
 
 def finish_wandb(loggers: list[Any], exit_code: int) -> None:

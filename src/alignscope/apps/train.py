@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps.config import config_dir
-from alignscope.apps.runtime import build, check_probe_settings, finish_wandb
+from alignscope.apps.runtime import build, finish_wandb, probe_settings
 from alignscope.apps.runtime import build_loggers as build_app_loggers
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # 1. validate everything that can be validated before any heavy work
-    check_probe_settings(cfg.get("probe") or {})
+    probe_settings(cfg.probe)
     callbacks = build_callbacks(cfg)  # AlignmentMonitor validates its arguments here
     datamodule = build(cfg.data)
     datamodule.prepare()  # tokenizer and packed data (cached); empty-corpus errors surface here

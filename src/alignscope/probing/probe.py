@@ -7,7 +7,6 @@ padding side and batch composition cannot change a result.
 from __future__ import annotations
 
 import itertools
-import numbers
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from alignscope.models.capture import (
 )
 from alignscope.probing.degenerate import DegenerateResultWarning, explain
 from alignscope.probing.result import ProbeResult
+from alignscope.probing.settings import ENGINE_NAMES, ProbeSettings
 
 TokenSpec = str | int | Sequence[int]
 """``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
@@ -57,6 +57,7 @@ def probe(
     dtype: torch.dtype = torch.float32,
     attention: str = "eager",
     progress: bool = False,
+    settings: ProbeSettings | None = None,
 ) -> ProbeResult:
     """Probe ``model``'s blocks on prompts and return a :class:`ProbeResult`.
 
@@ -107,10 +108,12 @@ def probe(
         ValueError: a bad argument, or a prompt longer than the model's context
             (:func:`alignscope.models.context_length`).
     """
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    ks = _validate_ks(ks)
-    chunk_size = _validate_chunk_size(chunk_size)
+    given = ProbeSettings(layers, tokens, ks, keep_jacobians, engine, chunk_size, dtype, attention, progress)
+    if settings is not None and given != ProbeSettings():
+        raise ValueError("pass either settings=ProbeSettings(...) or the individual settings, not both")
+    s = settings if settings is not None else given
+    layers, tokens, ks, keep_jacobians = s.layers, s.tokens, list(s.ks), s.keep_jacobians
+    engine, chunk_size, dtype, attention, progress = s.engine, s.chunk_size, s.dtype, s.attention, s.progress
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     probed = resolve_layers(layers, len(blocks))
@@ -229,9 +232,6 @@ def probe(
 ANALYSIS_SVD = "auto"
 """How the exact paths factor each Jacobian (:func:`alignscope.core.metrics.top_svd`): ``"auto"`` is the Gram
 eigendecomposition in float64 on CUDA (8x faster than cuSOLVER's SVD at d = 4096) and the SVD on CPUs."""
-
-
-ENGINE_NAMES = ("auto", "exact", "reverse", "single_token", "randomized")
 
 
 SEQUENCE_CHUNK = 32
@@ -373,16 +373,14 @@ def choose_engine(
     return "exact", make_engine(engine)
 
 
-def planned_engine(
-    model: nn.Module, engine: Any = "auto", ks: Sequence[int] = (10, 30, 50), layers: Any = None
-) -> str:
-    """The path :func:`probe` will take for these settings: ``"exact"``, ``"single_token"`` or
+def planned_engine(model: nn.Module, settings: ProbeSettings) -> str:
+    """The path :func:`probe` will take with ``settings``: ``"exact"``, ``"single_token"`` or
     ``"randomized"`` (e.g. to skip ``keep_blocks``, which needs Jacobians, before probing)."""
     adapter = get_adapter(model)
-    probed = resolve_layers(layers, len(adapter.blocks(model)))
+    probed = resolve_layers(settings.layers, len(adapter.blocks(model)))
     d = getattr(model.config, "hidden_size", None)
     return choose_engine(
-        engine, adapter.causal, None, d, _validate_ks(ks), len(probed), _input_device(model)
+        settings.engine, adapter.causal, None, d, list(settings.ks), len(probed), _input_device(model)
     )[0]
 
 
@@ -482,29 +480,6 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _validate_ks(ks: Sequence[int]) -> list[int]:
-    if isinstance(ks, int):
-        ks = [ks]
-    ks = list(ks)
-    if not ks:
-        raise ValueError("ks is empty; give at least one K, e.g. ks=(10, 30, 50)")
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"every K in ks must be a positive integer, got {k!r}")
-    return sorted(set(ks))
-
-
-def _validate_chunk_size(chunk_size: Any) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(
-            f"chunk_size must be a positive integer (rows per product) or None for the default, "
-            f"got {chunk_size!r}"
-        )
-    return int(chunk_size)
 
 
 def _sequences(

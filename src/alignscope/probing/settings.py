@@ -1,0 +1,159 @@
+"""``ProbeSettings``: every setting of a probe, validated once, in one value.
+
+:func:`alignscope.probe` builds one from its keyword arguments; the AlignmentMonitor and both apps take one
+whole (``conf/probe/`` instantiates it), so no setting can be dropped between a config and the probe.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from alignscope.autodiff.jacobian import JacobianEngine
+from alignscope.core.randomized import RandomizedSVD
+
+ENGINE_NAMES = ("auto", "exact", "reverse", "single_token", "randomized")
+ATTENTION = ("eager", "sdpa")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ProbeSettingsError(ValueError):
+    """A probe setting that cannot work; the message names it and what to change."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What a probe computes and how (see :func:`alignscope.probe` for each argument).
+
+    Attributes:
+        layers: block indices to probe (0-based, negative from the end), or None for all.
+        tokens: ``"last"``, ``"all"``, or positions within each prompt's real tokens.
+        ks: K values for coupling and alignment (sorted, unique; each clipped to ``d`` at probe time).
+        keep_jacobians: keep the ``[P, L', d, d]`` residual Jacobians in the result.
+        engine: ``"auto"``, ``"exact"``, ``"reverse"``, ``"single_token"``, ``"randomized"``, a
+            ``RandomizedSVD`` or a ``JacobianEngine``.
+        chunk_size: identity rows per vector-Jacobian product, or None for the default.
+        dtype: compute dtype of the Jacobians, ``torch.float32`` or ``torch.float64`` (names accepted).
+        attention: ``"eager"`` or ``"sdpa"`` (math kernel) during the probe.
+        progress: show a progress bar over (prompt, block).
+    """
+
+    layers: tuple[int, ...] | None = None
+    tokens: str | tuple[int, ...] = "last"
+    ks: tuple[int, ...] = (10, 30, 50)
+    keep_jacobians: bool = False
+    engine: Any = "auto"
+    chunk_size: int | None = None
+    dtype: Any = torch.float32
+    attention: str = "eager"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "layers", _layers(self.layers))
+        set_(self, "tokens", _tokens(self.tokens))
+        set_(self, "ks", _ks(self.ks))
+        set_(self, "engine", _engine(self.engine))
+        set_(self, "chunk_size", _chunk_size(self.chunk_size))
+        set_(self, "dtype", _dtype(self.dtype))
+        for name in ("keep_jacobians", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ProbeSettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.attention not in ATTENTION:
+            raise ProbeSettingsError(
+                f"attention must be 'eager' or 'sdpa' (math kernel), got {self.attention!r}"
+            )
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :func:`alignscope.probe`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def record(self) -> dict[str, Any]:
+        """JSON-safe form (for run folders and logs)."""
+        out = asdict(self)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        out["tokens"] = self.tokens if isinstance(self.tokens, str) else list(self.tokens)
+        out["ks"] = list(self.ks)
+        out["engine"] = self.engine if isinstance(self.engine, str) else repr(self.engine)
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        return out
+
+
+def _int_list(name: str, values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ProbeSettingsError(f"{name} must be {what}, got {values!r}")
+    items = tuple(values)
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ProbeSettingsError(f"{name} must be {what}, got {values!r} ({v!r} is not an integer)")
+    return tuple(int(v) for v in items)
+
+
+def _layers(layers: Any) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        return (int(layers),)
+    out = _int_list("layers", layers, "block indices or null (all blocks)")
+    if not out:
+        raise ProbeSettingsError("layers is empty; pass null (None) for all blocks")
+    return out
+
+
+def _tokens(tokens: Any) -> str | tuple[int, ...]:
+    if isinstance(tokens, str):
+        if tokens not in ("last", "all"):
+            raise ProbeSettingsError(f"tokens must be 'last', 'all' or a list of positions, got {tokens!r}")
+        return tokens
+    if isinstance(tokens, numbers.Integral) and not isinstance(tokens, bool):
+        return (int(tokens),)
+    out = _int_list("tokens", tokens, "'last', 'all' or a list of integer positions")
+    if not out:
+        raise ProbeSettingsError("tokens is an empty list; give positions, 'last' or 'all'")
+    return out
+
+
+def _ks(ks: Any) -> tuple[int, ...]:
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)
+    out = _int_list("ks", ks, "a list of positive integers, e.g. [10, 30, 50]")
+    if not out:
+        raise ProbeSettingsError("ks is empty; give at least one K, e.g. ks=(10, 30, 50)")
+    if min(out) < 1:
+        raise ProbeSettingsError(f"every K in ks must be a positive integer, got {list(out)}")
+    return tuple(sorted(set(out)))
+
+
+def _engine(engine: Any) -> Any:
+    if engine is None:
+        return "auto"
+    if isinstance(engine, (RandomizedSVD, JacobianEngine)):
+        return engine
+    if not isinstance(engine, str) or engine not in ENGINE_NAMES:
+        raise ProbeSettingsError(
+            f"unknown engine {engine!r}; choose one of {ENGINE_NAMES}, or pass a JacobianEngine or a "
+            "RandomizedSVD"
+        )
+    return engine
+
+
+def _chunk_size(chunk_size: Any) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ProbeSettingsError(
+            f"chunk_size must be a positive integer (rows per product) or None for the default, "
+            f"got {chunk_size!r}"
+        )
+    return int(chunk_size)
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in DTYPES.values():
+        raise ProbeSettingsError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
