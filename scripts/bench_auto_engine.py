@@ -1,4 +1,4 @@
-"""Which engine `probe(engine="auto")` should pick: whole probes, randomized against single_token (issue 5).
+"""Which engine `probe(engine="auto")` should pick: whole probes, randomized against single_token.
 
 For each (d, blocks, ks) case: a Llama-shaped model at random init (d = 576 is SmolLM2-135M's block, else MLP
 2.75 d, heads of 64, 4 query heads per KV head), one prompt of --seq tokens, last token, all blocks probed;

@@ -1,4 +1,4 @@
-"""Jacobian engines against the arithmetic floor and the reference method (issue 5).
+"""Jacobian engines against the arithmetic floor and the reference method.
 
 For d in {128, 576, 768} and sequence lengths T in {16, 128, 512}: the time of one block-token Jacobian
 (the last token) for
@@ -31,11 +31,11 @@ import torch
 from benchlib import append_markdown, block_model, block_token, matmul_rate, matrix_params, zoo_model
 
 DIMS = [128, 576, 768]
-"""Widths of issue 5's table."""
+"""Widths of the benchmark table."""
 SEQS = [16, 128, 512]
-"""Sequence lengths of issue 5's table."""
+"""Sequence lengths of the benchmark table."""
 TOP_K = 10
-"""K of the randomized engine's timing column (issue 5: d = 768, K = 10)."""
+"""K of the randomized engine's timing column (d = 768, K = 10 in the table)."""
 
 
 def time_engines(d: int, seq: int, budget_s: float) -> dict:

@@ -1,4 +1,4 @@
-"""How the randomized engine's defaults were chosen (issue 5): its accuracy on SmolLM2-135M's trained blocks.
+"""How the randomized engine's defaults were chosen: its accuracy on SmolLM2-135M's trained blocks.
 
 The exact residual Jacobians of the 30 blocks (last token of the first N default prompts) are computed once;
 then RandomizedSVD runs on each of them as a matrix (the sketch's accuracy depends only on the matrix, not

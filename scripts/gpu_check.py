@@ -1,4 +1,4 @@
-"""GPU check (issue 5): a Llama-3-8B-shaped model at random init, probed on one 64-token prompt.
+"""GPU check: a Llama-3-8B-shaped model at random init, probed on one 64-token prompt.
 
 Builds the model from its config directly on the GPU (bf16 weights; the Jacobians are computed in float32,
 one block at a time), then probes all 32 blocks with each engine and prints the time per block and per

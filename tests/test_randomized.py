@@ -1,4 +1,4 @@
-"""The randomized top-K engine (issue 5): the range finder on matrices with known spectra, its products on
+"""The randomized top-K engine: the range finder on matrices with known spectra, its products on
 real blocks, and probe(engine="randomized") against the exact engines, errors within the stated estimate."""
 
 from __future__ import annotations
