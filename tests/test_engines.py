@@ -1,4 +1,4 @@
-"""Every engine agrees with the exact full-sequence engine (issue 5), and the automatic choice."""
+"""Every engine agrees with the exact full-sequence engine, and the automatic choice."""
 
 from __future__ import annotations
 
