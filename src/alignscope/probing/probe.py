@@ -231,7 +231,8 @@ def probe(
 
 ANALYSIS_SVD = "auto"
 """How the exact paths factor each Jacobian (:func:`alignscope.core.metrics.top_svd`): ``"auto"`` is the Gram
-eigendecomposition in float64 on CUDA (8x faster than cuSOLVER's SVD at d = 4096) and the SVD on CPUs."""
+eigendecomposition in float64 on CUDA (several times faster than cuSOLVER's SVD at large d; docs/benchmarks.md)
+and the SVD on CPUs."""
 
 
 SEQUENCE_CHUNK = 32
@@ -244,12 +245,11 @@ def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) ->
     """Default rows per VJP for a single-token call with ``context`` cached tokens.
 
     CPUs: as many rows as keep ``rows x (context + 1)`` (per-row attention scores) within
-    ``CPU_ROW_BUDGET``, clamped to [32, 1024]. Measured (docs/benchmarks.md) since the cache takes no per-row
-    gradient (:mod:`alignscope.autodiff.constant_cache`): at d = 576 all 576 rows in one call 35 ms per block-token at
-    T = 16 and 73 (128 rows: 42 ms), 128 rows best at T = 2048. CUDA: as many rows as keep ``rows x (context +
-    1) x d`` values within ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: on an H100 at d = 4096,
-    T = 64, 64 rows per call took 0.175 s per block-token and 256 to 4096 rows 0.061-0.067 s (measured
-    before the constant-cache products, when the budget bounded per-row cache gradients)."""
+    ``CPU_ROW_BUDGET``, clamped to [32, 1024]: one call for all rows is fastest at short contexts, smaller
+    chunks at long ones. CUDA: as many rows as keep ``rows x (context + 1) x d`` values within
+    ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: too few rows per call leave the GPU idle.
+    The measurements behind both rules are in docs/benchmarks.md ("The KV cache as a constant in the batched
+    products", "GPU sweep")."""
     if torch.device(device).type == "cuda":
         return max(SEQUENCE_CHUNK, min(CUDA_TOKEN_CHUNK, CUDA_ROW_BUDGET // ((context + 1) * max(d, 1))))
     return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, CPU_ROW_BUDGET // (context + 1)))
@@ -264,16 +264,14 @@ CUDA_ROW_BUDGET = 2**30
 
 
 COPIES_CHUNK = 256
-"""Copies per pass where copies of the token run (measured best of 128, 256 and 768 on CPUs)."""
+"""Copies per pass where copies of the token run (the best of 128, 256 and 768 in docs/benchmarks.md)."""
 CUDA_COPIES_MIN_CONTEXT = 128
 CUDA_COPIES_CHUNK = 1024
-"""On CUDA, copies from 128 cached tokens on, 1024 per pass. Measured on an H100 (d = 4096 Llama block,
-docs/benchmarks.md) before the constant-cache products: batched VJPs 0.062 s per block-token at T = 64 and
-0.232 s at T = 512, copies 0.089 s and 0.093 s (256 to 1024 per pass alike, 4096 slower); the crossover near
-T = 110 is interpolated between those two lengths. The batched VJPs' per-row cache gradients, which made
-them grow with T, are gone since; not re-measured on a GPU yet (scripts/gpu_check.py --sweep)."""
+"""On CUDA, copies from 128 cached tokens on, 1024 per pass: where copies and batched VJPs crossed over on an
+H100 before the constant-cache products (docs/benchmarks.md, "GPU sweep"); to be re-measured with
+``scripts/gpu_check.py --sweep`` now that batched VJPs no longer grow with the context."""
 SKETCH_COPIES_MIN_CONTEXT = 256
-"""The same switch for the randomized engine's products on CUDA (unmeasured there)."""
+"""The same switch for the randomized engine's products on CUDA (not measured there yet)."""
 
 
 def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, int] | None:
@@ -281,9 +279,9 @@ def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, 
     ``device`` (``sketch``: for the randomized engine's products), or None: batched VJPs at every length.
 
     CPUs: None. With the cache a constant in the batched products (:mod:`alignscope.autodiff.constant_cache`),
-    copies, which run a forward per row, lost at every length measured (docs/benchmarks.md): at d = 576,
-    T = 73 35 ms against 63 ms, T = 512 56-60 ms against 89-94 ms, T = 2048 153 ms alike; the randomized
-    top-10 at d = 768, T = 512 45 ms against 97 ms."""
+    copies, which run a forward per row, were slower or equal at every context length measured on CPUs, for
+    the exact and the randomized engine (docs/benchmarks.md, "The KV cache as a constant in the batched
+    products")."""
     if torch.device(device).type != "cuda":
         return None
     return (
@@ -312,13 +310,11 @@ class AdaptiveChunkEngine(ReverseModeEngine):
 
 AUTO_PRODUCTS_PER_D = {"cpu_small": 0.5, "cpu_large": 1.0, "cuda": 0.5}
 """``engine="auto"`` picks the randomized path when its products per block-token (:func:`randomized_products`)
-are at most this share of ``d`` (:func:`auto_product_budget`). Measured whole probes on 2 CPU cores
-(docs/benchmarks.md, "Which engine auto picks"): randomized and single_token break even near 0.95 d
-products for d = 576, 1.7 d for d = 1024 and 1.8 d for d = 2048 (the d x d SVDs the randomized path skips
-weigh more as d grows), so CPUs use d / 2 below ``AUTO_LARGE_D`` and d from there on: randomized only where
-it measured at least 1.24x faster (near parity the exact engine's exact numbers win). On CUDA only 0.19 d was
-measured (d = 4096, 32 blocks, K = 10: randomized 2.6 s against 7.1 s per prompt on an H100), and its exact
-path factors Jacobians by a fast Gram eigendecomposition, so it keeps d / 2 until the crossover is measured."""
+are at most this share of ``d`` (:func:`auto_product_budget`). On CPUs the break-even of whole probes moves
+from about d to about 1.8 d as d grows (the d x d SVDs the randomized path skips weigh more), so CPUs use
+d / 2 below ``AUTO_LARGE_D`` and d from there on: randomized only where it is clearly faster, since near
+parity the exact engine's exact numbers win (docs/benchmarks.md, "Which engine auto picks"). On CUDA the
+crossover is not measured yet and the exact path uses the fast Gram route, so it keeps d / 2."""
 
 AUTO_LARGE_D = 1024
 """Width from which CPUs allow ``AUTO_PRODUCTS_PER_D["cpu_large"]`` instead of ``["cpu_small"]``."""
