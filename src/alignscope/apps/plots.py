@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg): coupling heat maps, metrics against step, PCA of token trajectories.
+"""Figures (matplotlib, Agg): coupling heat maps, metrics against step or checkpoint, PCA of token
+trajectories, the ``|U_j^T J_i V_j|`` grid, spectra and step sizes against depth, regression scatter plots.
 
 Each function returns a ``Figure``; :func:`save` writes it as PNG and closes it.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from alignscope.apps.correlation import Regression
 from alignscope.core import metrics
 from alignscope.probing.result import ProbeResult
 
@@ -120,5 +122,136 @@ def trajectory_pca(results: dict[str, ProbeResult]):
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         fig.colorbar(sc, ax=ax, fraction=0.046, label="depth l")
+    fig.tight_layout()
+    return fig
+
+
+def _legend_and_grid(fig, axes) -> None:
+    """Legend and grid on every panel, then a tight layout."""
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+
+
+def block_grid(result: ProbeResult, k: int) -> torch.Tensor:
+    """Mean over tokens of ``|U_{j,K}^T J_i V_{j,K}|`` for the kept blocks: ``[n, n, K, K]``
+    (``K`` capped at the width; ``result.extras["block_jacobians"]`` is ``[P, n, d, d]``)."""
+    J = result.extras["block_jacobians"]
+    k = min(k, J.shape[-1])
+    grids = []
+    for Jp in J:
+        U, _, V = metrics.svd(Jp)
+        grids.append(torch.einsum("jak,iab,jbl->ijkl", U[..., :k], Jp, V[..., :k]).abs())
+    return torch.stack(grids).mean(0)
+
+
+def block_grid_figure(result: ProbeResult, k: int, title: str):
+    """``n x n`` panels of :func:`block_grid`, row ``i`` divided by ``s_1(J_i)`` (row: J of block i,
+    column: bases of block j)."""
+    plt = _plt()
+    grid = block_grid(result, k)
+    grid = (grid / grid.diagonal(dim1=0, dim2=1).amax(dim=(0, 1))[:, None, None, None]).numpy()
+    n = grid.shape[0]
+    blocks = result.meta.get("kept_blocks", list(range(n)))
+    fig, axes = plt.subplots(n, n, figsize=(2.2 * n, 2.2 * n), squeeze=False)
+    for i in range(n):
+        for j in range(n):
+            axes[i, j].imshow(grid[i, j], vmin=0, vmax=1.0, cmap="magma")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == n - 1:
+                axes[i, j].set_xlabel(f"bases of block {blocks[j]}", fontsize=8)
+            if j == 0:
+                axes[i, j].set_ylabel(f"J of block {blocks[i]}", fontsize=8)
+    fig.suptitle(f"{title}: |U_j^T J_i V_j| / s_1(J_i), top {grid.shape[-1]}")
+    return fig
+
+
+def spectra_vs_depth(results: dict[str, ProbeResult]):
+    """Top singular values ``s_1``, ``s_5`` (log scale) and stable rank against block, per labelled result."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label, res in results.items():
+        depth = [layer + 1 for layer in res.layers]
+        s = res.singular_values
+        axes[0].plot(depth, s[..., 0].mean(0), marker="o", ms=3, label=f"{label} s_1")
+        axes[0].plot(depth, s[..., 4].mean(0) if s.shape[-1] > 4 else [], ls="--", label=f"{label} s_5")
+        axes[1].plot(depth, res.stable_rank.mean(0), marker="o", ms=3, label=label)
+    axes[0].set(
+        xlabel="block", ylabel="singular value (mean over tokens)", yscale="log", title="top singular values"
+    )
+    axes[1].set(xlabel="block", ylabel="stable rank", title="stable rank ||J||_F^2 / s_1^2")
+    _legend_and_grid(fig, axes)
+    return fig
+
+
+def steps_and_norms(results: dict[str, ProbeResult]):
+    """Mean ``log ||x^l - x^{l-1}||`` (step sizes, expodistance) and ``log ||x^l||`` against depth."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label, res in results.items():
+        h = res.hidden_states.double()
+        steps = (h[:, 1:] - h[:, :-1]).norm(dim=-1).log().mean(0)
+        norms = h.norm(dim=-1).log().mean(0)
+        step_label = f"{label}: slope {res.step_slope.mean():.3f}, LSS {res.lss.mean():.2f}"
+        axes[0].plot(range(1, len(steps) + 1), steps, marker="o", ms=3, label=step_label)
+        norm_label = f"{label}: slope {res.norm_slope.mean():.3f}"
+        axes[1].plot(range(len(norms)), norms, marker="o", ms=3, label=norm_label)
+    axes[0].set(xlabel="block l", ylabel="log ||x^l - x^{l-1}||", title="step sizes (expodistance)")
+    axes[1].set(xlabel="depth l", ylabel="log ||x^l||", title="norms")
+    _legend_and_grid(fig, axes)
+    return fig
+
+
+def metrics_vs_checkpoint(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]):
+    """One panel per metric, one line per label, against checkpoint step + 1 (log scale).
+
+    ``series[metric][label]`` is the ``(step, value)`` points, sorted by step.
+    """
+    plt = _plt()
+    names = list(series)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for label, pts in series[name].items():
+            if pts:
+                ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        ax.set(title=name, xlabel="checkpoint step + 1", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def regression_scatter(points: Sequence[Mapping[str, Any]], fit: Regression, label_key: str):
+    """``fit.y_name`` against ``fit.x_name`` for ``points`` (each annotated with ``point[label_key]``), and the
+    fitted line with its ``R^2`` and p-value when the slope is finite."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs, ys = [p[fit.x_name] for p in points], [p[fit.y_name] for p in points]
+    ax.scatter(xs, ys, s=18)
+    for p in points:
+        ax.annotate(
+            str(p[label_key]),
+            (p[fit.x_name], p[fit.y_name]),
+            fontsize=6,
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
+    if math.isfinite(fit.slope):
+        lo, hi = min(xs), max(xs)
+        ax.plot(
+            [lo, hi],
+            [fit.slope * lo + fit.intercept, fit.slope * hi + fit.intercept],
+            color="C1",
+            label=f"R^2 = {fit.r2:.2f}, p = {fit.p_value:.2g}",
+        )
+        ax.legend(fontsize=8)
+    ax.set(xlabel=fit.x_name, ylabel=fit.y_name)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

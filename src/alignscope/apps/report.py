@@ -21,18 +21,45 @@ from __future__ import annotations
 
 import argparse
 import csv
-import difflib
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from alignscope.apps.correlation import Regression, correlations, points_with, regress
+from alignscope.apps.report_runs import (
+    ReportInputError,
+    Run,
+    check_k,
+    check_metric,
+    find_runs,
+    latest_by_init,
+    latest_pretrained,
+    step_of,
+)
 from alignscope.apps.scores import ScoreTable, ScoreTableError, read_scores
-from alignscope.probing.result import HEADLINE, ProbeResult
+from alignscope.probing.result import HEADLINE
+
+__all__ = [
+    "REPORT_METRICS",
+    "Regression",
+    "ReportInputError",
+    "Run",
+    "build_report",
+    "check_k",
+    "check_metric",
+    "comparison_rows",
+    "correlations",
+    "find_runs",
+    "latest_pretrained",
+    "main",
+    "model_figures",
+    "regress",
+    "revision_figure",
+    "run_points",
+    "write_correlation",
+    "write_table",
+]
 
 REPORT_METRICS = (
     *HEADLINE,
@@ -45,63 +72,7 @@ REPORT_METRICS = (
 """The headline scalars and the fit qualities, in the report's table."""
 
 
-class ReportInputError(ValueError):
-    """A report setting that does not fit the run folders or scores; the message says what to change."""
-
-
-@dataclass
-class Run:
-    """One probe run folder."""
-
-    folder: Path
-    info: dict[str, Any]
-    scalars: dict[str, float]
-    _result: ProbeResult | None = field(default=None, repr=False)
-
-    @property
-    def model(self) -> str:
-        return str(self.info["model"])
-
-    @property
-    def init(self) -> str:
-        return str(self.info["init"])
-
-    @property
-    def revision(self) -> str:
-        return str(self.info.get("revision") or "")
-
-    @property
-    def ks(self) -> list[int]:
-        """The probed K values (``result/meta.json``)."""
-        return list(json.loads((self.folder / "result" / "meta.json").read_text())["ks"])
-
-    @property
-    def result(self) -> ProbeResult:
-        if self._result is None:
-            self._result = ProbeResult.load(self.folder / "result")
-        return self._result
-
-
-def find_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Every finished probe run (``run.json`` + ``scalars.json`` + ``result/``) below ``paths``."""
-    runs = []
-    for root in paths:
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"no such run folder: {root}")
-        for info_path in sorted(root.rglob("run.json")):
-            folder = info_path.parent
-            if (folder / "scalars.json").is_file() and (folder / "result" / "meta.json").is_file():
-                runs.append(
-                    Run(
-                        folder,
-                        json.loads(info_path.read_text()),
-                        json.loads((folder / "scalars.json").read_text()),
-                    )
-                )
-    return runs
-
-
+# --------------------------------------------------------------------------------------------- table
 def _ratio(a: float | None, b: float | None) -> float:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return float("nan")
@@ -115,7 +86,7 @@ def comparison_rows(runs: list[Run], metrics: Sequence[str] = REPORT_METRICS) ->
         groups.setdefault((r.model, r.revision), {})[r.init] = r
     rows = []
     for (model, revision), by_init in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], _step_of(kv[0][1]), kv[0][1])
+        groups.items(), key=lambda kv: (kv[0][0], step_of(kv[0][1]), kv[0][1])
     ):
         for metric in metrics:
             pre = by_init.get("pretrained")
@@ -135,12 +106,6 @@ def comparison_rows(runs: list[Run], metrics: Sequence[str] = REPORT_METRICS) ->
                 }
             )
     return rows
-
-
-def _step_of(revision: str) -> int:
-    from alignscope.apps.probe_app import revision_step
-
-    return revision_step(revision)
 
 
 def _fmt(x: Any) -> str:
@@ -167,24 +132,11 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- figures
-def _grid(result: ProbeResult, k: int):
-    """Mean over tokens of ``|U_{j,K}^T J_i V_{j,K}|`` for the kept blocks: ``[n, n, K, K]``."""
-    from alignscope.core import metrics
-
-    J = result.extras["block_jacobians"]  # [P, n, d, d]
-    k = min(k, J.shape[-1])
-    grids = []
-    for Jp in J:
-        U, _, V = metrics.svd(Jp)
-        grids.append(torch.einsum("jak,iab,jbl->ijkl", U[..., :k], Jp, V[..., :k]).abs())
-    return torch.stack(grids).mean(0)
-
-
 def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -> list[Path]:
-    """All per-model figures; returns their paths."""
+    """All per-model figures (coupling, PCA, the block grid of each init with block Jacobians, spectra,
+    step sizes); returns their paths."""
     from alignscope.apps import plots
 
-    plt = plots._plt()
     results = {init: r.result for init, r in sorted(by_init.items())}
     tag = model.replace("/", "_")
     paths = [
@@ -192,152 +144,49 @@ def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -
         plots.save(plots.trajectory_pca(results), out / f"{tag}_pca.png"),
     ]
     for init, res in results.items():
-        if "block_jacobians" not in res.extras:
-            continue
-        grid = _grid(res, k)
-        grid = (
-            grid / grid.diagonal(dim1=0, dim2=1).amax(dim=(0, 1))[:, None, None, None]
-        ).numpy()  # row i / s_{i,1}
-        n = grid.shape[0]
-        blocks = res.meta.get("kept_blocks", list(range(n)))
-        fig, axes = plt.subplots(n, n, figsize=(2.2 * n, 2.2 * n), squeeze=False)
-        vmax = 1.0
-        for i in range(n):
-            for j in range(n):
-                axes[i, j].imshow(grid[i, j], vmin=0, vmax=vmax, cmap="magma")
-                axes[i, j].set_xticks([])
-                axes[i, j].set_yticks([])
-                if i == n - 1:
-                    axes[i, j].set_xlabel(f"bases of block {blocks[j]}", fontsize=8)
-                if j == 0:
-                    axes[i, j].set_ylabel(f"J of block {blocks[i]}", fontsize=8)
-        fig.suptitle(f"{model} ({init}): |U_j^T J_i V_j| / s_1(J_i), top {grid.shape[-1]}")
-        paths.append(plots.save(fig, out / f"{tag}_grid_{init}.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for init, res in results.items():
-        depth = [layer + 1 for layer in res.layers]
-        axes[0].plot(depth, res.singular_values[..., 0].mean(0), marker="o", ms=3, label=f"{init} s_1")
-        axes[0].plot(
-            depth,
-            res.singular_values[..., 4].mean(0) if res.singular_values.shape[-1] > 4 else [],
-            ls="--",
-            label=f"{init} s_5",
-        )
-        axes[1].plot(depth, res.stable_rank.mean(0), marker="o", ms=3, label=init)
-    axes[0].set(
-        xlabel="block", ylabel="singular value (mean over tokens)", yscale="log", title="top singular values"
-    )
-    axes[1].set(xlabel="block", ylabel="stable rank", title="stable rank ||J||_F^2 / s_1^2")
-    paths.append(_save_panels(fig, axes, out / f"{tag}_spectra.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for init, res in results.items():
-        h = res.hidden_states.double()
-        steps = (h[:, 1:] - h[:, :-1]).norm(dim=-1).log().mean(0)
-        norms = h.norm(dim=-1).log().mean(0)
-        axes[0].plot(
-            range(1, len(steps) + 1),
-            steps,
-            marker="o",
-            ms=3,
-            label=f"{init}: slope {res.step_slope.mean():.3f}, LSS {res.lss.mean():.2f}",
-        )
-        axes[1].plot(
-            range(len(norms)), norms, marker="o", ms=3, label=f"{init}: slope {res.norm_slope.mean():.3f}"
-        )
-    axes[0].set(xlabel="block l", ylabel="log ||x^l - x^{l-1}||", title="step sizes (expodistance)")
-    axes[1].set(xlabel="depth l", ylabel="log ||x^l||", title="norms")
-    paths.append(_save_panels(fig, axes, out / f"{tag}_trajectory.png"))
+        if "block_jacobians" in res.extras:
+            fig = plots.block_grid_figure(res, k, f"{model} ({init})")
+            paths.append(plots.save(fig, out / f"{tag}_grid_{init}.png"))
+    paths.append(plots.save(plots.spectra_vs_depth(results), out / f"{tag}_spectra.png"))
+    paths.append(plots.save(plots.steps_and_norms(results), out / f"{tag}_trajectory.png"))
     return paths
 
 
-def _save_panels(fig, axes, path: Path) -> Path:
-    """Legend and grid on every panel, then save."""
-    from alignscope.apps import plots
-
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return plots.save(fig, path)
-
-
 def revision_figure(model: str, runs: list[Run], out: Path, metrics: Sequence[str]) -> Path | None:
-    """Each metric against checkpoint step, pretrained checkpoints (and random if present)."""
+    """Each metric against checkpoint step, pretrained checkpoints (and random if present); None with fewer
+    than two checkpoint revisions of ``model``."""
     from alignscope.apps import plots
 
-    stepped = [r for r in runs if r.model == model and r.revision and _step_of(r.revision) >= 0]
+    stepped = [r for r in runs if r.model == model and r.revision and step_of(r.revision) >= 0]
     if len({r.revision for r in stepped}) < 2:
         return None
-    plt = plots._plt()
     names = [m for m in metrics if any(m in r.scalars for r in stepped)]
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for init in ("pretrained", "random"):
-            pts = sorted(
-                (_step_of(r.revision), r.scalars.get(name, float("nan"))) for r in stepped if r.init == init
+    series = {
+        name: {
+            init: sorted(
+                (step_of(r.revision), r.scalars.get(name, float("nan"))) for r in stepped if r.init == init
             )
-            if pts:
-                ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3, label=init)
-        ax.set(title=name, xlabel="checkpoint step + 1", xscale="log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    return plots.save(fig, out / f"{model.replace('/', '_')}_vs_step.png")
+            for init in ("pretrained", "random")
+        }
+        for name in names
+    }
+    return plots.save(plots.metrics_vs_checkpoint(series), out / f"{model.replace('/', '_')}_vs_step.png")
+
+
+def _all_figures(runs: list[Run], folder: Path, k: int) -> list[Path]:
+    """The figures of every model: per-model figures of its latest revision per init, and the revision sweep."""
+    figs = []
+    for model in sorted({r.model for r in runs}):
+        figs += model_figures(model, latest_by_init(runs, model), folder, k=k)
+        fig = revision_figure(model, runs, folder, REPORT_METRICS)
+        if fig is not None:
+            figs.append(fig)
+    return figs
 
 
 # --------------------------------------------------------------------------------------------- correlation
-@dataclass
-class Regression:
-    """Least-squares ``y ~ slope * x + intercept`` over ``n`` points, with ``R^2`` and the slope's p-value."""
-
-    x_name: str
-    y_name: str
-    n: int
-    slope: float
-    intercept: float
-    r2: float
-    p_value: float
-
-
-def regress(x: Sequence[float], y: Sequence[float], x_name: str = "x", y_name: str = "y") -> Regression:
-    """Linear regression (scipy.stats.linregress); NaN statistics with fewer than 3 points."""
-    from scipy import stats
-
-    if len(x) != len(y):
-        raise ValueError("x and y must have the same length")
-    if len(x) < 3:
-        nan = float("nan")
-        return Regression(x_name, y_name, len(x), nan, nan, nan, nan)
-    fit = stats.linregress(x, y)
-    return Regression(
-        x_name,
-        y_name,
-        len(x),
-        float(fit.slope),
-        float(fit.intercept),
-        float(fit.rvalue**2),
-        float(fit.pvalue),
-    )
-
-
-def correlations(points: list[dict[str, Any]], x_names: Sequence[str], y_name: str) -> list[Regression]:
-    """One regression of ``y_name`` on each of ``x_names`` over the points that have both."""
-    out = []
-    for name in x_names:
-        pts = [(p[name], p[y_name]) for p in points if _finite(p.get(name)) and _finite(p.get(y_name))]
-        out.append(regress([a for a, _ in pts], [b for _, b in pts], name, y_name))
-    return out
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def write_correlation(points: list[dict[str, Any]], regs: list[Regression], label_key: str, out: Path) -> str:
+    """``correlation.csv``, ``correlation.md`` and one scatter plot per regression; returns the Markdown."""
     from alignscope.apps import plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -353,47 +202,12 @@ def write_correlation(points: list[dict[str, Any]], regs: list[Regression], labe
     ]
     text = "\n".join(md) + "\n"
     (out / "correlation.md").write_text(text)
-    plt = plots._plt()
     for r in regs:
-        pts = [p for p in points if _finite(p.get(r.x_name)) and _finite(p.get(r.y_name))]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        xs, ys = [p[r.x_name] for p in pts], [p[r.y_name] for p in pts]
-        ax.scatter(xs, ys, s=18)
-        for p in pts:
-            ax.annotate(
-                str(p[label_key]),
-                (p[r.x_name], p[r.y_name]),
-                fontsize=6,
-                xytext=(3, 2),
-                textcoords="offset points",
-            )
-        if math.isfinite(r.slope):
-            lo, hi = min(xs), max(xs)
-            ax.plot(
-                [lo, hi],
-                [r.slope * lo + r.intercept, r.slope * hi + r.intercept],
-                color="C1",
-                label=f"R^2 = {r.r2:.2f}, p = {r.p_value:.2g}",
-            )
-            ax.legend(fontsize=8)
-        ax.set(xlabel=r.x_name, ylabel=r.y_name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        plots.save(fig, out / f"scatter_{r.x_name.replace('/', '_')}.png")
+        pts = points_with(points, r.x_name, r.y_name)
+        if pts:
+            fig = plots.regression_scatter(pts, r, label_key)
+            plots.save(fig, out / f"scatter_{r.x_name.replace('/', '_')}.png")
     return text
-
-
-def latest_pretrained(runs: list[Run]) -> dict[str, Run]:
-    """The pretrained run of each model at its latest checkpoint revision."""
-    latest: dict[str, Run] = {}
-    for r in runs:
-        if r.init == "pretrained" and (
-            r.model not in latest or _step_of(r.revision) >= _step_of(latest[r.model].revision)
-        ):
-            latest[r.model] = r
-    return latest
 
 
 def run_points(
@@ -426,25 +240,39 @@ def run_points(
     return points, unmatched
 
 
-def check_k(runs: list[Run], k: int) -> None:
-    """``k`` must be among the probed K of every run (the coupling figures show ``m_K`` at that K)."""
-    lacking = [r for r in runs if k not in r.ks]
-    if lacking:
-        common = sorted(set.intersection(*(set(r.ks) for r in runs)))
-        choice = f"choose one of {common}" if common else "the runs share no K: report them separately"
+def _csv_points(scores: str, x_column: str, score_column: str) -> tuple[ScoreTable, list[dict[str, Any]]]:
+    """Points from two columns of the scores CSV alone."""
+    table = read_scores(scores, numeric=[x_column, score_column])
+    points = [
+        {"label": row.label, x_column: row.values[x_column], score_column: row.values[score_column]}
+        for row in table.rows
+    ]
+    return table, points
+
+
+def _run_score_points(
+    runs: list[Run], scores: str, metric: str, score_column: str
+) -> tuple[ScoreTable, list[dict[str, Any]], list[str]]:
+    """Points joining the pretrained runs to the scores CSV; refuses inputs that give none."""
+    if not runs:
+        raise ReportInputError("--scores without run folders needs --x-column (a column of the CSV)")
+    table = read_scores(scores, numeric=[score_column], need_ids=True)
+    pretrained = list(latest_pretrained(runs).values())
+    if not pretrained:
         raise ReportInputError(
-            f"--k {k} is not among the probed K of {len(lacking)} run(s), e.g. {lacking[0].folder} "
-            f"(K = {lacking[0].ks}): {choice}"
+            "--scores correlates pretrained runs, and these run folders hold none (model.init=random "
+            "only): probe with model.init=pretrained, or use --x-column"
         )
-
-
-def check_metric(runs: list[Run], metric: str) -> None:
-    """``metric`` must be a scalar of at least one of ``runs``."""
-    names = sorted({name for r in runs for name in r.scalars})
-    if metric not in names:
-        near = difflib.get_close_matches(metric, names, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(map(repr, near))}?" if near else f"scalars: {', '.join(names)}"
-        raise ReportInputError(f"--metric {metric!r} is not a scalar of the pretrained runs ({hint})")
+    check_metric(pretrained, metric)
+    points, unmatched = run_points(runs, table, metric, score_column)
+    if not points:
+        raise ReportInputError(
+            f"no row of {scores} matches a pretrained probe run by model or hub_id: runs "
+            f"{sorted({r.model for r in pretrained})} (hub ids "
+            f"{sorted({r.info['hub_id'] for r in pretrained if r.info.get('hub_id')})}), score rows "
+            f"{[row.label for row in table.rows]}; make the CSV's model or hub_id match"
+        )
+    return table, points, unmatched
 
 
 def _input_notes(skipped: list[str], unmatched: list[str]) -> list[str]:
@@ -476,33 +304,12 @@ def build_report(
         raise FileNotFoundError(f"no finished probe runs (run.json + result/) below {list(map(str, paths))}")
     if runs:
         check_k(runs, k)
-    if scores:
+    if scores:  # every input is checked before anything is written
         if x_column:
-            table = read_scores(scores, numeric=[x_column, score_column])
-            points = [
-                {"label": row.label, x_column: row.values[x_column], score_column: row.values[score_column]}
-                for row in table.rows
-            ]
+            table, points = _csv_points(scores, x_column, score_column)
             x_names, unmatched = [x_column], []
         else:
-            if not runs:
-                raise ReportInputError("--scores without run folders needs --x-column (a column of the CSV)")
-            table = read_scores(scores, numeric=[score_column], need_ids=True)
-            pretrained = list(latest_pretrained(runs).values())
-            if not pretrained:
-                raise ReportInputError(
-                    "--scores correlates pretrained runs, and these run folders hold none (model.init=random "
-                    "only): probe with model.init=pretrained, or use --x-column"
-                )
-            check_metric(pretrained, metric)
-            points, unmatched = run_points(runs, table, metric, score_column)
-            if not points:
-                raise ReportInputError(
-                    f"no row of {scores} matches a pretrained probe run by model or hub_id: runs "
-                    f"{sorted({r.model for r in pretrained})} (hub ids "
-                    f"{sorted({r.info['hub_id'] for r in pretrained if r.info.get('hub_id')})}), score rows "
-                    f"{[row.label for row in table.rows]}; make the CSV's model or hub_id match"
-                )
+            table, points, unmatched = _run_score_points(runs, scores, metric, score_column)
             x_names = [metric, "log10_params", "depth", "width"]
         written["skipped"], written["unmatched"] = table.skipped, unmatched
     out.mkdir(parents=True, exist_ok=True)
@@ -510,18 +317,7 @@ def build_report(
         rows = comparison_rows(runs)
         written["rows"] = rows
         sections += ["## Pretrained against random init", "", write_table(rows, out)]
-        figs = []
-        for model in sorted({r.model for r in runs}):
-            by_init = {}
-            for r in runs:
-                if r.model == model and (
-                    r.init not in by_init or _step_of(r.revision) >= _step_of(by_init[r.init].revision)
-                ):
-                    by_init[r.init] = r
-            figs += model_figures(model, by_init, out / "figures", k=k)
-            fig = revision_figure(model, runs, out / "figures", REPORT_METRICS)
-            if fig is not None:
-                figs.append(fig)
+        figs = _all_figures(runs, out / "figures", k)
         written["figures"] = figs
         sections += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
     if scores:

@@ -1,0 +1,61 @@
+"""Linear regressions of a benchmark score on a metric (or a baseline) across models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Regression:
+    """Least-squares ``y ~ slope * x + intercept`` over ``n`` points, with ``R^2`` and the slope's p-value."""
+
+    x_name: str
+    y_name: str
+    n: int
+    slope: float
+    intercept: float
+    r2: float
+    p_value: float
+
+
+def regress(x: Sequence[float], y: Sequence[float], x_name: str = "x", y_name: str = "y") -> Regression:
+    """Linear regression (scipy.stats.linregress); NaN statistics with fewer than 3 points."""
+    from scipy import stats
+
+    if len(x) != len(y):
+        raise ValueError("x and y must have the same length")
+    if len(x) < 3:
+        nan = float("nan")
+        return Regression(x_name, y_name, len(x), nan, nan, nan, nan)
+    fit = stats.linregress(x, y)
+    return Regression(
+        x_name,
+        y_name,
+        len(x),
+        float(fit.slope),
+        float(fit.intercept),
+        float(fit.rvalue**2),
+        float(fit.pvalue),
+    )
+
+
+def finite(v: Any) -> bool:
+    """Whether ``v`` is a finite int or float (blank and non-numeric cells are not)."""
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def points_with(points: Sequence[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    """The points with a finite value for each of ``names``."""
+    return [p for p in points if all(finite(p.get(name)) for name in names)]
+
+
+def correlations(points: list[dict[str, Any]], x_names: Sequence[str], y_name: str) -> list[Regression]:
+    """One regression of ``y_name`` on each of ``x_names`` over the points that have both."""
+    out = []
+    for name in x_names:
+        pts = points_with(points, name, y_name)
+        out.append(regress([p[name] for p in pts], [p[y_name] for p in pts], name, y_name))
+    return out
