@@ -613,35 +613,8 @@ def _assemble(
     num_blocks: int,
     meta: dict[str, Any],
 ) -> ProbeResult:
-    def stack(name: str) -> Tensor | None:
-        if name not in per_token[0]:
-            return None
-        return torch.stack([t[name] for t in per_token])
-
-    def stack_keyed(name: str) -> dict[int, Tensor]:
-        return {k: torch.stack([t[name][k] for t in per_token]) for k in ks}
-
-    return ProbeResult(
-        tokens=torch.tensor(token_index, dtype=torch.long),
-        layers=list(layers),
-        hidden_states=stack("hidden_states"),
-        singular_values=stack("singular_values"),
-        nonfinite=stack("nonfinite"),
-        coupling=stack_keyed("coupling"),
-        coupling_vju=stack_keyed("coupling_vju"),
-        alignment=stack_keyed("alignment"),
-        lss=stack("lss"),
-        step_slope=stack("step_slope"),
-        step_r2=stack("step_r2"),
-        norm_slope=stack("norm_slope"),
-        norm_r2=stack("norm_r2"),
-        stable_rank=stack("stable_rank"),
-        inv_s1_slope=stack("inv_s1_slope"),
-        inv_s1_r2=stack("inv_s1_r2"),
-        linearization_cosine=stack("linearization_cosine"),
-        jacobians=stack("jacobians"),
-        meta=meta,
-    )
+    tokens = torch.tensor(token_index, dtype=torch.long)
+    return ProbeResult.stack(per_token, ks, tokens=tokens, layers=list(layers), meta=meta)
 
 
 def token_jacobians(

@@ -1,7 +1,9 @@
 """The result of a probe: per-token tensors, run metadata, and a flat dict of named scalars.
 
 Shapes: ``P`` probed tokens, ``L'`` probed blocks (``layers``), ``L`` blocks of the model, width ``d``.
-Saved as a folder with ``tensors.safetensors`` (all tensors), ``meta.json`` and ``scalars.json``; no pickle.
+Saved as a folder with ``tensors.safetensors`` (all tensors, named after their fields: ``{field}.k{K}`` for a
+``{K: tensor}`` field, ``extra.{name}`` for ``extras``), ``meta.json`` (``meta`` with ``layers`` and ``ks``) and
+``scalars.json``; no pickle. :func:`tensor_fields` is the schema of the tensor fields.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,23 +47,31 @@ def format_scalars(scalars: dict[str, float], names: tuple[str, ...] = HEADLINE,
     return "\n".join(f"{indent}{n:<{width}}  {v: .4f}" for n, v in rows)
 
 
-_KEYED = ("coupling", "coupling_vju", "alignment")
-_PLAIN = (
-    "tokens",
-    "hidden_states",
-    "singular_values",
-    "nonfinite",
-    "lss",
-    "step_slope",
-    "step_r2",
-    "norm_slope",
-    "norm_r2",
-    "stable_rank",
-    "inv_s1_slope",
-    "inv_s1_r2",
-    "linearization_cosine",
-    "jacobians",
-)
+PLAIN: Mapping[str, str] = MappingProxyType({"kind": "plain"})
+"""Field metadata of a tensor with the token axis ``P`` first; saved under the field's name."""
+OPTIONAL: Mapping[str, str] = MappingProxyType({"kind": "optional"})
+"""Field metadata of a tensor like ``PLAIN`` that may be None (then not saved; joined only if all have it)."""
+KEYED: Mapping[str, str] = MappingProxyType({"kind": "keyed"})
+"""Field metadata of a ``{K: tensor}`` dict over the ks, each tensor ``P`` first; saved as ``{name}.k{K}``."""
+
+
+def tensor_fields(cls: type) -> list[tuple[str, str]]:
+    """``(name, kind)`` of every per-token tensor field of dataclass ``cls``, in declaration order: the schema
+    that :meth:`ProbeResult.save`, :meth:`~ProbeResult.load`, :meth:`~ProbeResult.concat` and
+    :meth:`~ProbeResult.stack` follow. Declare a new field once with ``PLAIN``, ``OPTIONAL`` or ``KEYED``
+    metadata (in a subclass too) and it is saved, loaded, joined and stacked."""
+    return [(f.name, f.metadata["kind"]) for f in fields(cls) if "kind" in f.metadata]
+
+
+def _required_tensor_names(cls: type, ks: list[int]) -> list[str]:
+    """The names in ``tensors.safetensors`` of every non-optional tensor field of ``cls``, for these ks."""
+    names: list[str] = []
+    for name, kind in tensor_fields(cls):
+        if kind == "keyed":
+            names += [f"{name}.k{k}" for k in ks]
+        elif kind == "plain":
+            names.append(name)
+    return names
 
 
 @dataclass
@@ -85,24 +97,24 @@ class ProbeResult:
         extras: further tensors, e.g. ``block_jacobians`` ``[P, n, d, d]`` for ``meta["kept_blocks"]``.
     """
 
-    tokens: Tensor
+    tokens: Tensor = field(metadata=PLAIN)
     layers: list[int]
-    hidden_states: Tensor
-    singular_values: Tensor
-    nonfinite: Tensor
-    coupling: dict[int, Tensor]
-    coupling_vju: dict[int, Tensor]
-    alignment: dict[int, Tensor]
-    lss: Tensor
-    step_slope: Tensor
-    step_r2: Tensor
-    norm_slope: Tensor
-    norm_r2: Tensor
-    stable_rank: Tensor
-    inv_s1_slope: Tensor
-    inv_s1_r2: Tensor
-    linearization_cosine: Tensor | None = None
-    jacobians: Tensor | None = None
+    hidden_states: Tensor = field(metadata=PLAIN)
+    singular_values: Tensor = field(metadata=PLAIN)
+    nonfinite: Tensor = field(metadata=PLAIN)
+    coupling: dict[int, Tensor] = field(metadata=KEYED)
+    coupling_vju: dict[int, Tensor] = field(metadata=KEYED)
+    alignment: dict[int, Tensor] = field(metadata=KEYED)
+    lss: Tensor = field(metadata=PLAIN)
+    step_slope: Tensor = field(metadata=PLAIN)
+    step_r2: Tensor = field(metadata=PLAIN)
+    norm_slope: Tensor = field(metadata=PLAIN)
+    norm_r2: Tensor = field(metadata=PLAIN)
+    stable_rank: Tensor = field(metadata=PLAIN)
+    inv_s1_slope: Tensor = field(metadata=PLAIN)
+    inv_s1_r2: Tensor = field(metadata=PLAIN)
+    linearization_cosine: Tensor | None = field(default=None, metadata=OPTIONAL)
+    jacobians: Tensor | None = field(default=None, metadata=OPTIONAL)
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
@@ -186,13 +198,10 @@ class ProbeResult:
 
     def _write(self, folder: Path, save_file: Any) -> None:
         tensors: dict[str, Tensor] = {}
-        for name in _PLAIN:
+        for name, kind in tensor_fields(type(self)):
             value = getattr(self, name)
-            if value is not None:
-                tensors[name] = value.detach().cpu().contiguous()
-        for name in _KEYED:
-            for k, value in getattr(self, name).items():
-                tensors[f"{name}.k{k}"] = value.detach().cpu().contiguous()
+            named = {f"{name}.k{k}": v for k, v in value.items()} if kind == "keyed" else {name: value}
+            tensors.update({key: v.detach().cpu().contiguous() for key, v in named.items() if v is not None})
         for name, value in self.extras.items():
             tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
         save_file(tensors, str(folder / "tensors.safetensors"))
@@ -213,52 +222,79 @@ class ProbeResult:
         tensors = load_file(str(folder / "tensors.safetensors"))
         meta = json.loads((folder / "meta.json").read_text())
         layers, ks = meta.pop("layers"), meta.pop("ks")
-        keyed = {name: {k: tensors[f"{name}.k{k}"] for k in ks} for name in _KEYED}
-        plain = {name: tensors.get(name) for name in _PLAIN}
+        missing = [n for n in _required_tensor_names(cls, ks) if n not in tensors]
+        if missing:
+            raise ValueError(
+                f"{folder / 'tensors.safetensors'} lacks {missing}, which {cls.__name__} needs (ks {ks} from "
+                "meta.json); it was not written by this version's save(): probe again, or load it with the "
+                "version that wrote it"
+            )
+        values = {
+            name: {k: tensors[f"{name}.k{k}"] for k in ks} if kind == "keyed" else tensors.get(name)
+            for name, kind in tensor_fields(cls)
+        }
         extras = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(layers=layers, meta=meta, extras=extras, **keyed, **plain)
+        return cls(layers=layers, meta=meta, extras=extras, **values)
+
+    @classmethod
+    def stack(cls, per_token: list[dict[str, Any]], ks: list[int], **given: Any) -> ProbeResult:
+        """Stack per-token values into a result: each tensor field ``name`` not in ``given`` is
+        ``torch.stack([t[name] for t in per_token])`` (``{K: ...}`` for keyed fields, over ``ks``; an optional
+        field absent from the first token is None). ``given`` holds the other fields (``tokens``, ``layers``,
+        ``meta``, ...) as they are; keys of ``per_token`` that are no field are ignored."""
+        values: dict[str, Any] = {}
+        for name, kind in tensor_fields(cls):
+            if name in given or (kind == "optional" and name not in per_token[0]):
+                continue
+            if kind == "keyed":
+                values[name] = {k: torch.stack([t[name][k] for t in per_token]) for k in ks}
+            else:
+                values[name] = torch.stack([t[name] for t in per_token])
+        return cls(**values, **given)
 
     @classmethod
     def concat(cls, results: list[ProbeResult]) -> ProbeResult:
         """Join results of the same model, layers and ks along the token axis ``P`` (prompt indices are
         renumbered in order; ``meta`` is the first result's, with prompt lengths joined, seconds summed and
-        the warnings restated for the joined tokens)."""
+        the warnings restated for the joined tokens; an optional tensor or an extra is kept only if every
+        result has it)."""
         if not results:
             raise ValueError("nothing to concatenate")
         first = results[0]
         for r in results[1:]:
             if r.layers != first.layers or r.ks != first.ks:
                 raise ValueError("results differ in layers or ks and cannot be joined")
+        values = {name: _join([getattr(r, name) for r in results], kind) for name, kind in tensor_fields(cls)}
         tokens, offset = [], 0
         for r in results:
             t = r.tokens.clone()
             t[:, 0] += offset
             offset += len(r.meta.get("prompt_lengths", [])) or int(t[:, 0].max()) + 1
             tokens.append(t)
-
-        def cat(name: str) -> Tensor | None:
-            values = [getattr(r, name) for r in results]
-            return None if any(v is None for v in values) else torch.cat(values)
-
+        values["tokens"] = torch.cat(tokens)
         meta = dict(first.meta)
         meta["prompt_lengths"] = [n for r in results for n in r.meta.get("prompt_lengths", [])]
         meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in results)
         meta["analysis_seconds"] = sum(r.meta.get("analysis_seconds", 0.0) for r in results)
-        plain = {name: cat(name) for name in _PLAIN if name != "tokens"}
-        keyed = {
-            name: {k: torch.cat([getattr(r, name)[k] for r in results]) for k in first.ks} for name in _KEYED
-        }
         extras = {
             k: torch.cat([r.extras[k] for r in results])
             for k in first.extras
             if all(k in r.extras for r in results)
         }
-        joined = cls(
-            layers=list(first.layers), meta=meta, extras=extras, tokens=torch.cat(tokens), **plain, **keyed
-        )
+        joined = cls(layers=list(first.layers), meta=meta, extras=extras, **values)
         if any("warnings" in r.meta for r in results):
             joined.meta["warnings"] = explain(joined)
         return joined
+
+
+def _join(values: list[Any], kind: str) -> Any:
+    """One field of several results joined along ``P``: ``{K: cat}`` for keyed fields (over the first's ks),
+    None for an optional field that some result lacks, else ``torch.cat``."""
+    if kind == "keyed":
+        return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+    if any(v is None for v in values):
+        return None
+    return torch.cat(values)
 
 
 def _replace_folder(new: Path, target: Path) -> None:
