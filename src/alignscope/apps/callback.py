@@ -10,12 +10,8 @@ every scalar is logged to all the trainer's loggers at ``trainer.global_step``, 
 
 from __future__ import annotations
 
-import math
-import shutil
-import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from alignscope.apps.monitor_config import (
+    MonitorConfigError,
+    checked_prompts,
+    monitor_settings,
+    positive_int,
+    true_or_false,
+)
+from alignscope.apps.monitor_figures import load_probe, write_monitor_figures
+from alignscope.apps.monitor_summary import format_summary, summarize
 from alignscope.apps.problems import announce_problems
+from alignscope.apps.resumed_probes import bring_probes_along, probe_folder
 from alignscope.apps.run_folder import (
     RunFolder,
     append_record,
@@ -34,25 +40,17 @@ from alignscope.apps.run_folder import (
     write_json,
     write_records,
 )
+from alignscope.apps.validation_prompts import sample_prompts
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.result import HEADLINE, ProbeResult
-from alignscope.probing.settings import ProbeSettings, ProbeSettingsError
+from alignscope.probing.settings import ProbeSettings
+
+__all__ = ["MONITOR_RESULTS", "AlignmentMonitor", "MonitorConfigError", "format_summary"]
 
 MONITOR_RESULTS = ("probes", "probes.jsonl", "summary.json", "figures")
 """The monitor's entries in its run folder."""
 CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
 """Model-config keys left out of the monitor's fingerprint: they name or annotate, they do not set numbers."""
-
-
-class MonitorConfigError(ValueError):
-    """An AlignmentMonitor argument that cannot work; the message says what to change."""
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MonitorConfigError(f"AlignmentMonitor: {name} must be a positive integer, got {value!r}")
 
 
 class AlignmentMonitor(pl.Callback):
@@ -105,43 +103,19 @@ class AlignmentMonitor(pl.Callback):
         overwrite: bool = False,
     ) -> None:
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps, allow_none=True)
-        _positive_int("num_prompts", num_prompts)
-        _positive_int("prompt_length", prompt_length, allow_none=True)
-        if not isinstance(log_spaced, bool):
-            raise MonitorConfigError(
-                f"AlignmentMonitor: log_spaced must be true or false, got {log_spaced!r}"
-            )
-        try:
-            given = ProbeSettings(layers=layers, tokens=tokens, ks=ks, chunk_size=chunk_size, engine=engine)
-        except ProbeSettingsError as err:
-            raise MonitorConfigError(f"AlignmentMonitor: {err}") from None
-        if probe is not None:
-            if not isinstance(probe, ProbeSettings):
-                raise MonitorConfigError(
-                    f"AlignmentMonitor: probe must be an alignscope.ProbeSettings, got {type(probe).__name__}"
-                )
-            if given != ProbeSettings():
-                raise MonitorConfigError(
-                    "AlignmentMonitor: give the probe settings either whole (probe=ProbeSettings(...)) or as "
-                    "arguments (layers, tokens, ks, chunk_size, engine), not both"
-                )
-        self.settings = probe if probe is not None else given
-        if prompts is not None:
-            prompts = torch.as_tensor(prompts)
-            if prompts.ndim != 2 or prompts.numel() == 0 or prompts.dtype.is_floating_point:
-                raise MonitorConfigError(
-                    "AlignmentMonitor: prompts must be a non-empty [B, T] tensor of token ids"
-                )
-        if not isinstance(overwrite, bool):
-            raise MonitorConfigError(f"AlignmentMonitor: overwrite must be true or false, got {overwrite!r}")
+        positive_int("every_n_steps", every_n_steps, allow_none=True)
+        positive_int("num_prompts", num_prompts)
+        positive_int("prompt_length", prompt_length, allow_none=True)
+        true_or_false("log_spaced", log_spaced)
+        self.settings = monitor_settings(probe, layers, tokens, ks, chunk_size, engine)
+        self.prompts = checked_prompts(prompts)
+        true_or_false("overwrite", overwrite)
         if not (every_n_steps or log_spaced or on_checkpoint or at_end):
             raise MonitorConfigError(
                 "AlignmentMonitor would only probe step 0: set every_n_steps, log_spaced, on_checkpoint or at_end"
             )
         self.every_n_steps = every_n_steps
         self.log_spaced = log_spaced
-        self.prompts = prompts.long() if prompts is not None else None
         self.num_prompts = num_prompts
         self.prompt_length = prompt_length
         self.seed = seed
@@ -196,7 +170,7 @@ class AlignmentMonitor(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)  # fail early if there is no Hugging Face model
         if self.prompts is None:
-            self.prompts = self._sample_prompts(trainer)
+            self.prompts = sample_prompts(trainer, self.num_prompts, self.prompt_length, self.seed)
         if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
             self.init_weights = weights_digest(model)
         if trainer.is_global_zero:
@@ -206,7 +180,7 @@ class AlignmentMonitor(pl.Callback):
             )
             self._folder.__enter__()
             self._folder.claim(self.fingerprint(model), overwrite=self.overwrite)
-            self._bring_probes_along(run_dir)
+            bring_probes_along(self.history, self.source_dir, run_dir)
             self.source_dir = str(run_dir.resolve())
             write_records(run_dir / "probes.jsonl", [h for h in self.history if len(h) > 1])
 
@@ -223,28 +197,6 @@ class AlignmentMonitor(pl.Callback):
             "prompts_sha256": text_digest(self.prompts.tolist()),
             "probe": {k: v for k, v in self.settings.record().items() if k != "progress"},
         }
-
-    def _bring_probes_along(self, run_dir: Path) -> None:
-        """After a resume from another folder's checkpoint, copy that folder's probes of the restored steps."""
-        if not self.history or self.source_dir is None or Path(self.source_dir) == run_dir.resolve():
-            return
-        source = Path(self.source_dir) / "probes"
-        steps = [int(h["step"]) for h in self.history if len(h) > 1]
-        missing = [s for s in steps if not (run_dir / "probes" / f"step_{s:07d}").is_dir()]
-        copied = []
-        for step in missing:
-            folder = source / f"step_{step:07d}"
-            if folder.is_dir():
-                shutil.copytree(folder, run_dir / "probes" / f"step_{step:07d}")
-                copied.append(step)
-        lost = sorted(set(missing) - set(copied))
-        note = f"resumed from a checkpoint of {self.source_dir}: copied {len(copied)} earlier probe(s)"
-        if lost:
-            note += (
-                f"; the tensors of step(s) {lost} are not there any more, so probes.jsonl keeps their scalars "
-                "but figures that need tensors start at the resume step"
-            )
-        print(f"alignscope: {note}", file=sys.stderr, flush=True)
 
     def _release(self) -> None:
         if self._folder is not None:
@@ -305,7 +257,7 @@ class AlignmentMonitor(pl.Callback):
         result.meta["step"] = step
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
-        result.save(run_dir / "probes" / f"step_{step:07d}")
+        result.save(probe_folder(run_dir, step))
         entry = {"step": step, **scalars}
         append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
@@ -336,38 +288,6 @@ class AlignmentMonitor(pl.Callback):
             "AlignmentMonitor: no Hugging Face model found on the LightningModule; pass model_attr='<attribute>'"
         )
 
-    def _sample_prompts(self, trainer: pl.Trainer) -> torch.Tensor:
-        dataset = None
-        dm = trainer.datamodule
-        if dm is not None:
-            if hasattr(dm, "setup") and getattr(dm, "val_dataset", None) is None:
-                dm.setup("fit")
-            dataset = getattr(dm, "val_dataset", None)
-        if dataset is None:
-            loaders = trainer.val_dataloaders if trainer.val_dataloaders is not None else None
-            if loaders is None:
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-                loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            dataset = getattr(loader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-            raise MonitorConfigError(
-                "AlignmentMonitor: no validation data set to sample prompts from; pass prompts=[B, T] token ids"
-            )
-        g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(dataset), generator=g)[: self.num_prompts].sort().values
-        rows = []
-        for i in idx.tolist():
-            item = dataset[i]
-            if isinstance(item, dict):
-                item = item["input_ids"]
-            elif isinstance(item, (tuple, list)):
-                item = item[0]
-            row = torch.as_tensor(item).reshape(-1)
-            rows.append(row[: self.prompt_length] if self.prompt_length else row)
-        length = min(len(r) for r in rows)
-        return torch.stack([r[:length] for r in rows]).long()
-
     # ----------------------------------------------------------------- files and summary
     def _run_dir(self, trainer: pl.Trainer) -> Path:
         if self.dirpath is not None:
@@ -376,17 +296,7 @@ class AlignmentMonitor(pl.Callback):
 
     def summary(self) -> dict[str, Any]:
         """Init (first probe) and final (latest probe) value of each headline metric, and their change."""
-        first, last = self.history[0], self.history[-1]
-        out: dict[str, Any] = {
-            "init_step": first["step"],
-            "final_step": last["step"],
-            "monitor_seconds": self.seconds,
-        }
-        for name in HEADLINE:
-            if name in first and name in last:
-                a, b = first[name], last[name]
-                out[name] = {"init": a, "final": b, "change": b - a}
-        return out
+        return summarize(self.history, self.seconds)
 
     def _finish(self, trainer: pl.Trainer) -> None:
         run_dir = self._run_dir(trainer)
@@ -403,54 +313,11 @@ class AlignmentMonitor(pl.Callback):
             announce_problems(self._latest, self.history[-1], f"the probe at step {self.history[-1]['step']}")
 
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
-        from alignscope.apps import plots
-
-        first = self._first or self._load_probe(run_dir, int(self.history[0]["step"]))
-        latest = self._latest or self._load_probe(run_dir, int(self.history[-1]["step"]))
-        builders: dict[str, Any] = {}
-        if first is not None and latest is not None:
-            pair = {
-                f"step {first.meta.get('step', 0)}": first,
-                f"step {latest.meta.get('step', '?')}": latest,
-            }
-            for k in self.settings.ks:
-                builders[f"coupling_k{k}"] = partial(plots.coupling_heatmaps, pair, k)
-            builders["trajectories_pca"] = partial(plots.trajectory_pca, pair)
-        names = [
-            n
-            for n in HEADLINE
-            if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in self.settings.ks))
-        ]
-        history = [h for h in self.history if len(h) > 1]
-        builders["metrics_vs_step"] = partial(plots.metrics_vs_step, history, names)
-        paths = plots.save_all(builders, run_dir / "figures")
+        first = self._first or load_probe(run_dir, int(self.history[0]["step"]))
+        latest = self._latest or load_probe(run_dir, int(self.history[-1]["step"]))
+        paths = write_monitor_figures(self.history, self.settings.ks, first, latest, run_dir / "figures")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 step = int(self.history[-1]["step"])
                 for key, path in paths.items():
                     logger.log_image(key=f"{self.prefix}figures/{key}", images=[str(path)], step=step)
-
-    @staticmethod
-    def _load_probe(run_dir: Path, step: int) -> ProbeResult | None:
-        folder = run_dir / "probes" / f"step_{step:07d}"
-        return ProbeResult.load(folder) if folder.is_dir() else None
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a short text table."""
-    init, final = summary["init_step"], summary["final_step"]
-    rows = [(k, v) for k, v in summary.items() if isinstance(v, dict)]
-    width = max([len(k) for k, _ in rows] + [6])
-    lines = [f"{'metric':<{width}}  {'step ' + str(init):>12}  {'step ' + str(final):>12}  {'change':>9}"]
-    for name, v in rows:
-        lines.append(
-            f"{name:<{width}}  {_fmt(v['init']):>12}  {_fmt(v['final']):>12}  {_fmt(v['change'], sign=True):>9}"
-        )
-    lines.append(f"(alignment monitor: {summary['monitor_seconds']:.1f} s in probes)")
-    return "\n".join(lines)
-
-
-def _fmt(x: float, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    return f"{x:+.4f}" if sign else f"{x:.4f}"
