@@ -74,7 +74,7 @@ def zoo_model(name: str) -> tuple[Any, Any]:
     from omegaconf import OmegaConf
 
     from alignscope.apps.config import config_dir
-    from alignscope.models.zoo import load_model, load_tokenizer
+    from alignscope.models import load_model, load_tokenizer
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("probe_app", overrides=[f"model={name}"])

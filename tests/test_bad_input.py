@@ -327,24 +327,26 @@ def test_unknown_model_config_key_is_refused(tmp_path, model, typo, suggestion):
 def test_hf_config_name_refuses_unknown_keys(tmp_path):
     from transformers import GPT2Config
 
-    from alignscope.models import ModelConfigError, build_causal_lm
+    from alignscope.models import ModelConfigError, load_model
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32).save_pretrained(tmp_path)
+    built = {"source": "config", "init": "random", "config_name": str(tmp_path), "vocab_size": 64}
     with pytest.raises(ModelConfigError, match=r"GPT2Config does not know.*n_embed \(did you mean n_embd"):
-        build_causal_lm(config_name=str(tmp_path), config={"n_embed": 32}, vocab_size=64)
+        load_model(**built, config={"n_embed": 32})
     with pytest.raises(ModelConfigError, match=r"rope_theta \(no close match\)"):
-        build_causal_lm(config_name=str(tmp_path), config={"rope_theta": 10.0}, vocab_size=64)
+        load_model(**built, config={"rope_theta": 10.0})
 
 
 def test_known_and_consumed_model_config_keys_pass():
-    from alignscope.models import build_causal_lm
+    from alignscope.models import load_model
 
-    gpt2 = build_causal_lm(
-        "gpt2", {"n_layer": 1, "n_embd": 16, "n_head": 2, "hidden_size": 16}, vocab_size=64
+    built = {"source": "config", "init": "random", "vocab_size": 64}
+    gpt2 = load_model(
+        **built, model_type="gpt2", config={"n_layer": 1, "n_embd": 16, "n_head": 2, "hidden_size": 16}
     )
     assert gpt2.config.n_embd == 16  # hidden_size is GPT-2's alias (attribute_map) of n_embd
     config = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
-    llama = build_causal_lm(
-        "llama", {**config, "rope_theta": 500.0, "attn_implementation": "eager"}, vocab_size=64
+    llama = load_model(
+        **built, model_type="llama", config={**config, "rope_theta": 500.0, "attn_implementation": "eager"}
     )
     assert llama.config.rope_parameters["rope_theta"] == 500.0  # consumed by LlamaConfig, not ignored

@@ -18,7 +18,7 @@ import pytest
 from filelock import FileLock
 
 from alignscope.apps.data import BPETokenizer, CausalLMDataModule, TextFilesCorpus
-from alignscope.models import cache_build, zoo
+from alignscope.models import cache_build, load_model, zoo
 from alignscope.models.cache_build import CacheBuildError, build_once, lock_path, temp_leftovers
 
 FILES = {"config.json": b'{"model_type": "fake"}', "weights.bin": bytes(range(256)) * 64}
@@ -341,7 +341,7 @@ def test_unsafe_model_names_are_refused_before_the_disk_is_touched(cache, tmp_pa
     outside.mkdir(parents=True)
     (outside / "keep.txt").write_text("not the cache's")
     with pytest.raises(zoo.ModelLoadError, match=r"model.name=.* is not a plain name.*no path separators"):
-        zoo.load_model(name, source="pypi_folder", package="fake", subdir="fake/model")
+        load_model(name, source="pypi_folder", package="fake", subdir="fake/model")
     assert (outside / "keep.txt").is_file() and not cache.exists()
 
 

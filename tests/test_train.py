@@ -147,10 +147,8 @@ def test_fine_tune_a_pretrained_model_from_a_local_path(tmp_path, cache_dir):
             run,
             cache_dir,
             "logger=csv",
-            "model=hf",
-            "model.init=pretrained",
-            f"model.pretrained={local}",
-            "~model.config",
+            "model=local",
+            f"model.path={local}",
             "trainer.max_steps=2",
         )
     )
@@ -190,7 +188,7 @@ def test_every_config_option_composes(tmp_path, overrides):
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["model"]["_target_"] == "alignscope.models.build_causal_lm"
+    assert resolved["model"]["_target_"] == "alignscope.models.load_model"
     assert "_target_" in resolved["trainer"] and "_target_" in resolved["data"]
 
 

