@@ -57,7 +57,7 @@ def main() -> None:
 
     from alignscope import probe
     from alignscope.core.randomized import RandomizedSVD
-    from alignscope.probing.probe import planned_engine, randomized_products
+    from alignscope.probing.plan import planned_engine, randomized_products
     from alignscope.probing.settings import ProbeSettings
 
     header = (

@@ -46,7 +46,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         token_block_function,
         token_copies_function,
     )
-    from alignscope.probing.probe import COPIES_CHUNK, token_chunk
+    from alignscope.probing.plan import COPIES_CHUNK, token_chunk
 
     model = block_model(d)
     out = {"d": d, "T": seq}
@@ -128,7 +128,7 @@ def large_block(d: int, seq: int) -> dict:
     from alignscope.autodiff.linearized import LinearizedBlock
     from alignscope.core.randomized import RandomizedSVD
     from alignscope.models.capture import probe_mode, token_block_function
-    from alignscope.probing.probe import token_chunk
+    from alignscope.probing.plan import token_chunk
     from alignscope.probing.sketch_probe import row_function
 
     model = block_model(d)

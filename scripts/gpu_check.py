@@ -194,14 +194,14 @@ def agreement(model, ids, blocks: int) -> None:
 
     from alignscope import probe
 
-    probe_module = importlib.import_module("alignscope.probing.probe")
+    plan_module = importlib.import_module("alignscope.probing.plan")
     layers = list(range(blocks))
     single = probe(model, ids, layers=layers, keep_jacobians=True, engine="single_token")
-    probe_module.ANALYSIS_SVD = "svd"
+    plan_module.ANALYSIS_SVD = "svd"
     try:
         exact = probe(model, ids, layers=layers, keep_jacobians=True, engine="exact")
     finally:
-        probe_module.ANALYSIS_SVD = "auto"
+        plan_module.ANALYSIS_SVD = "auto"
     scale = float(exact.jacobians.abs().max())
     coupling = max(float((single.coupling[k] - exact.coupling[k]).abs().max()) for k in single.coupling)
     alignment = max(float((single.alignment[k] - exact.alignment[k]).abs().max()) for k in single.alignment)

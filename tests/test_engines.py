@@ -97,6 +97,7 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     from alignscope.models.capture import capture_token_calls, probe_mode, token_copies_function
 
     probe_module = importlib.import_module("alignscope.probing.probe")
+    plan_module = importlib.import_module("alignscope.probing.plan")
     model = tiny_model(family, **LONG_CONTEXT.get(family, {}))
     length = COPIES_FROM + 4
     ids = prompt_ids(1, length, seed=4)
@@ -104,7 +105,7 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     exact = probe(model, ids, tokens=tokens, keep_jacobians=True, engine="exact")
     single = probe(model, ids, tokens=tokens, keep_jacobians=True)
     assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] is None
-    monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+    monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
     by_copies, passes = probe_module.jacobian_by_copies, []
     monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: passes.append(a[2]) or by_copies(*a))
     copies = probe(model, ids, tokens=tokens, keep_jacobians=True)
@@ -130,15 +131,16 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     """What probe() runs on CUDA, here on the CPU: copies (``copies_plan``, here from the first token on),
     GPU chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
     probe_module = importlib.import_module("alignscope.probing.probe")
+    plan_module = importlib.import_module("alignscope.probing.plan")
 
     model = tiny_model(family)
     ids = prompt_ids(1, 9, seed=12)
     exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
-    plan = probe_module.copies_plan
-    monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: plan("cuda", sketch))
-    monkeypatch.setattr(probe_module, "CUDA_COPIES_MIN_CONTEXT", 0)  # copies for every token here
-    monkeypatch.setattr(probe_module, "ANALYSIS_SVD", "gram")
-    monkeypatch.setattr(probe_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
+    plan = plan_module.copies_plan
+    monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: plan("cuda", sketch))
+    monkeypatch.setattr(plan_module, "CUDA_COPIES_MIN_CONTEXT", 0)  # copies for every token here
+    monkeypatch.setattr(plan_module, "ANALYSIS_SVD", "gram")
+    monkeypatch.setattr(plan_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
     by_copies, calls = probe_module.jacobian_by_copies, []
     monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
     cuda_like = probe(model, ids, tokens="all", keep_jacobians=True, engine="single_token")
@@ -157,7 +159,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
 
 
 def test_token_chunk_on_cuda_follows_the_row_budget():
-    from alignscope.probing.probe import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
+    from alignscope.probing.plan import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
 
     assert token_chunk(63, "cuda", 4096) == CUDA_TOKEN_CHUNK
     assert token_chunk(2047, "cuda", 4096) == CUDA_ROW_BUDGET // (2048 * 4096)
@@ -172,8 +174,8 @@ def test_token_chunk_on_cuda_follows_the_row_budget():
 def test_long_contexts_with_sdpa_bfloat16_and_float64(copies, monkeypatch):
     """The batched single-token path (sdpa written out with the cache a constant) and the copies path."""
     if copies:
-        probe_module = importlib.import_module("alignscope.probing.probe")
-        monkeypatch.setattr(probe_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+        plan_module = importlib.import_module("alignscope.probing.plan")
+        monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
     ids = prompt_ids(1, COPIES_FROM + 2, seed=6)
     model = tiny_model("llama")
     for kwargs, atol in (({"attention": "sdpa"}, 1e-5), ({"dtype": torch.float64}, 1e-6)):

@@ -13,7 +13,7 @@ from alignscope.autodiff.linearized import LinearizedBlock
 from alignscope.core.randomized import RandomizedSVD, vector_angle_bounds
 from alignscope.models import get_adapter
 from alignscope.models.capture import capture_token_calls, probe_mode
-from alignscope.probing.probe import auto_product_budget, choose_engine, randomized_products
+from alignscope.probing.plan import auto_product_budget, choose_engine, randomized_products
 from alignscope.probing.sketch_probe import row_function
 from conftest import FAMILIES, prompt_ids, tiny_model
 
@@ -254,18 +254,16 @@ def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
     import importlib
 
     from alignscope.probing import sketch_probe
-    from alignscope.probing.probe import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
+    from alignscope.probing.plan import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
 
     copies_fn, on_copies = sketch_probe.token_copies_function, []
     monkeypatch.setattr(
         sketch_probe, "token_copies_function", lambda *a: on_copies.append(a) or copies_fn(*a)
     )
     if copies:
-        probe_module = importlib.import_module("alignscope.probing.probe")
+        plan_module = importlib.import_module("alignscope.probing.plan")
         plan = (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK)
-        monkeypatch.setattr(
-            probe_module, "copies_plan", lambda device, sketch=False: plan if sketch else None
-        )
+        monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: plan if sketch else None)
 
     overrides = {
         "gpt2": {"n_positions": 512},

@@ -151,7 +151,8 @@ def _run(
 
     from alignscope.models import context_length, get_adapter
     from alignscope.models.zoo import load_tokenizer
-    from alignscope.probing.probe import planned_engine, probe
+    from alignscope.probing.plan import planned_engine
+    from alignscope.probing.probe import probe
     from alignscope.probing.result import ProbeResult
 
     run_dir = folder.path

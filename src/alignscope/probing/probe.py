@@ -10,6 +10,7 @@ import itertools
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,13 +18,11 @@ from torch import Tensor, nn
 
 from alignscope.autodiff.jacobian import (
     JacobianEngine,
-    ReverseModeEngine,
     jacobian_by_copies,
     make_engine,
     residual_jacobian,
 )
 from alignscope.core import metrics
-from alignscope.core.randomized import RandomizedSVD
 from alignscope.models import context_length, get_adapter, resolve_layers
 from alignscope.models.capture import (
     block_function,
@@ -33,9 +32,10 @@ from alignscope.models.capture import (
     token_block_function,
     token_copies_function,
 )
+from alignscope.probing import plan
 from alignscope.probing.degenerate import DegenerateResultWarning, explain
 from alignscope.probing.result import ProbeResult
-from alignscope.probing.settings import ENGINE_NAMES, ProbeSettings
+from alignscope.probing.settings import ProbeSettings
 
 TokenSpec = str | int | Sequence[int]
 """``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
@@ -81,7 +81,7 @@ def probe(
             instance to set its oversampling and power iterations; coupling projections exact, see
             :mod:`alignscope.probing.sketch_probe`), or a ``JacobianEngine`` instance (full sequence). ``"auto"``
             picks ``"randomized"`` when it needs few enough products (large ``d``, few blocks, small K;
-            :func:`auto_product_budget`). ``meta["engine"]`` says which ran. The randomized engine
+            :func:`plan.auto_product_budget`). ``meta["engine"]`` says which ran. The randomized engine
             stores the top ``Kmax + oversample`` singular values only, an estimate of the stable rank,
             and its error statement in ``extras``: ``triplet_residuals`` ``[P, L', Kmax]``
             (``||J v_k - s_k u_k||``, bounds each singular value's error), ``tail_fro`` ``[P, L']``
@@ -94,9 +94,9 @@ def probe(
         attention: attention implementation during the probe (``"eager"`` or ``"sdpa"`` math kernel).
         progress: show a progress bar over (prompt, block).
         chunk_size: identity rows per vector-Jacobian product (default 32 on the full-sequence path; on the
-            single-token path by context length, see :func:`token_chunk`; on CUDA copies of the token
-            from ``CUDA_COPIES_MIN_CONTEXT`` cached tokens on, ``CUDA_COPIES_CHUNK`` per pass
-            (:func:`copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context
+            single-token path by context length, see :func:`plan.token_chunk`; on CUDA copies of the token
+            from ``plan.CUDA_COPIES_MIN_CONTEXT`` cached tokens on, ``plan.CUDA_COPIES_CHUNK`` per pass
+            (:func:`plan.copies_plan`); an explicit ``chunk_size`` keeps the batched VJPs at every context
             length. On the randomized path rows per product call, the same rule with ``T`` for encoders).
 
     The model's parameters, training flags and attention setting are as before when this returns. Metrics
@@ -111,290 +111,167 @@ def probe(
     given = ProbeSettings(layers, tokens, ks, keep_jacobians, engine, chunk_size, dtype, attention, progress)
     if settings is not None and given != ProbeSettings():
         raise ValueError("pass either settings=ProbeSettings(...) or the individual settings, not both")
-    s = settings if settings is not None else given
-    layers, tokens, ks, keep_jacobians = s.layers, s.tokens, list(s.ks), s.keep_jacobians
-    engine, chunk_size, dtype, attention, progress = s.engine, s.chunk_size, s.dtype, s.attention, s.progress
-    adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
-    probed = resolve_layers(layers, len(blocks))
-    device = _input_device(model)
-    path, jac_engine = choose_engine(
-        engine,
-        adapter.causal,
-        chunk_size,
-        getattr(model.config, "hidden_size", None),
-        ks,
-        len(probed),
-        device,
-    )
-    kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
-    if not set(kept) <= set(probed):
-        raise ValueError(
-            f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}"
-        )
-    kept_index = [probed.index(b) for b in kept]
-    if path == "randomized" and (keep_jacobians or kept):
-        raise ValueError(
-            "the randomized engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
-            "engine: pass engine='exact' or 'single_token'"
-        )
+    run = _resolve(model, settings if settings is not None else given, keep_blocks)
     sequences = _sequences(
         input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None), context_length(model)
     )
-    positions = [_positions(tokens, len(seq), b) for b, seq in enumerate(sequences)]
-
-    from tqdm.auto import tqdm
-
+    positions = [_positions(run.settings.tokens, len(seq), b) for b, seq in enumerate(sequences)]
     started = time.perf_counter()
-    per_token: list[dict[str, Any]] = []
-    token_index: list[tuple[int, int]] = []
-    chain_gap = 0.0
-    analysis_seconds = 0.0  # SVDs and metrics of the exact paths (the rest is Jacobians and capture)
-    bar = tqdm(
-        total=sum(len(p) for p in positions) * len(probed), desc="probe", unit="block", disable=not progress
-    )
-    with probe_mode(model, attention):
-        for b, seq in enumerate(sequences):
-            ids = seq[None].to(device)
-            if path == "randomized":
-                for t in positions[b]:
-                    out = _sketch_token_metrics(
-                        model, adapter, blocks, ids, t, probed, ks, jac_engine, dtype, chunk_size, bar
-                    )
-                    chain_gap = max(chain_gap, out.pop("chain_gap"))
-                    per_token.append(_to_cpu(out))
-                    token_index.append((b, t))
-                continue
-            if path == "single_token":
-                tokens_out = _single_token_jacobians(
-                    model, adapter, blocks, ids, positions[b], probed, jac_engine, dtype, bar
-                )
-            else:
-                tokens_out = _sequence_jacobians(
-                    model, adapter, blocks, ids, positions[b], probed, jac_engine, dtype, bar
-                )
-            for t, jac, traj, gap in tokens_out:
-                chain_gap = max(chain_gap, gap)
-                if jac.is_cuda:  # do not count the Jacobians' queued kernels as analysis
-                    torch.cuda.synchronize(jac.device)
-                analysis_start = time.perf_counter()
-                out = _analyze(jac, traj, probed, ks, len(blocks), keep_jacobians)  # on the compute device
-                if kept:
-                    out["block_jacobians"] = jac[kept_index]
-                per_token.append(_to_cpu(out))  # waits for the device
-                analysis_seconds += time.perf_counter() - analysis_start
-                token_index.append((b, t))
-    bar.close()
-
-    d = per_token[0]["hidden_states"].shape[-1]
-    meta = {
-        "model_class": type(model).__name__,
-        "model_type": model.config.model_type,
-        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
-        "init_seed": getattr(model.config, "alignscope_init_seed", None),
-        "num_blocks": len(blocks),
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "kept_blocks": kept,
-        "d_model": d,
-        "residual_form": adapter.residual_form,
-        "dtype": str(dtype).removeprefix("torch."),
-        "engine": path,
-        "randomized": _randomized_meta(jac_engine, max(ks), d, len(probed)) if path == "randomized" else None,
-        "chunk_size": "adaptive"
-        if isinstance(jac_engine, AdaptiveChunkEngine)
-        else getattr(jac_engine, "chunk_size", None),
-        "copies_min_context": _copies_min_context(device)
-        if path == "single_token" and isinstance(jac_engine, AdaptiveChunkEngine)
-        else None,
-        "attention": attention,
-        "analysis_svd": None if path == "randomized" else metrics.top_svd_method(ANALYSIS_SVD, device),
-        "tokens": tokens if isinstance(tokens, (str, int)) else list(tokens),
-        "prompt_lengths": [len(s) for s in sequences],
-        "ks_requested": list(ks),
-        "k_effective": {str(k): min(k, d) for k in ks},
-        "k_clipped": [k for k in ks if k > d],
-        "block_chain_max_gap": chain_gap,
-        "seconds": time.perf_counter() - started,
-        "analysis_seconds": analysis_seconds,
-    }
-    result = _assemble(per_token, token_index, probed, ks, len(blocks), meta)
-    if path == "randomized":
+    with probe_mode(model, run.settings.attention):
+        loop = _probe_tokens(model, run, sequences, positions)
+    meta = _meta(model, run, sequences, loop, time.perf_counter() - started)
+    ks = list(run.settings.ks)
+    result = _assemble(loop.per_token, loop.token_index, run.probed, ks, len(run.blocks), meta)
+    if run.path == "randomized":
         names = ["triplet_residuals", "tail_fro", *[f"coupling_error_k{k}" for k in ks]]
-        result.extras.update({name: torch.stack([t[name] for t in per_token]) for name in names})
-    if kept:
-        result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in per_token])
+        result.extras.update({name: torch.stack([t[name] for t in loop.per_token]) for name in names})
+    if run.kept:
+        result.extras["block_jacobians"] = torch.stack([t["block_jacobians"] for t in loop.per_token])
     result.meta["warnings"] = explain(result)
     for message in result.meta["warnings"]:
         warnings.warn(message, DegenerateResultWarning, stacklevel=2)
     return result
 
 
-ANALYSIS_SVD = "auto"
-"""How the exact paths factor each Jacobian (:func:`alignscope.core.metrics.top_svd`): ``"auto"`` is the Gram
-eigendecomposition in float64 on CUDA (several times faster than cuSOLVER's SVD at large d; docs/benchmarks.md)
-and the SVD on CPUs."""
+@dataclass
+class _Run:
+    """What a probe resolved before running: settings, blocks, the probed and kept ones, the engine path."""
+
+    settings: ProbeSettings
+    adapter: Any
+    blocks: Any
+    probed: list[int]
+    device: torch.device
+    path: str
+    engine: Any
+    kept: list[int]
 
 
-SEQUENCE_CHUNK = 32
-"""Default identity rows per VJP through a full-sequence call (memory grows with chunk x T)."""
-TOKEN_CHUNK = 1024
-"""Most identity rows per VJP through a single-token call."""
+@dataclass
+class _Loop:
+    """What the loop over prompts and tokens produced."""
+
+    per_token: list[dict[str, Any]] = field(default_factory=list)
+    token_index: list[tuple[int, int]] = field(default_factory=list)
+    chain_gap: float = 0.0
+    analysis_seconds: float = 0.0  # SVDs and metrics of the exact paths (the rest is Jacobians and capture)
 
 
-def token_chunk(context: int, device: torch.device | str = "cpu", d: int = 0) -> int:
-    """Default rows per VJP for a single-token call with ``context`` cached tokens.
-
-    CPUs: as many rows as keep ``rows x (context + 1)`` (per-row attention scores) within
-    ``CPU_ROW_BUDGET``, clamped to [32, 1024]: one call for all rows is fastest at short contexts, smaller
-    chunks at long ones. CUDA: as many rows as keep ``rows x (context + 1) x d`` values within
-    ``CUDA_ROW_BUDGET``, clamped to [32, ``CUDA_TOKEN_CHUNK``]: too few rows per call leave the GPU idle.
-    The measurements behind both rules are in docs/benchmarks.md ("The KV cache as a constant in the batched
-    products", "GPU sweep")."""
-    if torch.device(device).type == "cuda":
-        return max(SEQUENCE_CHUNK, min(CUDA_TOKEN_CHUNK, CUDA_ROW_BUDGET // ((context + 1) * max(d, 1))))
-    return max(SEQUENCE_CHUNK, min(TOKEN_CHUNK, CPU_ROW_BUDGET // (context + 1)))
-
-
-CPU_ROW_BUDGET = 2**18
-"""Rows x (context + 1) of one single-token VJP call on CPUs."""
-CUDA_TOKEN_CHUNK = 1024
-"""Most identity rows per VJP through a single-token call on CUDA."""
-CUDA_ROW_BUDGET = 2**30
-"""Values of ``rows x (context + 1) x d`` one single-token VJP call may hold on CUDA (4 GiB in float32)."""
-
-
-COPIES_CHUNK = 256
-"""Copies per pass where copies of the token run (the best of 128, 256 and 768 in docs/benchmarks.md)."""
-CUDA_COPIES_MIN_CONTEXT = 128
-CUDA_COPIES_CHUNK = 1024
-"""On CUDA, copies from 128 cached tokens on, 1024 per pass: where copies and batched VJPs crossed over on an
-H100 before the constant-cache products (docs/benchmarks.md, "GPU sweep"); to be re-measured with
-``scripts/gpu_check.py --sweep`` now that batched VJPs no longer grow with the context."""
-SKETCH_COPIES_MIN_CONTEXT = 256
-"""The same switch for the randomized engine's products on CUDA (not measured there yet)."""
-
-
-def copies_plan(device: torch.device | str, sketch: bool = False) -> tuple[int, int] | None:
-    """``(cached tokens from which the single-token path runs copies of the token, copies per pass)`` on
-    ``device`` (``sketch``: for the randomized engine's products), or None: batched VJPs at every length.
-
-    CPUs: None. With the cache a constant in the batched products (:mod:`alignscope.autodiff.constant_cache`),
-    copies, which run a forward per row, were slower or equal at every context length measured on CPUs, for
-    the exact and the randomized engine (docs/benchmarks.md, "The KV cache as a constant in the batched
-    products")."""
-    if torch.device(device).type != "cuda":
-        return None
-    return (
-        (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK) if sketch else (CUDA_COPIES_MIN_CONTEXT, CUDA_COPIES_CHUNK)
-    )
-
-
-def _copies_min_context(device: torch.device | str) -> int | None:
-    """Cached tokens from which the single-token path runs copies on ``device`` (None: never)."""
-    plan = copies_plan(device)
-    return None if plan is None else plan[0]
-
-
-class AdaptiveChunkEngine(ReverseModeEngine):
-    """The reverse-mode engine whose chunk follows the context length of the single-token call
-    (:func:`token_chunk`); ``context`` is set by the probe before each token."""
-
-    def __init__(self) -> None:
-        super().__init__(chunk_size=TOKEN_CHUNK)
-        self.context = 0
-
-    def __call__(self, block_fn, x, t_in, t_out):
-        self.chunk_size = token_chunk(self.context, x.device, x.shape[-1])
-        return super().__call__(block_fn, x, t_in, t_out)
-
-
-AUTO_PRODUCTS_PER_D = {"cpu_small": 0.5, "cpu_large": 1.0, "cuda": 0.5}
-"""``engine="auto"`` picks the randomized path when its products per block-token (:func:`randomized_products`)
-are at most this share of ``d`` (:func:`auto_product_budget`). On CPUs the break-even of whole probes moves
-from about d to about 1.8 d as d grows (the d x d SVDs the randomized path skips weigh more), so CPUs use
-d / 2 below ``AUTO_LARGE_D`` and d from there on: randomized only where it is clearly faster, since near
-parity the exact engine's exact numbers win (docs/benchmarks.md, "Which engine auto picks"). On CUDA the
-crossover is not measured yet and the exact path uses the fast Gram route, so it keeps d / 2."""
-
-AUTO_LARGE_D = 1024
-"""Width from which CPUs allow ``AUTO_PRODUCTS_PER_D["cpu_large"]`` instead of ``["cpu_small"]``."""
-
-
-def auto_product_budget(d: int, device: torch.device | str = "cpu") -> float:
-    """Products per block-token up to which ``engine="auto"`` picks the randomized path on ``device``."""
-    if torch.device(device).type == "cuda":
-        return AUTO_PRODUCTS_PER_D["cuda"] * d
-    return AUTO_PRODUCTS_PER_D["cpu_large" if d >= AUTO_LARGE_D else "cpu_small"] * d
-
-
-def choose_engine(
-    engine: Any,
-    causal: bool,
-    chunk_size: int | None,
-    d: int | None,
-    ks: Sequence[int],
-    blocks: int,
-    device: torch.device | str = "cpu",
-) -> tuple[str, Any]:
-    """``(path, engine)``: the path (``exact`` full sequence, ``single_token`` or ``randomized``) and the
-    engine object. ``"auto"``: ``"randomized"`` when :meth:`RandomizedSVD.products` plus the exact coupling
-    projections (``2 blocks Kmax`` JVPs) come to at most :func:`auto_product_budget` products per
-    block-token on ``device``, else ``"single_token"`` for causal decoders and ``"exact"`` otherwise."""
-    if isinstance(engine, RandomizedSVD):
-        return "randomized", engine
-    if engine is None or isinstance(engine, str):
-        name = engine or "auto"
-        if name not in ENGINE_NAMES:
-            raise ValueError(
-                f"unknown engine {name!r}; choose one of {ENGINE_NAMES}, or pass a JacobianEngine or a "
-                "RandomizedSVD"
-            )
-        if name == "auto":
-            if d and randomized_products(RandomizedSVD(), max(ks), d, blocks) <= auto_product_budget(
-                d, device
-            ):
-                name = "randomized"
-            else:
-                name = "single_token" if causal else "exact"
-        if name == "randomized":
-            return "randomized", RandomizedSVD()
-        if name == "single_token" and not causal:
-            raise ValueError(
-                "engine='single_token' needs a causal decoder with a KV cache; use engine='exact'"
-            )
-        path = "single_token" if name == "single_token" else "exact"
-        if path == "single_token" and chunk_size is None:
-            return path, AdaptiveChunkEngine()
-        return path, make_engine("reverse", chunk_size=chunk_size or SEQUENCE_CHUNK)
-    return "exact", make_engine(engine)
-
-
-def planned_engine(model: nn.Module, settings: ProbeSettings) -> str:
-    """The path :func:`probe` will take with ``settings``: ``"exact"``, ``"single_token"`` or
-    ``"randomized"`` (e.g. to skip ``keep_blocks``, which needs Jacobians, before probing)."""
+def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | None) -> _Run:
+    """Blocks, probed and kept blocks, and the engine path, with the errors a bad combination gives."""
     adapter = get_adapter(model)
-    probed = resolve_layers(settings.layers, len(adapter.blocks(model)))
+    blocks = adapter.blocks(model)
+    probed = resolve_layers(s.layers, len(blocks))
+    device = plan.input_device(model)
     d = getattr(model.config, "hidden_size", None)
-    return choose_engine(
-        settings.engine, adapter.causal, None, d, list(settings.ks), len(probed), _input_device(model)
-    )[0]
+    path, engine = plan.choose_engine(
+        s.engine, adapter.causal, s.chunk_size, d, list(s.ks), len(probed), device
+    )
+    kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
+    if not set(kept) <= set(probed):
+        raise ValueError(
+            f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}"
+        )
+    if path == "randomized" and (s.keep_jacobians or kept):
+        raise ValueError(
+            "the randomized engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
+            "engine: pass engine='exact' or 'single_token'"
+        )
+    return _Run(s, adapter, blocks, probed, device, path, engine, kept)
 
 
-def randomized_products(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> int:
-    """Products per block-token of the randomized path: the sketch and twice ``blocks x Kmax`` for the
-    coupling projections (ujv and vju forms)."""
-    k = min(kmax, d)
-    return engine.products(k, d) + 2 * blocks * k
+def _probe_tokens(model: nn.Module, run: _Run, sequences: list[Tensor], positions: list[list[int]]) -> _Loop:
+    """Every probed token of every prompt: per-token metrics (on the CPU) in order."""
+    from tqdm.auto import tqdm
+
+    s, loop = run.settings, _Loop()
+    ks = list(s.ks)
+    total = sum(len(p) for p in positions) * len(run.probed)
+    bar = tqdm(total=total, desc="probe", unit="block", disable=not s.progress)
+    for b, seq in enumerate(sequences):
+        ids = seq[None].to(run.device)
+        if run.path == "randomized":
+            for t in positions[b]:
+                out = _sketch_token_metrics(
+                    model,
+                    run.adapter,
+                    run.blocks,
+                    ids,
+                    t,
+                    run.probed,
+                    ks,
+                    run.engine,
+                    s.dtype,
+                    s.chunk_size,
+                    bar,
+                )
+                loop.chain_gap = max(loop.chain_gap, out.pop("chain_gap"))
+                loop.per_token.append(_to_cpu(out))
+                loop.token_index.append((b, t))
+            continue
+        jacobians = _single_token_jacobians if run.path == "single_token" else _sequence_jacobians
+        for t, jac, traj, gap in jacobians(
+            model, run.adapter, run.blocks, ids, positions[b], run.probed, run.engine, s.dtype, bar
+        ):
+            loop.chain_gap = max(loop.chain_gap, gap)
+            _analyze_token(loop, run, jac, traj)
+            loop.token_index.append((b, t))
+    bar.close()
+    return loop
 
 
-def _randomized_meta(engine: RandomizedSVD, kmax: int, d: int, blocks: int) -> dict[str, int]:
+def _analyze_token(loop: _Loop, run: _Run, jac: Tensor, traj: Tensor) -> None:
+    """Metrics of one token's Jacobians ``[L', d, d]`` and trajectory, appended to ``loop`` (timed)."""
+    if jac.is_cuda:  # do not count the Jacobians' queued kernels as analysis
+        torch.cuda.synchronize(jac.device)
+    start = time.perf_counter()
+    s = run.settings
+    out = _analyze(jac, traj, run.probed, list(s.ks), len(run.blocks), s.keep_jacobians)  # on the device
+    if run.kept:
+        out["block_jacobians"] = jac[[run.probed.index(b) for b in run.kept]]
+    loop.per_token.append(_to_cpu(out))  # waits for the device
+    loop.analysis_seconds += time.perf_counter() - start
+
+
+def _meta(
+    model: nn.Module, run: _Run, sequences: list[Tensor], loop: _Loop, seconds: float
+) -> dict[str, Any]:
+    """The JSON-safe facts of a probe (``ProbeResult.meta``)."""
+    s, path, engine = run.settings, run.path, run.engine
+    ks = list(s.ks)
+    d = loop.per_token[0]["hidden_states"].shape[-1]
+    adaptive = isinstance(engine, plan.AdaptiveChunkEngine)
     return {
-        "oversample": engine.oversample,
-        "power_iters": engine.power_iters,
-        "probes": engine.probes,
-        "seed": engine.seed,
-        "rank": engine.rank(min(kmax, d), d),
-        "products_per_block_token": randomized_products(engine, kmax, d, blocks),
+        "model_class": type(model).__name__,
+        "model_type": model.config.model_type,
+        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+        "init_seed": getattr(model.config, "alignscope_init_seed", None),
+        "num_blocks": len(run.blocks),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "kept_blocks": run.kept,
+        "d_model": d,
+        "residual_form": run.adapter.residual_form,
+        "dtype": str(s.dtype).removeprefix("torch."),
+        "engine": path,
+        "randomized": plan.randomized_meta(engine, max(ks), d, len(run.probed))
+        if path == "randomized"
+        else None,
+        "chunk_size": "adaptive" if adaptive else getattr(engine, "chunk_size", None),
+        "copies_min_context": plan.copies_min_context(run.device)
+        if path == "single_token" and adaptive
+        else None,
+        "attention": s.attention,
+        "analysis_svd": None
+        if path == "randomized"
+        else metrics.top_svd_method(plan.ANALYSIS_SVD, run.device),
+        "tokens": s.tokens if isinstance(s.tokens, (str, int)) else list(s.tokens),
+        "prompt_lengths": [len(seq) for seq in sequences],
+        "ks_requested": ks,
+        "k_effective": {str(k): min(k, d) for k in ks},
+        "k_clipped": [k for k in ks if k > d],
+        "block_chain_max_gap": loop.chain_gap,
+        "seconds": seconds,
+        "analysis_seconds": loop.analysis_seconds,
     }
 
 
@@ -408,10 +285,10 @@ def _sketch_token_metrics(model, adapter, blocks, ids, t, probed, ks, engine, dt
         calls, row = capture_block_calls(model, adapter, blocks, ids), t
     traj = _trajectory(calls, row or 0)
     chain = len(probed) == len(blocks)
-    plan = copies_plan(ids.device, sketch=True)
-    copies = adapter.causal and plan is not None and t >= plan[0]
+    copies_at = plan.copies_plan(ids.device, sketch=True)
+    copies = adapter.causal and copies_at is not None and t >= copies_at[0]
     context = t if adapter.causal else ids.shape[1]
-    chunk = chunk_size or (plan[1] if copies else token_chunk(context, ids.device, traj.shape[-1]))
+    chunk = chunk_size or (copies_at[1] if copies else plan.token_chunk(context, ids.device, traj.shape[-1]))
     sk = sketch_token(calls, blocks, adapter, probed, ks, engine, dtype, row, chunk, chain, bar, copies)
     out = analyze_sketch(sk, traj.to(dtype), probed, ks)
     out["chain_gap"] = _chain_gap(calls)
@@ -441,20 +318,20 @@ def _single_token_jacobians(model, adapter, blocks, ids, positions, probed, engi
     out = []
     zero = torch.zeros(1, dtype=torch.long)
     for t in positions:
-        if isinstance(engine, AdaptiveChunkEngine):
+        if isinstance(engine, plan.AdaptiveChunkEngine):
             engine.context = t
         calls = capture_token_calls(model, adapter, blocks, ids, t)
         traj = _trajectory(calls, 0).to(dtype)
         d = traj.shape[-1]
         jac = torch.empty(len(probed), d, d, dtype=dtype, device=traj.device)
-        plan = copies_plan(traj.device)
-        copies = isinstance(engine, AdaptiveChunkEngine) and plan is not None and t >= plan[0]
+        copies_at = plan.copies_plan(traj.device)
+        copies = isinstance(engine, plan.AdaptiveChunkEngine) and copies_at is not None and t >= copies_at[0]
         for li, layer in enumerate(probed):
             call = calls[layer]
             x = call.input[0].to(dtype)  # [1, d]
             copies_fn = token_copies_function(blocks[layer], call, adapter, dtype) if copies else None
             if copies_fn is not None:
-                full = jacobian_by_copies(copies_fn, x[0], plan[1])
+                full = jacobian_by_copies(copies_fn, x[0], copies_at[1])
             else:
                 fn = token_block_function(blocks[layer], call, adapter, dtype)
                 full = engine(fn, x, zero.to(x.device), zero.to(x.device))[0]
@@ -557,14 +434,6 @@ def _positions(tokens: TokenSpec, length: int, prompt: int) -> list[int]:
     return sorted(set(out))
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _chain_gap(calls: list) -> float:
     """Largest relative gap between block l's output and block l+1's input (0 for a plain block chain)."""
     gap = 0.0
@@ -578,7 +447,7 @@ def _analyze(
     jac: Tensor, traj: Tensor, layers: list[int], ks: list[int], num_blocks: int, keep: bool
 ) -> dict[str, Any]:
     """All per-token metrics from residual Jacobians ``[L', d, d]`` and a trajectory ``[L + 1, d]``."""
-    factors = metrics.top_svd(jac, max(ks), ANALYSIS_SVD)  # every singular value, top-Kmax vectors
+    factors = metrics.top_svd(jac, max(ks), plan.ANALYSIS_SVD)  # every singular value, top-Kmax vectors
     depth = torch.tensor([layer + 1 for layer in layers])
     expo = metrics.expodistance(traj)
     inv_fit = metrics.inverse_top_singular_fit(factors.S[:, 0], depth)
@@ -648,7 +517,7 @@ def token_jacobians(
     t_in = torch.tensor([_positions(p[0], len(seq), 0)[0] for p in pairs])
     t_out = torch.tensor([_positions(p[1], len(seq), 0)[0] for p in pairs])
     with probe_mode(model, attention):
-        calls = capture_block_calls(model, adapter, blocks, seq[None].to(_input_device(model)))
+        calls = capture_block_calls(model, adapter, blocks, seq[None].to(plan.input_device(model)))
         out = []
         for layer in probed:
             fn = block_function(blocks[layer], calls[layer], adapter, dtype)

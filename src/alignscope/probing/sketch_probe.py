@@ -57,7 +57,7 @@ def sketch_token(
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring).
     ``copies``: run the products on copies of the token (single-token calls with a long context on CUDA,
-    :func:`alignscope.probing.probe.copies_plan`; blocks that cannot take copies fall back to batched products)."""
+    :func:`alignscope.probing.plan.copies_plan`; blocks that cannot take copies fall back to batched products)."""
 
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
         fn, x = row_function(blocks[layer], calls[layer], adapter, dtype, t)
