@@ -147,15 +147,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _run(
     cfg: DictConfig, settings: ProbeSettings, folder: RunFolder, fp: dict[str, Any], texts: list[str]
 ) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
+    """Load the model into the claimed folder, probe every prompt not yet done, join, write, log."""
     from alignscope.models import context_length, get_adapter
     from alignscope.models.zoo import load_tokenizer
     from alignscope.probing.plan import planned_engine
-    from alignscope.probing.probe import probe
-    from alignscope.probing.result import ProbeResult
 
-    run_dir = folder.path
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     model_cfg.pop("_partial_", None)
@@ -164,11 +160,27 @@ def _run(
     fp["weights"] = {"class": type(model).__name__, "sha256": weights_digest(model)}
     folder.claim(fp, overwrite=cfg.get("overwrite", False))
     keep: list[int] | None = report_blocks(cfg, settings, len(get_adapter(model).blocks(model)))
-    path = planned_engine(model, settings)
-    if path == "randomized":  # no Jacobians are formed: no |U_j^T J_i V_j| grids for the report
+    if planned_engine(model, settings) == "randomized":  # no Jacobians: no |U_j^T J_i V_j| grids
         keep = None
     ids = tokenize(tokenizer, texts, cfg.max_length, context_length(model))
-    info = {
+    info = run_info(cfg, texts, model, fp["weights"]["sha256"])
+    write_json(folder.path / "run.json", info)
+    loggers = _loggers(cfg, tags=[f"init-{cfg.model.init}", str(cfg.model.name)])
+    try:
+        for logger in loggers:
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
+        parts = _probe_prompts(cfg, settings, folder.path, model, texts, ids, keep)
+        scalars = _write_and_log(cfg, folder.path, parts, info, loggers)
+        _finish(loggers, 0)
+        return scalars
+    except BaseException:
+        _finish(loggers, 1)
+        raise
+
+
+def run_info(cfg: DictConfig, texts: list[str], model: Any, weights_sha256: str) -> dict[str, Any]:
+    """``run.json``: what was probed (model entry, init, revision and its step, seed, prompts, weights)."""
+    return {
         "model": cfg.model.name,
         "init": cfg.model.init,
         "revision": cfg.model.revision,
@@ -179,69 +191,79 @@ def _run(
         "dtype": cfg.model.dtype,
         "prompts": texts,
         "num_params": sum(p.numel() for p in model.parameters()),
-        "weights_sha256": fp["weights"]["sha256"],
+        "weights_sha256": weights_sha256,
     }
-    write_json(run_dir / "run.json", info)
-    loggers = _loggers(cfg, tags=[f"init-{cfg.model.init}", str(cfg.model.name)])
-    try:
-        for logger in loggers:
-            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
-        done = {r["prompt"]: r for r in read_records(run_dir / PROBES)}
-        parts = []
-        for i, text in enumerate(
-            tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")
-        ):
-            prompt_dir = run_dir / "prompts" / f"p{i:03d}"
-            ids_digest = text_digest(ids[i].tolist())
-            stored = done.get(i)
-            if stored is not None and prompt_dir.is_dir():
-                if stored.get("text") != text or stored.get("ids_sha256") != ids_digest:
-                    raise RunFolderError(
-                        f"{run_dir / PROBES} records prompt {i} with other text or token ids than this run "
-                        f"({stored.get('text')!r} vs {text!r}); the folder was changed by hand. Use a new folder "
-                        "or overwrite=true."
-                    )
-                parts.append(ProbeResult.load(prompt_dir))
-                continue
-            part = probe(model, ids[i], keep_blocks=keep, settings=settings)
-            part.save(prompt_dir)
-            append_record(
-                run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}
-            )
-            parts.append(part)
-        result = ProbeResult.concat(parts)
-        result.meta.update({"run": {k: v for k, v in info.items() if k != "prompts"}})
-        result.save(run_dir / "result")
-        scalars = result.scalars()
-        write_json(run_dir / "scalars.json", scalars)
-        problems = announce_problems(result, scalars, f"{cfg.model.name} ({cfg.model.init})")
-        figures = plots.save_all(
-            {
-                **{
-                    f"coupling_k{k}": partial(plots.coupling_heatmaps, {cfg.model.init: result}, k)
-                    for k in result.ks
-                },
-                "trajectories_pca": partial(plots.trajectory_pca, {cfg.model.init: result}),
-            },
-            run_dir / "figures",
+
+
+def _probe_prompts(
+    cfg: DictConfig,
+    settings: ProbeSettings,
+    run_dir: Path,
+    model: Any,
+    texts: list[str],
+    ids: list[Any],
+    keep: list[int] | None,
+) -> list[Any]:
+    """One ``ProbeResult`` per prompt: reused from ``prompts/p<i>/`` when its record matches this prompt's text
+    and token ids, else probed, saved and recorded at once."""
+    from tqdm.auto import tqdm
+
+    from alignscope.probing.probe import probe
+    from alignscope.probing.result import ProbeResult
+
+    done = {r["prompt"]: r for r in read_records(run_dir / PROBES)}
+    parts = []
+    for i, text in enumerate(tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")):
+        prompt_dir = run_dir / "prompts" / f"p{i:03d}"
+        ids_digest = text_digest(ids[i].tolist())
+        stored = done.get(i)
+        if stored is not None and prompt_dir.is_dir():
+            if stored.get("text") != text or stored.get("ids_sha256") != ids_digest:
+                raise RunFolderError(
+                    f"{run_dir / PROBES} records prompt {i} with other text or token ids than this run "
+                    f"({stored.get('text')!r} vs {text!r}); the folder was changed by hand. Use a new folder "
+                    "or overwrite=true."
+                )
+            parts.append(ProbeResult.load(prompt_dir))
+            continue
+        part = probe(model, ids[i], keep_blocks=keep, settings=settings)
+        part.save(prompt_dir)
+        append_record(
+            run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}
         )
-        for logger in loggers:
-            logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
-            if type(logger).__name__ == "WandbLogger":
-                for key, fig_path in figures.items():
-                    logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
-        print(
-            f"{cfg.model.name} ({cfg.model.init}{', ' + cfg.model.revision if cfg.model.revision else ''}): "
-            f"{len(result.tokens)} prompts, run folder {run_dir}"
-        )
-        print(format_scalars(scalars, indent="  "))
-        if problems:
-            print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
-        _finish(loggers, 0)
-        return scalars
-    except BaseException:
-        _finish(loggers, 1)
-        raise
+        parts.append(part)
+    return parts
+
+
+def _write_and_log(
+    cfg: DictConfig, run_dir: Path, parts: list[Any], info: dict[str, Any], loggers: list[Any]
+) -> dict[str, float]:
+    """Join the prompts' results; write ``result/``, ``scalars.json`` and figures; log; print; return scalars."""
+    from alignscope.probing.result import ProbeResult
+
+    result = ProbeResult.concat(parts)
+    result.meta.update({"run": {k: v for k, v in info.items() if k != "prompts"}})
+    result.save(run_dir / "result")
+    scalars = result.scalars()
+    write_json(run_dir / "scalars.json", scalars)
+    problems = announce_problems(result, scalars, f"{cfg.model.name} ({cfg.model.init})")
+    labelled = {cfg.model.init: result}
+    builders = {f"coupling_k{k}": partial(plots.coupling_heatmaps, labelled, k) for k in result.ks}
+    builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled)
+    figures = plots.save_all(builders, run_dir / "figures")
+    for logger in loggers:
+        logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
+        if type(logger).__name__ == "WandbLogger":
+            for key, fig_path in figures.items():
+                logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
+    revision = f", {cfg.model.revision}" if cfg.model.revision else ""
+    print(
+        f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
+    )
+    print(format_scalars(scalars, indent="  "))
+    if problems:
+        print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
+    return scalars
 
 
 def _finish(loggers: list[Any], exit_code: int) -> None:
