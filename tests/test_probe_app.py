@@ -21,7 +21,6 @@ from alignscope.models import load_model, zoo
 from conftest import save_tiny_local_model, wandb_history_bytes
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
-SHARED_SCORES = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_fig1a_scores.csv"
 
 
 def compose_probe(run_dir: Path, *overrides: str):
@@ -144,8 +143,6 @@ def test_regression_known_r2():
 
 
 def test_paper_scores_correlation_from_csv(tmp_path):
-    if SHARED_SCORES.is_file():  # the example copy is the shared data file
-        assert PAPER_SCORES.read_text() == SHARED_SCORES.read_text()
     written = build_report([], tmp_path / "paper", scores=str(PAPER_SCORES), x_column="coupling_in_paper")
     (reg,) = written["regressions"]
     assert reg.n == 25

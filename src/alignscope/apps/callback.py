@@ -171,9 +171,9 @@ class AlignmentMonitor(pl.Callback):
         model = self._model(pl_module)  # fail early if there is no Hugging Face model
         if self.prompts is None:
             self.prompts = sample_prompts(trainer, self.num_prompts, self.prompt_length, self.seed)
-        if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
-            self.init_weights = weights_digest(model)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # only rank 0 writes the folder (and saves the checkpoint's state)
+            if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
+                self.init_weights = weights_digest(model)
             run_dir = self._run_dir(trainer)
             self._folder = RunFolder(
                 run_dir, MONITOR_RESULTS, app="AlignmentMonitor", overwrite_hint="overwrite=True"
@@ -195,7 +195,7 @@ class AlignmentMonitor(pl.Callback):
             "model": {"class": type(model).__name__, "config": config},
             "init_weights_sha256": self.init_weights,
             "prompts_sha256": text_digest(self.prompts.tolist()),
-            "probe": {k: v for k, v in self.settings.record().items() if k != "progress"},
+            "probe": self.settings.fingerprint(),
         }
 
     def _release(self) -> None:

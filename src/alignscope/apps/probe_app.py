@@ -67,7 +67,7 @@ def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
     return build_loggers(cfg.get("logger"), wandb=wandb)
 
 
-def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
+def fingerprint(cfg: DictConfig, texts: list[str], settings: ProbeSettings) -> dict[str, Any]:
     """Everything that determines this run's numbers except the weights' hash (added once loaded)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for key in ("_target_", "_partial_"):
@@ -76,15 +76,12 @@ def fingerprint(cfg: DictConfig, texts: list[str]) -> dict[str, Any]:
         model["path"] = str(Path(model["path"]).expanduser().resolve())
     if model.get("init") != "random":
         model.pop("seed", None)  # pretrained weights do not depend on the seed
-    settings = OmegaConf.to_container(cfg.probe, resolve=True)
-    for key in ("_target_", "_partial_", "progress"):
-        settings.pop(key, None)
     return {
         "app": "alignscope-probe",
         "alignscope_version": package_version(),
         "model": model,
         "prompts": {"texts": list(texts), "max_length": cfg.max_length},
-        "probe": settings,
+        "probe": settings.fingerprint(),
         "report_blocks": OmegaConf.to_container(cfg.report_blocks) if cfg.get("report_blocks") else None,
     }
 
@@ -139,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     settings = _check_settings(cfg)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
-        fp = fingerprint(cfg, texts)
+        fp = fingerprint(cfg, texts, settings)
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
         return _run(cfg, settings, folder, fp, texts)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -146,10 +145,11 @@ def _repair_tail(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as fh:
-        data = fh.read()
-        if data.endswith(b"\n"):
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":  # the usual case: only the last byte is read
             return
-        fh.truncate(data.rfind(b"\n") + 1)
+        fh.seek(0)
+        fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
@@ -166,11 +166,6 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
 def write_records(path: Path, records: list[Mapping[str, Any]]) -> None:
     """Replace a JSON-lines file with ``records``, atomically."""
     write_text(path, "".join(json.dumps(dict(r)) + "\n" for r in records))
-
-
-def non_finite(values: Mapping[str, float]) -> list[str]:
-    """Names of the values that are NaN or infinite."""
-    return [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
 
 
 # --------------------------------------------------------------------------------------------- the folder
@@ -219,7 +214,7 @@ class RunFolder:
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files and folders of writers that were killed (only this process writes now)."""
-        for pattern in (".*.tmp", "**/.*.tmp", "**/.*.tmp-*", "**/.*.old-*"):
+        for pattern in ("**/.*.tmp", "**/.*.tmp-*", "**/.*.old-*"):
             for entry in self.path.glob(pattern):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)

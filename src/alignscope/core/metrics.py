@@ -1,4 +1,4 @@
-"""Metrics on residual Jacobians and token trajectories (plain torch; definitions as in DESIGN.md).
+"""Metrics on residual Jacobians and token trajectories (plain torch; definitions as in docs/metrics.md).
 
 Conventions: ``L`` blocks, model width ``d``; Jacobians are residual Jacobians ``J = dx^l/dx^{l-1} - I``.
 A value that cannot be computed (non-finite input, a zero Jacobian, a degenerate fit) is NaN, never dropped;

@@ -71,6 +71,10 @@ class ProbeSettings:
         """The settings as keyword arguments of :func:`alignscope.probe`."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def fingerprint(self) -> dict[str, Any]:
+        """:meth:`record` less ``progress``: the settings that change the numbers (for run folders)."""
+        return {k: v for k, v in self.record().items() if k != "progress"}
+
     def record(self) -> dict[str, Any]:
         """JSON-safe form (for run folders and logs)."""
         out = asdict(self)
