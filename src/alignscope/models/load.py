@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignscope.models import zoo
 from alignscope.models.build import check_config_keys, config_from_settings, random_init_twin
-from alignscope.models.zoo import ModelLoadError, ModelSource
+from alignscope.models.errors import ModelLoadError, require_packages
+from alignscope.models.memory import check_memory
+from alignscope.models.zoo import ModelSource
 
 DTYPES = {
     "float32": torch.float32,
@@ -97,7 +98,7 @@ def load_model(
 
     _check_choices(source, init, task, dtype)
     if device_map is not None:
-        zoo._require("accelerate")
+        require_packages("accelerate")
     located = ModelSource(
         name=name,
         source=source,
@@ -119,7 +120,7 @@ def load_model(
         cfg, where, kwargs = _located_config(located, overrides)
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
     torch_dtype = DTYPES[dtype]
-    zoo.check_memory(cfg, auto, torch_dtype, device_map, f"{name} ({where or 'config'})")
+    check_memory(cfg, auto, torch_dtype, device_map, f"{name} ({where or 'config'})")
     if init == "random":
         model = random_init_twin(cfg, seed=seed, model_class=auto._model_mapping[type(cfg)]).to(torch_dtype)
     else:
