@@ -65,6 +65,57 @@ def _located_config(source: ModelSource, overrides: dict[str, Any]) -> tuple[Any
     return config, where, kwargs
 
 
+def _model_config(
+    source: ModelSource,
+    model_type: str | None,
+    overrides: dict[str, Any],
+    vocab_size: int | None,
+    token_ids: dict[str, int] | None,
+) -> tuple[Any, str | None, dict[str, Any]]:
+    """``(config, folder or hub name of the files or None, from_pretrained keyword arguments)``: built from
+    settings for ``source=config`` (no files), else the located model's config."""
+    if source.source == "config":
+        config = config_from_settings(
+            model_type, source.config_name, overrides, source.revision, vocab_size, token_ids
+        )
+        return config, None, {}
+    return _located_config(source, overrides)
+
+
+def _instantiate(
+    config: Any,
+    where: str | None,
+    kwargs: dict[str, Any],
+    *,
+    name: str,
+    task: str,
+    init: str,
+    seed: int,
+    dtype: str,
+    device_map: Any,
+) -> nn.Module:
+    """The pretrained weights at ``where`` or the random-init twin of ``config`` (under ``seed``) in ``dtype``,
+    after the memory check (which names the model ``name``); ``task`` picks the causal-LM or the bare class."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
+    torch_dtype = DTYPES[dtype]
+    check_memory(config, auto, torch_dtype, device_map, f"{name} ({where or 'config'})")
+    if init == "random":
+        model_class = auto._model_mapping[type(config)]
+        return random_init_twin(config, seed=seed, model_class=model_class).to(torch_dtype)
+    return auto.from_pretrained(where, config=config, dtype=torch_dtype, device_map=device_map, **kwargs)
+
+
+def _check_vocab_size(model: nn.Module, vocab_size: int | None, name: str) -> None:
+    """Refuse a model with fewer tokens than the training app's tokenizer (``vocab_size``)."""
+    if vocab_size is not None and vocab_size > model.config.vocab_size:
+        raise ModelLoadError(
+            f"the tokenizer has {vocab_size} tokens but {name} has {model.config.vocab_size}: use the model's own "
+            "tokenizer (data=hf data.tokenizer.name=<the model's hub id>)"
+        )
+
+
 def load_model(
     name: str = "model",
     source: str = "hub",
@@ -94,8 +145,6 @@ def load_model(
     ``vocab_size`` tokens (else :class:`ModelLoadError`: use the model's own tokenizer). The model records
     where it came from in ``config.alignscope_source``.
     """
-    from transformers import AutoModel, AutoModelForCausalLM
-
     _check_choices(source, init, task, dtype)
     if device_map is not None:
         require_packages("accelerate")
@@ -112,24 +161,12 @@ def load_model(
         package_version=package_version,
         sha256=sha256,
     )
-    overrides = dict(config or {})
-    if source == "config":
-        cfg = config_from_settings(model_type, config_name, overrides, revision, vocab_size, token_ids)
-        where, kwargs = None, {}
-    else:
-        cfg, where, kwargs = _located_config(located, overrides)
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
-    torch_dtype = DTYPES[dtype]
-    check_memory(cfg, auto, torch_dtype, device_map, f"{name} ({where or 'config'})")
-    if init == "random":
-        model = random_init_twin(cfg, seed=seed, model_class=auto._model_mapping[type(cfg)]).to(torch_dtype)
-    else:
-        model = auto.from_pretrained(where, config=cfg, dtype=torch_dtype, device_map=device_map, **kwargs)
-    if source != "config" and vocab_size is not None and vocab_size > model.config.vocab_size:
-        raise ModelLoadError(
-            f"the tokenizer has {vocab_size} tokens but {name} has {model.config.vocab_size}: use the model's own "
-            "tokenizer (data=hf data.tokenizer.name=<the model's hub id>)"
-        )
+    cfg, where, kwargs = _model_config(located, model_type, dict(config or {}), vocab_size, token_ids)
+    model = _instantiate(
+        cfg, where, kwargs, name=name, task=task, init=init, seed=seed, dtype=dtype, device_map=device_map
+    )
+    if source != "config":
+        _check_vocab_size(model, vocab_size, name)
     model.config.alignscope_source = {
         "name": name,
         "source": source,
