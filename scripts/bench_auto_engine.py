@@ -57,7 +57,8 @@ def main() -> None:
 
     from alignscope import probe
     from alignscope.core.randomized import RandomizedSVD
-    from alignscope.probing.plan import planned_engine, randomized_products
+    from alignscope.probing.engines import planned_engine
+    from alignscope.probing.plan import randomized_products
     from alignscope.probing.settings import ProbeSettings
 
     header = (

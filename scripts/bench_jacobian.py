@@ -46,7 +46,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         token_block_function,
         token_copies_function,
     )
-    from alignscope.probing.plan import COPIES_CHUNK, token_chunk
+    from alignscope.probing.plan import Plan
 
     model = block_model(d)
     out = {"d": d, "T": seq}
@@ -57,10 +57,10 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         t = torch.tensor([seq - 1])
         zero = torch.tensor([0])
         copies_fn = token_copies_function(block, token, adapter, torch.float32)
-        rows = token_chunk(seq - 1)
+        rows = Plan().token_chunk(seq - 1)
 
         def on_copies(fn, x, t_in, t_out):
-            return jacobian_by_copies(copies_fn, x[0], COPIES_CHUNK)[None]
+            return jacobian_by_copies(copies_fn, x[0], Plan().sketch_copies_chunk)[None]
 
         runs = {
             "reference_loop": (
@@ -86,7 +86,7 @@ def time_engines(d: int, seq: int, budget_s: float) -> dict:
         results = {}
         from alignscope.autodiff.linearized import LinearizedBlock
         from alignscope.core.randomized import RandomizedSVD
-        from alignscope.probing.sketch_probe import row_function
+        from alignscope.probing.engines.randomized import row_function
 
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         sketch = RandomizedSVD()
@@ -128,8 +128,8 @@ def large_block(d: int, seq: int) -> dict:
     from alignscope.autodiff.linearized import LinearizedBlock
     from alignscope.core.randomized import RandomizedSVD
     from alignscope.models.capture import probe_mode, token_block_function
-    from alignscope.probing.plan import token_chunk
-    from alignscope.probing.sketch_probe import row_function
+    from alignscope.probing.engines.randomized import row_function
+    from alignscope.probing.plan import Plan
 
     model = block_model(d)
     with probe_mode(model):
@@ -138,14 +138,14 @@ def large_block(d: int, seq: int) -> dict:
         fn = token_block_function(block, token, adapter, torch.float32)
         zero = torch.tensor([0])
         start = time.perf_counter()
-        engine = ReverseModeEngine(chunk_size=token_chunk(seq - 1))
+        engine = ReverseModeEngine(chunk_size=Plan().token_chunk(seq - 1))
         jac = engine(fn, token.input[0], zero, zero)[0] - torch.eye(d)
         exact = time.perf_counter() - start
         row_fn, x_row = row_function(block, token, adapter, torch.float32, None)
         times = []
         for _ in range(2):
             start = time.perf_counter()
-            low = RandomizedSVD()(LinearizedBlock(row_fn, x_row, token_chunk(seq - 1)), TOP_K)
+            low = RandomizedSVD()(LinearizedBlock(row_fn, x_row, Plan().token_chunk(seq - 1)), TOP_K)
             times.append(time.perf_counter() - start)
         s_exact = torch.linalg.svdvals(jac)[:TOP_K]
         return {

@@ -190,18 +190,14 @@ def agreement(model, ids, blocks: int) -> None:
     """On the device: the single-token engine (copies, GPU chunks, Gram analysis) against the full-sequence
     exact engine with the SVD analysis, on the first ``blocks`` blocks: Jacobians, singular values, m_K, a_K
     (absolute differences, and the largest |J| and s_1 for scale)."""
-    import importlib
-
     from alignscope import probe
+    from alignscope.probing.plan import Plan
 
-    plan_module = importlib.import_module("alignscope.probing.plan")
     layers = list(range(blocks))
     single = probe(model, ids, layers=layers, keep_jacobians=True, engine="single_token")
-    plan_module.ANALYSIS_SVD = "svd"
-    try:
-        exact = probe(model, ids, layers=layers, keep_jacobians=True, engine="exact")
-    finally:
-        plan_module.ANALYSIS_SVD = "auto"
+    exact = probe(
+        model, ids, layers=layers, keep_jacobians=True, engine="exact", plan=Plan(analysis_svd="svd")
+    )
     scale = float(exact.jacobians.abs().max())
     coupling = max(float((single.coupling[k] - exact.coupling[k]).abs().max()) for k in single.coupling)
     alignment = max(float((single.alignment[k] - exact.alignment[k]).abs().max()) for k in single.alignment)

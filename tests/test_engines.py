@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from alignscope import probe
+from alignscope.probing.engines import exact as exact_engines
+from alignscope.probing.plan import Plan
 from conftest import prompt_ids, tiny_model
 
 DECODERS = [
@@ -86,6 +86,7 @@ LONG_CONTEXT = {
 
 COPIES_FROM = 64
 """Cached tokens from which the tests force copies of the token (CUDA's plan; CPUs run none by default)."""
+COPIES_ON_CPU = Plan(copies_devices=("cpu",), copies_min_context=COPIES_FROM, copies_chunk=32)
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -96,8 +97,6 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     from alignscope.models import get_adapter
     from alignscope.models.capture import capture_token_calls, probe_mode, token_copies_function
 
-    probe_module = importlib.import_module("alignscope.probing.probe")
-    plan_module = importlib.import_module("alignscope.probing.plan")
     model = tiny_model(family, **LONG_CONTEXT.get(family, {}))
     length = COPIES_FROM + 4
     ids = prompt_ids(1, length, seed=4)
@@ -105,10 +104,9 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
     exact = probe(model, ids, tokens=tokens, keep_jacobians=True, engine="exact")
     single = probe(model, ids, tokens=tokens, keep_jacobians=True)
     assert single.meta["engine"] == "single_token" and single.meta["copies_min_context"] is None
-    monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
-    by_copies, passes = probe_module.jacobian_by_copies, []
-    monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: passes.append(a[2]) or by_copies(*a))
-    copies = probe(model, ids, tokens=tokens, keep_jacobians=True)
+    by_copies, passes = exact_engines.jacobian_by_copies, []
+    monkeypatch.setattr(exact_engines, "jacobian_by_copies", lambda *a: passes.append(a[2]) or by_copies(*a))
+    copies = probe(model, ids, tokens=tokens, keep_jacobians=True, plan=COPIES_ON_CPU)
     assert copies.meta["copies_min_context"] == COPIES_FROM
     # the token above the threshold ran on copies in every block (MPT, GPT-Neo: batched), the one below not
     assert passes == ([] if family in ("mpt", "gpt_neo") else [32] * len(copies.layers))
@@ -130,20 +128,16 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
 def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
     """What probe() runs on CUDA, here on the CPU: copies (``copies_plan``, here from the first token on),
     GPU chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
-    probe_module = importlib.import_module("alignscope.probing.probe")
-    plan_module = importlib.import_module("alignscope.probing.plan")
-
     model = tiny_model(family)
     ids = prompt_ids(1, 9, seed=12)
     exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
-    plan = plan_module.copies_plan
-    monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: plan("cuda", sketch))
-    monkeypatch.setattr(plan_module, "CUDA_COPIES_MIN_CONTEXT", 0)  # copies for every token here
-    monkeypatch.setattr(plan_module, "ANALYSIS_SVD", "gram")
-    monkeypatch.setattr(plan_module, "CUDA_COPIES_CHUNK", 24)  # several passes per Jacobian
-    by_copies, calls = probe_module.jacobian_by_copies, []
-    monkeypatch.setattr(probe_module, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
-    cuda_like = probe(model, ids, tokens="all", keep_jacobians=True, engine="single_token")
+    # copies for every token, several passes per Jacobian, the Gram analysis
+    cuda_like_plan = Plan(copies_devices=("cpu",), copies_min_context=0, copies_chunk=24, analysis_svd="gram")
+    by_copies, calls = exact_engines.jacobian_by_copies, []
+    monkeypatch.setattr(exact_engines, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
+    cuda_like = probe(
+        model, ids, tokens="all", keep_jacobians=True, engine="single_token", plan=cuda_like_plan
+    )
     assert cuda_like.meta["copies_min_context"] == 0 and cuda_like.meta["analysis_svd"] == "gram"
     assert exact.meta["analysis_svd"] == "svd"  # CPUs: the SVD
     # every token and block ran on copies, 24 per pass (MPT, GPT-Neo: batched VJPs, as on CPUs)
@@ -159,33 +153,72 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
 
 
 def test_token_chunk_on_cuda_follows_the_row_budget():
-    from alignscope.probing.plan import CPU_ROW_BUDGET, CUDA_ROW_BUDGET, CUDA_TOKEN_CHUNK, token_chunk
-
-    assert token_chunk(63, "cuda", 4096) == CUDA_TOKEN_CHUNK
-    assert token_chunk(2047, "cuda", 4096) == CUDA_ROW_BUDGET // (2048 * 4096)
-    assert token_chunk(10**6, "cuda", 4096) == 32
-    # CPUs: rows x (t + 1) within CPU_ROW_BUDGET, in [32, 1024]
-    assert (
-        token_chunk(127) == 1024 and token_chunk(2047) == CPU_ROW_BUDGET // 2048 and token_chunk(10**6) == 32
-    )
+    plan = Plan()
+    assert plan.token_chunk(63, "cuda", 4096) == plan.cuda_token_chunk_max == 1024
+    assert plan.token_chunk(2047, "cuda", 4096) == 2**30 // (2048 * 4096)
+    assert plan.token_chunk(10**6, "cuda", 4096) == 32
+    # CPUs: rows x (t + 1) within cpu_row_budget, in [32, 1024]
+    assert plan.token_chunk(127) == 1024 and plan.token_chunk(2047) == 2**18 // 2048
+    assert plan.token_chunk(10**6) == 32
+    assert Plan(cpu_row_budget=2**12).token_chunk(127) == 32  # the budget is read from the plan
+    assert plan.copies("cpu") is None and plan.copies("cuda") == (128, 1024)
+    assert plan.copies("cuda", sketch=True) == (256, 256)
 
 
 @pytest.mark.parametrize("copies", [False, True])
-def test_long_contexts_with_sdpa_bfloat16_and_float64(copies, monkeypatch):
+def test_long_contexts_with_sdpa_bfloat16_and_float64(copies):
     """The batched single-token path (sdpa written out with the cache a constant) and the copies path."""
-    if copies:
-        plan_module = importlib.import_module("alignscope.probing.plan")
-        monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: (COPIES_FROM, 32))
+    plan = COPIES_ON_CPU if copies else Plan()
     ids = prompt_ids(1, COPIES_FROM + 2, seed=6)
     model = tiny_model("llama")
     for kwargs, atol in (({"attention": "sdpa"}, 1e-5), ({"dtype": torch.float64}, 1e-6)):
-        a = probe(model, ids, keep_jacobians=True, **kwargs)
+        a = probe(model, ids, keep_jacobians=True, plan=plan, **kwargs)
         b = probe(model, ids, keep_jacobians=True, engine="exact", **kwargs)
         assert torch.allclose(a.jacobians, b.jacobians, atol=atol), (
             kwargs,
             float((a.jacobians - b.jacobians).abs().max()),
         )
     half = tiny_model("llama").to(torch.bfloat16)
-    c = probe(half, ids, keep_jacobians=True)
+    c = probe(half, ids, keep_jacobians=True, plan=plan)
     d = probe(half, ids, keep_jacobians=True, engine="exact")
     assert c.jacobians.dtype == torch.float32 and torch.allclose(c.jacobians, d.jacobians, atol=1e-4)
+
+
+def test_a_new_engine_is_one_class(monkeypatch):
+    """An engine written as one subclass and registered by name runs through probe() and its one analysis:
+    here the residual Jacobians by torch.autograd.functional.jacobian of each block's full-sequence call
+    (independent of the reverse-mode engines), which must give the exact engine's numbers."""
+    from alignscope.models.capture import block_function, capture_block_calls
+    from alignscope.probing import engines
+    from alignscope.probing.engines.base import chain_gap, trajectory
+
+    class FunctionalEngine(engines.ExactEngine):
+        name = "functional"
+
+        def jacobians(self, target, ids, positions, bar):
+            calls = capture_block_calls(target.model, target.adapter, target.blocks, ids)
+            for t in positions:
+                jac = []
+                for layer in target.probed:
+                    fn = block_function(target.blocks[layer], calls[layer], target.adapter, target.dtype)
+                    x = calls[layer].input[0].to(target.dtype)
+
+                    def row(v, x=x, fn=fn, t=t):
+                        return fn(torch.cat([x[:t], v[None], x[t + 1 :]])[None])[0, t]
+
+                    full = torch.autograd.functional.jacobian(row, x[t])
+                    jac.append(full - torch.eye(len(full)))
+                    bar.update(1)
+                yield t, torch.stack(jac), trajectory(calls, t).to(target.dtype), chain_gap(calls)
+
+    monkeypatch.setitem(engines.ENGINES, "functional", FunctionalEngine)
+    model, ids = tiny_model("llama"), prompt_ids(1, 7, seed=3)
+    new = probe(model, ids, tokens=[2, 6], ks=(2, 4), keep_jacobians=True, engine="functional")
+    exact = probe(model, ids, tokens=[2, 6], ks=(2, 4), keep_jacobians=True, engine="exact")
+    assert new.meta["engine"] == "functional"
+    assert torch.allclose(new.jacobians, exact.jacobians, atol=1e-5)
+    for k in (2, 4):
+        assert torch.allclose(new.coupling[k], exact.coupling[k], atol=1e-4)
+        assert torch.allclose(new.alignment[k], exact.alignment[k], atol=1e-4)
+    assert torch.allclose(new.linearization_cosine, exact.linearization_cosine, atol=1e-5)
+    assert torch.allclose(new.stable_rank, exact.stable_rank, atol=1e-4)

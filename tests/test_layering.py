@@ -23,7 +23,7 @@ def test_import_contracts_hold():
 def test_core_imports_stay_light():
     code = (
         "import sys, alignscope, alignscope.metrics, alignscope.core.metrics, alignscope.autodiff.jacobian,"
-        " alignscope.probing.probe, alignscope.models, alignscope.core.randomized, alignscope.probing.sketch_probe;"
+        " alignscope.probing.probe, alignscope.models, alignscope.core.randomized, alignscope.probing.engines;"
         "heavy = [m for m in ('lightning', 'pytorch_lightning', 'hydra', 'wandb', 'matplotlib') if m in sys.modules];"
         "print(','.join(heavy))"
     )

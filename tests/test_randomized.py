@@ -13,8 +13,9 @@ from alignscope.autodiff.linearized import LinearizedBlock
 from alignscope.core.randomized import RandomizedSVD, vector_angle_bounds
 from alignscope.models import get_adapter
 from alignscope.models.capture import capture_token_calls, probe_mode
-from alignscope.probing.plan import auto_product_budget, choose_engine, randomized_products
-from alignscope.probing.sketch_probe import row_function
+from alignscope.probing.engines import select_engine
+from alignscope.probing.engines.randomized import row_function
+from alignscope.probing.plan import Plan, randomized_products
 from conftest import FAMILIES, prompt_ids, tiny_model
 
 
@@ -132,22 +133,28 @@ def test_default_sketch_errors_are_within_the_stated_estimate(family):
         assert err.max() < 0.1  # random-init tiny blocks: flat spectra, the hard case
 
 
+def chosen(causal, d, ks, blocks, device="cpu", plan=None):
+    """The engine name ``engine="auto"`` selects."""
+    return select_engine("auto", plan or Plan(), None, causal, d, max(ks), blocks, device).name
+
+
 def test_engine_choice_and_errors(tmp_path):
-    assert choose_engine("auto", True, None, 4096, [10], 32)[0] == "randomized"
-    assert choose_engine("auto", True, None, 576, [10, 30, 50], 30)[0] == "single_token"
-    assert choose_engine("auto", False, None, 576, [10], 30)[0] == "exact"
-    assert choose_engine("auto", True, None, None, [10], 30)[0] == "single_token"
+    assert chosen(True, 4096, [10], 32) == "randomized"
+    assert chosen(True, 576, [10, 30, 50], 30) == "single_token"
+    assert chosen(False, 576, [10], 30) == "exact"
+    assert chosen(True, None, [10], 30) == "single_token"
     # measured crossovers (docs/benchmarks.md): d / 2 products below d = 1024 on CPUs, d from there on
     assert randomized_products(RandomizedSVD(), 50, 1024, 6) == 1018
-    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 6)[0] == "randomized"
-    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 7)[0] == "single_token"  # 1118 products
-    assert choose_engine("auto", True, None, 1024, [10, 30, 50], 6, "cuda")[0] == "single_token"
-    assert choose_engine("auto", True, None, 2048, [10, 30, 50], 16)[0] == "randomized"  # 2018 products
-    assert choose_engine("auto", True, None, 2048, [10, 30, 50], 5, "cuda")[0] == "randomized"  # 918
-    assert choose_engine("auto", True, None, 576, [10], 7)[0] == "randomized"  # 278 <= 288
-    assert choose_engine("auto", True, None, 576, [10], 8)[0] == "single_token"  # 298
-    assert auto_product_budget(1023) == 511.5 and auto_product_budget(1024) == 1024
-    assert auto_product_budget(4096, torch.device("cuda")) == 2048
+    assert chosen(True, 1024, [10, 30, 50], 6) == "randomized"
+    assert chosen(True, 1024, [10, 30, 50], 7) == "single_token"  # 1118 products
+    assert chosen(True, 1024, [10, 30, 50], 6, "cuda") == "single_token"
+    assert chosen(True, 2048, [10, 30, 50], 16) == "randomized"  # 2018 products
+    assert chosen(True, 2048, [10, 30, 50], 5, "cuda") == "randomized"  # 918
+    assert chosen(True, 576, [10], 7) == "randomized"  # 278 <= 288
+    assert chosen(True, 576, [10], 8) == "single_token"  # 298
+    assert Plan().auto_product_budget(1023) == 511.5 and Plan().auto_product_budget(1024) == 1024
+    assert Plan().auto_product_budget(4096, torch.device("cuda")) == 2048
+    assert chosen(True, 576, [10], 8, plan=Plan(auto_share_cpu=1.0)) == "randomized"  # the plan's rule
     model, ids = tiny_model("llama"), prompt_ids(1, 5)
     with pytest.raises(ValueError, match="keep_jacobians"):
         probe(model, ids, engine="randomized", keep_jacobians=True)
@@ -248,22 +255,16 @@ def test_training_app_monitors_with_the_randomized_engine(tmp_path):
 @pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neo"])
 def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
-    """At long contexts the sketch's products run batched (CPUs) or, from SKETCH_COPIES_MIN_CONTEXT cached
+    """At long contexts the sketch's products run batched (CPUs) or, from ``Plan.sketch_copies_min_context`` cached
     tokens on, on copies of the token (CUDA's plan, forced here; GPT-Neo cannot take copies and keeps the
     batched products); a full-rank sketch equals the exact probe either way."""
-    import importlib
+    from alignscope.probing.engines import randomized as randomized_engine
 
-    from alignscope.probing import sketch_probe
-    from alignscope.probing.plan import COPIES_CHUNK, SKETCH_COPIES_MIN_CONTEXT
-
-    copies_fn, on_copies = sketch_probe.token_copies_function, []
+    copies_fn, on_copies = randomized_engine.token_copies_function, []
     monkeypatch.setattr(
-        sketch_probe, "token_copies_function", lambda *a: on_copies.append(a) or copies_fn(*a)
+        randomized_engine, "token_copies_function", lambda *a: on_copies.append(a) or copies_fn(*a)
     )
-    if copies:
-        plan_module = importlib.import_module("alignscope.probing.plan")
-        plan = (SKETCH_COPIES_MIN_CONTEXT, COPIES_CHUNK)
-        monkeypatch.setattr(plan_module, "copies_plan", lambda device, sketch=False: plan if sketch else None)
+    plan = Plan(copies_devices=("cpu",) if copies else ())  # CUDA's plan forced onto the CPU, or none
 
     overrides = {
         "gpt2": {"n_positions": 512},
@@ -271,9 +272,9 @@ def test_randomized_products_for_long_contexts(family, copies, monkeypatch):
         "llama": {"max_position_embeddings": 512},
     }
     model = tiny_model(family, **overrides.get(family, {}))
-    ids = prompt_ids(1, SKETCH_COPIES_MIN_CONTEXT + 3, seed=8)
+    ids = prompt_ids(1, plan.sketch_copies_min_context + 3, seed=8)
     exact = probe(model, ids, ks=(4,), engine="exact")
-    rand = probe(model, ids, ks=(4,), engine=RandomizedSVD(oversample=64, power_iters=1))
+    rand = probe(model, ids, ks=(4,), engine=RandomizedSVD(oversample=64, power_iters=1), plan=plan)
     scale = float(exact.singular_values.max())
     assert torch.allclose(rand.singular_values, exact.singular_values, atol=1e-5 * scale)
     assert torch.allclose(rand.coupling[4], exact.coupling[4], atol=1e-4)

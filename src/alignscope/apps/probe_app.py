@@ -147,7 +147,7 @@ def _run(
     """Load the model into the claimed folder, probe every prompt not yet done, join, write, log."""
     from alignscope.models import context_length, get_adapter
     from alignscope.models.zoo import load_tokenizer
-    from alignscope.probing.plan import planned_engine
+    from alignscope.probing.engines import planned_engine
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)

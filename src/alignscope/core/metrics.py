@@ -171,19 +171,29 @@ def coupling_matrices(
     """
     if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
         raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
+    d = jacobians.shape[-1]
+    clipped = {k: _check_k(k, d) for k in ks}
+    factors = factors if factors is not None else svd(jacobians)
+    projected = coupling_projections(jacobians, factors, max(clipped.values()), form)
+    return coupling_from_projections(projected, factors.S, clipped)
+
+
+def coupling_projections(jacobians: Tensor, factors: SVD, k: int, form: str = "ujv") -> Tensor:
+    """``out[i, j] = U_{j,K}^T J_i V_{j,K}`` (``form="ujv"``; ``"vju"``: ``V_{j,K}^T J_i U_{j,K}``) for
+    ``jacobians`` ``[L, d, d]`` and their ``factors`` (``U``, ``V`` ``[L, d, >= K]``): ``[L, L, K, K]``.
+
+    One ``[L K, d] x [d, L d]`` matrix product, then one ``[L K, d] x [d, K]`` product per j.
+    """
     if form not in ("ujv", "vju"):
         raise ValueError(f"form must be 'ujv' or 'vju', got {form!r}")
     n, d = jacobians.shape[0], jacobians.shape[-1]
-    clipped = {k: _check_k(k, d) for k in ks}
-    kmax = max(clipped.values())
-    U, S, V = factors if factors is not None else svd(jacobians)
-    left, right = (U[..., :kmax], V[..., :kmax]) if form == "ujv" else (V[..., :kmax], U[..., :kmax])
+    U, _, V = factors
+    left, right = (U[..., :k], V[..., :k]) if form == "ujv" else (V[..., :k], U[..., :k])
     # applied[j, l, i, :] = (J_i right_j)[:, l]: one GEMM [L K, d] x [d, L d], laid out for the next one
-    applied = right.transpose(1, 2).reshape(n * kmax, d) @ jacobians.reshape(n * d, d).T
+    applied = right.transpose(1, 2).reshape(n * k, d) @ jacobians.reshape(n * d, d).T
     # [j, (l, i), k] = sum_a applied[j, l, i, a] left_j[a, k]: one product per j, rows contiguous
-    projected = torch.bmm(applied.view(n, kmax * n, d), left)
-    projected = projected.view(n, kmax, n, kmax).permute(2, 0, 3, 1)  # [L, L, K, K]: left_j^T J_i right_j
-    return coupling_from_projections(projected, S, clipped)
+    projected = torch.bmm(applied.view(n, k * n, d), left)
+    return projected.view(n, k, n, k).permute(2, 0, 3, 1)  # [L, L, K, K]: left_j^T J_i right_j
 
 
 def coupling_from_projections(projected: Tensor, S: Tensor, clipped: dict[int, int]) -> dict[int, Tensor]:
@@ -350,10 +360,21 @@ def inverse_top_singular_fit(top_singular: Tensor, depth: Tensor | None = None) 
 
 def linearization_cosine(jacobians: Tensor, x0: Tensor, xL: Tensor) -> Tensor:
     """Cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``; ``jacobians``: ``[L, d, d]`` in block order."""
+    return chain_cosine(linearized_chain(jacobians, x0), xL)
+
+
+def linearized_chain(jacobians: Tensor, x0: Tensor) -> Tensor:
+    """``(I + J_L) ... (I + J_1) x^0``: ``[L, d, d], [d] -> [d]`` (``jacobians`` in block order)."""
     z = x0
     for J in jacobians:
         z = z + J @ z
-    return torch.nn.functional.cosine_similarity(_max_scaled(z), _max_scaled(xL), dim=0)
+    return z
+
+
+def chain_cosine(chain: Tensor, xL: Tensor) -> Tensor:
+    """Cosine between the linearized chain ``(I + J_L) ... (I + J_1) x^0`` and ``x^L`` (both ``[d]``), each
+    scaled by its largest entry first so that no square overflows."""
+    return torch.nn.functional.cosine_similarity(_max_scaled(chain), _max_scaled(xL), dim=0)
 
 
 def trajectory_pca(trajectories: Tensor) -> tuple[Tensor, Tensor]:

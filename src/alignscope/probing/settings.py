@@ -14,8 +14,8 @@ import torch
 
 from alignscope.autodiff.jacobian import JacobianEngine
 from alignscope.core.randomized import RandomizedSVD
+from alignscope.probing.engines import engine_names
 
-ENGINE_NAMES = ("auto", "exact", "reverse", "single_token", "randomized")
 ATTENTION = ("eager", "sdpa")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -136,9 +136,9 @@ def _engine(engine: Any) -> Any:
         return "auto"
     if isinstance(engine, (RandomizedSVD, JacobianEngine)):
         return engine
-    if not isinstance(engine, str) or engine not in ENGINE_NAMES:
+    if not isinstance(engine, str) or engine not in engine_names():
         raise ProbeSettingsError(
-            f"unknown engine {engine!r}; choose one of {ENGINE_NAMES}, or pass a JacobianEngine or a "
+            f"unknown engine {engine!r}; choose one of {engine_names()}, or pass a JacobianEngine or a "
             "RandomizedSVD"
         )
     return engine

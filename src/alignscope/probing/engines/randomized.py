@@ -1,6 +1,6 @@
-"""The randomized (matrix-free) path of :func:`alignscope.probe`: per-token metrics without forming any ``J``.
+"""The randomized engine (``engine="randomized"``): per-token factors without forming any ``J``.
 
-For one token and every probed block ``l`` (same block calls as the exact paths: the single-token call
+For one token and every probed block ``l`` (same block calls as the exact engines: the single-token call
 against the KV cache for causal decoders, the full-sequence call otherwise):
 
 1. top-``Kmax`` singular triplets of ``J_l`` from :class:`~alignscope.core.randomized.RandomizedSVD`;
@@ -16,15 +16,24 @@ residuals ``||J v_k - s_k u_k||``, and propagated to a first-order bound on each
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from alignscope.autodiff.linearized import LinearizedBlock
-from alignscope.core import metrics
-from alignscope.core.randomized import LowRank, RandomizedSVD, vector_angle_bounds
-from alignscope.models.capture import BlockCall, block_function, token_block_function, token_copies_function
+from alignscope.core.randomized import LowRank, RandomizedSVD
+from alignscope.models.capture import (
+    BlockCall,
+    block_function,
+    capture_block_calls,
+    capture_token_calls,
+    token_block_function,
+    token_copies_function,
+)
+from alignscope.probing.engines.base import ProbeEngine, Target, TokenFactors, chain_gap, trajectory
+from alignscope.probing.plan import Plan, randomized_products
 
 
 def row_function(block, call: BlockCall, adapter, dtype: torch.dtype, t: int | None):
@@ -57,7 +66,7 @@ def sketch_token(
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring).
     ``copies``: run the products on copies of the token (single-token calls with a long context on CUDA,
-    :func:`alignscope.probing.plan.copies_plan`; blocks that cannot take copies fall back to batched products)."""
+    :meth:`alignscope.probing.plan.Plan.copies`; blocks that cannot take copies fall back to batched products)."""
 
     def operator(layer: int) -> LinearizedBlock:  # built when needed: a block not in `dtype` is a cast copy
         fn, x = row_function(blocks[layer], calls[layer], adapter, dtype, t)
@@ -103,54 +112,77 @@ def sketch_token(
     }
 
 
-def analyze_sketch(sk: dict[str, Any], traj: Tensor, layers: list[int], ks: list[int]) -> dict[str, Any]:
-    """The per-token metrics of :func:`alignscope.probing.probe._analyze` from :func:`sketch_token`'s output, plus
-    the error statement in ``extras``-named keys (``triplet_residuals``, ``tail_fro``,
-    ``coupling_error_k{K}``)."""
-    S, U, V = sk["S"], sk["U"], sk["V"]
-    d = U.shape[1]
-    clipped = {k: min(k, d) for k in ks}
-    depth = torch.tensor([layer + 1 for layer in layers])
-    expo = metrics.expodistance(traj)
-    inv_fit = metrics.inverse_top_singular_fit(S[:, 0], depth)
-    coupling = metrics.coupling_from_projections(sk["ujv"], S, clipped)
-    coupling_vju = metrics.coupling_from_projections(sk["vju"], S, clipped)
-    angles = vector_angle_bounds(S, sk["residuals"], sk["tail_fro"])
-    out: dict[str, Any] = {
-        "hidden_states": traj,
-        "singular_values": S,
-        "nonfinite": ~torch.isfinite(S).all(-1),  # NaN triplets exactly where J was not finite
-        "coupling": coupling,
-        "coupling_vju": coupling_vju,
-        "alignment": metrics.alignment_matrices(U, V, ks),
-        "lss": metrics.line_shape_score(traj),
-        "step_slope": expo.step_slope,
-        "step_r2": expo.step_r2,
-        "norm_slope": expo.norm_slope,
-        "norm_r2": expo.norm_r2,
-        # ||J||_F^2 = sum s_k^2 + tail_fro^2: the tail counts as one more term of stable_rank's sum
-        "stable_rank": metrics.stable_rank(torch.cat([S, sk["tail_fro"][:, None]], -1)),
-        "inv_s1_slope": inv_fit.slope,
-        "inv_s1_r2": inv_fit.r2,
-        "triplet_residuals": sk["residuals"],
-        "tail_fro": sk["tail_fro"],
-    }
-    for k in ks:
-        out[f"coupling_error_k{k}"] = coupling_error_bound(
-            coupling[k], S, sk["residuals"], angles, clipped[k]
+class RandomizedEngine(ProbeEngine):
+    """Matrix-free top-Kmax triplets of every probed block (``engine="randomized"``, or a
+    :class:`~alignscope.core.randomized.RandomizedSVD` instance to set its oversampling and power
+    iterations), exact coupling projections and the chain by products (see the module docstring)."""
+
+    name = "randomized"
+    forms_jacobians = False
+
+    def __init__(self, plan: Plan, chunk_size: int | None = None, sketch: RandomizedSVD | None = None):
+        super().__init__(plan, chunk_size)
+        self.sketch = sketch if sketch is not None else RandomizedSVD()
+
+    def meta(self, target: Target, d: int, device: torch.device) -> dict[str, Any]:
+        kmax = min(target.kmax, d)
+        randomized = {
+            "oversample": self.sketch.oversample,
+            "power_iters": self.sketch.power_iters,
+            "probes": self.sketch.probes,
+            "seed": self.sketch.seed,
+            "rank": self.sketch.rank(kmax, d),
+            "products_per_block_token": randomized_products(self.sketch, kmax, d, len(target.probed)),
+        }
+        return {
+            "engine": self.name,
+            "randomized": randomized,
+            "chunk_size": self.chunk_size,
+            "copies_min_context": None,
+            "analysis_svd": None,
+        }
+
+    def factors(self, target: Target, ids: Tensor, positions: list[int], bar: Any) -> Iterator[TokenFactors]:
+        for t in positions:
+            yield self._token(target, ids, t, bar)
+
+    def _token(self, target: Target, ids: Tensor, t: int, bar: Any) -> TokenFactors:
+        adapter, blocks = target.adapter, target.blocks
+        if adapter.causal:
+            calls, row = capture_token_calls(target.model, adapter, blocks, ids, t), None
+        else:
+            calls, row = capture_block_calls(target.model, adapter, blocks, ids), t
+        traj = trajectory(calls, row or 0).to(target.dtype)
+        copies_at = self.plan.copies(ids.device, sketch=True)
+        copies = adapter.causal and copies_at is not None and t >= copies_at[0]
+        context = t if adapter.causal else ids.shape[1]
+        chunk = self.chunk_size or (
+            copies_at[1] if copies else self.plan.token_chunk(context, ids.device, traj.shape[-1])
         )
-    if sk["chain"] is not None:
-        out["linearization_cosine"] = torch.nn.functional.cosine_similarity(sk["chain"], traj[-1], dim=0)
-    return out
-
-
-def coupling_error_bound(m: Tensor, S: Tensor, residuals: Tensor, angles: Tensor, k: int) -> Tensor:
-    """First-order bound on ``|m_K - m~_K|`` when the projections ``A_j^T J_i B_j`` are exact for the
-    approximate vectors: ``[L, L]``. With ``rho_i = ||residuals_i[:K]||`` (bounds the singular-value error)
-    and ``D_j = 2 sqrt(2 sum_k angles_{j,k}^2)`` (the sign-aligned left plus right vector errors),
-    ``bound[i, j] = ((s_{i,1} + rho_{i,1}) D_j + (1 + m[i, j]) rho_i) / ||s_{i,1..K}||``."""
-    rho = torch.linalg.vector_norm(residuals[:, :k], dim=-1)
-    vec = 2 * (2 * angles[:, :k].square().sum(-1)).sqrt()
-    s1 = S[:, 0] + residuals[:, 0]
-    norm = torch.linalg.vector_norm(S[:, :k], dim=-1)
-    return (s1[:, None] * vec[None, :] + (1 + m) * rho[:, None]) / norm[:, None]
+        sk = sketch_token(
+            calls,
+            blocks,
+            adapter,
+            target.probed,
+            [target.kmax],
+            self.sketch,
+            target.dtype,
+            row,
+            chunk,
+            target.every_block,
+            bar,
+            copies,
+        )
+        return TokenFactors(
+            position=t,
+            trajectory=traj,
+            S=sk["S"],
+            U=sk["U"],
+            V=sk["V"],
+            ujv=sk["ujv"],
+            vju=sk["vju"],
+            chain=sk["chain"],
+            chain_gap=chain_gap(calls),
+            residuals=sk["residuals"],
+            tail_fro=sk["tail_fro"],
+        )
