@@ -4,8 +4,8 @@
 kernels of SiLU, GELU, tanh, layer norm and softmax (``silu_backward``, ``gelu_backward``,
 ``tanh_backward``, ``native_layer_norm_backward``, ``_softmax_backward_data``, the last also inside the math
 kernel of ``scaled_dot_product_attention``) have no batching rule in torch (2.13), so vmap runs them once
-per row: for a 576-row Jacobian of a SmolLM2 block that is 576 calls of each, about 20% of
-the product's time on 2 CPU cores, and 14x the whole product's time on an H100 (docs/benchmarks.md).
+per row: a ``d``-row Jacobian makes ``d`` calls of each, a large share of the product's time on CPUs and
+a multiple of it on GPUs (measured in docs/benchmarks.md).
 
 :func:`batchable_backward` is a context manager for the *forward* pass of a function that will be
 differentiated with batched cotangents: while it is active, these functions compute their forward values

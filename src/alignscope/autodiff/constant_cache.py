@@ -6,7 +6,7 @@ row. The model's cache joins them (``torch.cat([cached, new], dim=-2)``) and aut
 attention's matrix products with respect to the whole joined tensor. Under ``vmap`` (the batched VJPs of the
 exact and randomized engines) that costs, for every identity row, a ``[heads, T, head_dim]`` gradient of the
 cache that is thrown away, plus ``rows x heads`` matrix-vector products against copies of the cache expanded
-per row: on a SmolLM2 block at T = 73, 70 of a Jacobian's 100 ms (30 ms at T = 10).
+per row, most of a Jacobian's time at long contexts (measured in docs/benchmarks.md).
 
 While :func:`alignscope.autodiff.batching.batchable_backward` is active:
 

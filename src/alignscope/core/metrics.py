@@ -36,8 +36,7 @@ def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.svd`` of ``[..., m, n]``. On CPUs with ``p >= 2`` intra-op threads the matrices go to
     ``p`` Python threads in parts, each part's SVD with one intra-op thread (torch's thread count is set to 1
     meanwhile, then restored): LAPACK's SVD uses extra threads poorly, independent matrices use them fully
-    (2 cores, 30 of SmolLM2's 576 x 576 Jacobians: 0.96-1.13 s in one call with 2 threads, 0.66-0.74 s as
-    two calls with one thread each)."""
+    (docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     flat = matrices.reshape(-1, *matrices.shape[-2:])
     if matrices.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
@@ -93,8 +92,8 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     ``method="svd"``: the full SVD, truncated. ``method="gram"``: ``J^T J = V diag(S^2) V^T`` by a symmetric
     eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
     singular value has absolute error about ``1e-8 s_1``, below a float32 SVD's ``~1e-7 s_1``), then
-    ``U_k = J V_k / S_k``. On a GPU that is about 8x faster than cuSOLVER's SVD at d = 4096 (0.11 s against
-    0.92 s on an H200, docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
+    ``U_k = J V_k / S_k``. On a GPU that is several times faster than cuSOLVER's SVD at large ``d``
+    (docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
     """
     method = top_svd_method(method, jacobians.device)
     k = _check_k(k, jacobians.shape[-1])

@@ -37,7 +37,7 @@ class Plan:
             (:mod:`alignscope.autodiff.constant_cache`), copies, which run a forward per row, were slower or
             equal at every context length measured on CPUs, for the exact and the randomized engine.
         copies_min_context, copies_chunk: the single-token engine runs copies from this many cached tokens
-            on, this many per pass (where copies and batched VJPs crossed over on an H100 before the
+            on, this many per pass (where copies and batched VJPs crossed over on a GPU before the
             constant-cache products; to be re-measured with ``scripts/gpu_check.py --sweep``).
         sketch_copies_min_context, sketch_copies_chunk: the same for the randomized engine's products
             (256 per pass was the best of 128, 256 and 768; the switch is not measured on CUDA yet).
