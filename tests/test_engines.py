@@ -126,17 +126,18 @@ def test_long_contexts_batched_and_on_copies_equal_exact(family, monkeypatch):
 
 @pytest.mark.parametrize("family", DECODERS)
 def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
-    """What probe() runs on CUDA, here on the CPU: copies (``copies_plan``, here from the first token on),
+    """What probe() runs on CUDA, here on the CPU: copies (``Plan.copies``, here from the first token on),
     GPU chunk sizes, and the Gram-eigendecomposition analysis; Jacobians and metrics must not change."""
     model = tiny_model(family)
     ids = prompt_ids(1, 9, seed=12)
-    exact = probe(model, ids, tokens="all", keep_jacobians=True, engine="exact")
+    ks = (10, 30, 50)
+    exact = probe(model, ids, tokens="all", ks=ks, keep_jacobians=True, engine="exact")
     # copies for every token, several passes per Jacobian, the Gram analysis
     cuda_like_plan = Plan(copies_devices=("cpu",), copies_min_context=0, copies_chunk=24, analysis_svd="gram")
     by_copies, calls = exact_engines.jacobian_by_copies, []
     monkeypatch.setattr(exact_engines, "jacobian_by_copies", lambda *a: calls.append(a[2]) or by_copies(*a))
     cuda_like = probe(
-        model, ids, tokens="all", keep_jacobians=True, engine="single_token", plan=cuda_like_plan
+        model, ids, tokens="all", ks=ks, keep_jacobians=True, engine="single_token", plan=cuda_like_plan
     )
     assert cuda_like.meta["copies_min_context"] == 0 and cuda_like.meta["analysis_svd"] == "gram"
     assert exact.meta["analysis_svd"] == "svd"  # CPUs: the SVD
@@ -146,7 +147,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
         (cuda_like.jacobians - exact.jacobians).abs().max()
     )
     assert torch.allclose(cuda_like.singular_values, exact.singular_values, atol=1e-5)
-    for k in (10, 30, 50):
+    for k in ks:
         assert torch.allclose(cuda_like.coupling[k], exact.coupling[k], atol=1e-4)
         assert torch.allclose(cuda_like.coupling_vju[k], exact.coupling_vju[k], atol=1e-4)
         assert torch.allclose(cuda_like.alignment[k], exact.alignment[k], atol=1e-4)

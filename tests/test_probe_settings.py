@@ -101,3 +101,27 @@ def test_every_probe_setting_reaches_probe_in_the_train_app(seen, tmp_path):
     )
     train(cfg)
     assert_all_reached(seen)
+
+
+def test_auto_ks_leave_out_k_above_a_quarter_of_d(caplog):
+    """ks="auto" keeps 10, 30, 50 where K <= d / 4, says what it left out, and explicit ks stay as given
+    with a notice when they exceed d / 4 (coupling can be negative there by definition)."""
+    import logging
+
+    from alignscope import probe
+    from conftest import prompt_ids, tiny_model
+
+    auto = ProbeSettings()
+    assert auto.ks == "auto" and auto.ks_for(4096) == ([10, 30, 50], [], None)
+    ks, dropped, notice = auto.ks_for(128)
+    assert (ks, dropped) == ([10, 30], [50]) and "d/4 = 32" in notice
+    assert auto.ks_for(32)[:2] == ([10], [30, 50])  # none fits: the smallest is kept
+    assert ProbeSettings(ks=[4, 30]).ks_for(32)[:2] == ([4, 30], [])
+    assert "[30]" in ProbeSettings(ks=[4, 30]).ks_for(32)[2]
+    with caplog.at_level(logging.INFO, logger="alignscope.probing.probe"):
+        res = probe(tiny_model("llama"), prompt_ids(1, 6))  # d = 32
+    assert res.ks == [10] and res.meta["ks_requested"] == "auto" and res.meta["ks_dropped"] == [30, 50]
+    assert res.meta["notes"] and "left out" in caplog.text
+    assert "coupling/k10" in res.scalars() and "coupling/k30" not in res.scalars()
+    explicit = probe(tiny_model("llama"), prompt_ids(1, 6), ks=(4, 16))
+    assert explicit.ks == [4, 16] and "exceed d/4" in explicit.meta["notes"][0]

@@ -90,7 +90,7 @@ class AlignmentMonitor(pl.Callback):
         probe: ProbeSettings | None = None,
         layers: Sequence[int] | None = None,
         tokens: str | Sequence[int] = "last",
-        ks: Sequence[int] = (10, 30, 50),
+        ks: Sequence[int] | str = "auto",
         chunk_size: int | None = None,
         engine: str | RandomizedSVD = "auto",
         on_checkpoint: bool = False,
@@ -315,7 +315,7 @@ class AlignmentMonitor(pl.Callback):
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
         first = self._first or load_probe(run_dir, int(self.history[0]["step"]))
         latest = self._latest or load_probe(run_dir, int(self.history[-1]["step"]))
-        paths = write_monitor_figures(self.history, self.settings.ks, first, latest, run_dir / "figures")
+        paths = write_monitor_figures(self.history, latest.ks, first, latest, run_dir / "figures")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 step = int(self.history[-1]["step"])

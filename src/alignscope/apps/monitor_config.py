@@ -33,7 +33,7 @@ def monitor_settings(
     probe: ProbeSettings | None,
     layers: Sequence[int] | None,
     tokens: str | Sequence[int],
-    ks: Sequence[int],
+    ks: Sequence[int] | str,
     chunk_size: int | None,
     engine: str | RandomizedSVD,
 ) -> ProbeSettings:

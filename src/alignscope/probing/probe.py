@@ -8,6 +8,7 @@ batch composition cannot change a result.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from alignscope.probing.plan import Plan
 from alignscope.probing.result import ProbeResult
 from alignscope.probing.settings import ProbeSettings
 
+log = logging.getLogger(__name__)
+
 
 def probe(
     model: nn.Module,
@@ -35,7 +38,7 @@ def probe(
     attention_mask: Tensor | None = None,
     layers: Sequence[int] | int | None = None,
     tokens: TokenSpec = "last",
-    ks: Sequence[int] = (10, 30, 50),
+    ks: Sequence[int] | str = "auto",
     keep_jacobians: bool = False,
     *,
     keep_blocks: Sequence[int] | None = None,
@@ -56,7 +59,10 @@ def probe(
         attention_mask: ``[B, T]``, 1 for real tokens; padding (either side) is removed per prompt.
         layers: block indices to probe (0-based, default all). Trajectories always cover all blocks.
         tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens.
-        ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``).
+        ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``). ``"auto"``
+            (default): 10, 30 and 50 where ``K <= d / 4`` (:meth:`ProbeSettings.ks_for`: with K a large share
+            of ``d``, coupling can be negative by definition); what was left out is logged and in
+            ``meta["ks_dropped"]``, and ``meta["notes"]`` holds the notice.
         keep_jacobians: keep the ``[P, L', d, d]`` residual Jacobians in the result.
         keep_blocks: keep only these blocks' Jacobians, as ``extras["block_jacobians"]`` ``[P, n, d, d]``
             (for figures such as the ``|U_j^T J_i V_j|`` grid without storing every block).
@@ -115,7 +121,7 @@ def probe(
     per_token = loop.per_token
     result = ProbeResult.stack(
         per_token,
-        list(run.settings.ks),
+        run.ks,
         tokens=torch.tensor(loop.token_index, dtype=torch.long),
         layers=list(run.target.probed),
         meta=meta,
@@ -134,6 +140,9 @@ class _Run:
     """What a probe resolved before running: settings, what to probe, the kept blocks, the engine."""
 
     settings: ProbeSettings
+    ks: list[int]
+    ks_dropped: list[int]
+    notes: list[str]
     target: Target
     kept: list[int]
     engine: ProbeEngine
@@ -159,7 +168,10 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
     probed = resolve_layers(s.layers, len(blocks))
     device = input_device(model)
     d = getattr(model.config, "hidden_size", None)
-    engine = select_engine(s.engine, plan, s.chunk_size, adapter.causal, d, max(s.ks), len(probed), device)
+    ks, dropped, notice = s.ks_for(d)
+    if notice:
+        log.info(notice)
+    engine = select_engine(s.engine, plan, s.chunk_size, adapter.causal, d, max(ks), len(probed), device)
     kept = resolve_layers(keep_blocks, len(blocks)) if keep_blocks is not None else []
     if not set(kept) <= set(probed):
         raise ValueError(
@@ -170,8 +182,8 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
             f"the {engine.name} engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
             "engine: pass engine='exact' or 'single_token'"
         )
-    target = Target(model, adapter, blocks, probed, max(s.ks), s.dtype)
-    return _Run(s, target, kept, engine, device)
+    target = Target(model, adapter, blocks, probed, max(ks), s.dtype)
+    return _Run(s, ks, dropped, [notice] if notice else [], target, kept, engine, device)
 
 
 def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]) -> _Loop:
@@ -187,7 +199,7 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
         for factors in run.engine.factors(run.target, ids, positions[b], bar):
             loop.chain_gap = max(loop.chain_gap, factors.chain_gap)
             start = time.perf_counter()
-            out = analyze(factors, probed, list(s.ks))  # on the device
+            out = analyze(factors, probed, run.ks)  # on the device
             if s.keep_jacobians:
                 out["jacobians"] = factors.jacobians
             if kept_index:
@@ -204,7 +216,7 @@ def _meta(
 ) -> dict[str, Any]:
     """The JSON-safe facts of a probe (``ProbeResult.meta``)."""
     s, target = run.settings, run.target
-    ks = list(s.ks)
+    ks = run.ks
     d = loop.per_token[0]["hidden_states"].shape[-1]
     return {
         "model_class": type(model).__name__,
@@ -221,7 +233,9 @@ def _meta(
         "attention": s.attention,
         "tokens": s.tokens if isinstance(s.tokens, (str, int)) else list(s.tokens),
         "prompt_lengths": [len(seq) for seq in sequences],
-        "ks_requested": ks,
+        "ks_requested": s.ks if isinstance(s.ks, str) else list(s.ks),
+        "ks_dropped": run.ks_dropped,
+        "notes": run.notes,
         "k_effective": {str(k): min(k, d) for k in ks},
         "k_clipped": [k for k in ks if k > d],
         "block_chain_max_gap": loop.chain_gap,

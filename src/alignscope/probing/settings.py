@@ -17,6 +17,9 @@ from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.engines import engine_names
 
 ATTENTION = ("eager", "sdpa")
+AUTO_KS = (10, 30, 50)
+"""The K of ``ks="auto"`` (the paper's), each kept only where ``K <= d / 4``
+(:meth:`ProbeSettings.ks_for`)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -31,7 +34,8 @@ class ProbeSettings:
     Attributes:
         layers: block indices to probe (0-based, negative from the end), or None for all.
         tokens: ``"last"``, ``"all"``, or positions within each prompt's real tokens.
-        ks: K values for coupling and alignment (sorted, unique; each clipped to ``d`` at probe time).
+        ks: K values for coupling and alignment (sorted, unique; each clipped to ``d`` at probe time), or
+            ``"auto"`` (default): 10, 30 and 50 where ``K <= d / 4`` (:meth:`ks_for`).
         keep_jacobians: keep the ``[P, L', d, d]`` residual Jacobians in the result.
         engine: ``"auto"``, ``"exact"``, ``"reverse"``, ``"single_token"``, ``"randomized"``, a
             ``RandomizedSVD`` or a ``JacobianEngine``.
@@ -43,7 +47,7 @@ class ProbeSettings:
 
     layers: tuple[int, ...] | None = None
     tokens: str | tuple[int, ...] = "last"
-    ks: tuple[int, ...] = (10, 30, 50)
+    ks: tuple[int, ...] | str = "auto"
     keep_jacobians: bool = False
     engine: Any = "auto"
     chunk_size: int | None = None
@@ -67,6 +71,37 @@ class ProbeSettings:
                 f"attention must be 'eager' or 'sdpa' (math kernel), got {self.attention!r}"
             )
 
+    def ks_for(self, d: int | None) -> tuple[list[int], list[int], str | None]:
+        """``(ks, dropped, notice)`` for width ``d``: ``ks="auto"`` is :data:`AUTO_KS` without the K above
+        ``d / 4`` (the smallest kept if none fits); explicit ks are kept as given. ``notice`` says what was
+        dropped, or which explicit K exceed ``d / 4``, and why that matters (None: nothing to say)."""
+        if self.ks != "auto":
+            large = [k for k in self.ks if d and k > d / 4]
+            if not large:
+                return list(self.ks), [], None
+            return (
+                list(self.ks),
+                [],
+                (
+                    f"K = {large} exceed d/4 = {d / 4:g}: with K a large share of d, m_K compares nearly whole "
+                    "bases, coupling (1 - m_K^2) can be negative by definition and says little"
+                ),
+            )
+        if not d:
+            return list(AUTO_KS), [], None
+        kept = [k for k in AUTO_KS if k <= d / 4] or [min(AUTO_KS[0], d)]
+        dropped = [k for k in AUTO_KS if k not in kept]
+        if not dropped:
+            return kept, [], None
+        return (
+            kept,
+            dropped,
+            (
+                f"ks=auto: K = {dropped} left out at d = {d} (above d/4 = {d / 4:g}, where coupling can be "
+                f"negative by definition); probing K = {kept}. Pass ks=[...] to choose K yourself"
+            ),
+        )
+
     def as_kwargs(self) -> dict[str, Any]:
         """The settings as keyword arguments of :func:`alignscope.probe`."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,7 +115,7 @@ class ProbeSettings:
         out = asdict(self)
         out["layers"] = None if self.layers is None else list(self.layers)
         out["tokens"] = self.tokens if isinstance(self.tokens, str) else list(self.tokens)
-        out["ks"] = list(self.ks)
+        out["ks"] = self.ks if isinstance(self.ks, str) else list(self.ks)
         out["engine"] = self.engine if isinstance(self.engine, str) else repr(self.engine)
         out["dtype"] = str(self.dtype).removeprefix("torch.")
         return out
@@ -120,7 +155,9 @@ def _tokens(tokens: Any) -> str | tuple[int, ...]:
     return out
 
 
-def _ks(ks: Any) -> tuple[int, ...]:
+def _ks(ks: Any) -> tuple[int, ...] | str:
+    if ks is None or ks == "auto":
+        return "auto"
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
     out = _int_list("ks", ks, "a list of positive integers, e.g. [10, 30, 50]")

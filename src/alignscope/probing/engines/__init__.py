@@ -67,13 +67,14 @@ def planned_engine(model: nn.Module, settings: Any, plan: Plan | None = None) ->
     adapter = get_adapter(model)
     probed = resolve_layers(settings.layers, len(adapter.blocks(model)))
     d = getattr(model.config, "hidden_size", None)
+    ks = settings.ks_for(d)[0]
     chosen = select_engine(
         settings.engine,
         plan or Plan(),
         None,
         adapter.causal,
         d,
-        max(settings.ks),
+        max(ks),
         len(probed),
         input_device(model),
     )
