@@ -269,7 +269,9 @@ def _parser() -> argparse.ArgumentParser:
         "runs", nargs="*", default=[], help="sweep or run folders of alignscope-probe and/or alignscope-train"
     )
     parser.add_argument(
-        "--out", default=None, help="report folder (None: <first run folder>/report, or ./report)"
+        "--out",
+        default=None,
+        help="report folder; when not given: <first run folder>/report, or ./report without run folders",
     )
     parser.add_argument(
         "--k", type=_positive, default=10, help="K of the coupling figures (one of the probed K)"
