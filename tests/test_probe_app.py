@@ -112,6 +112,19 @@ def test_report_table_matches_run_folders(sweep, tmp_path):
     assert "| local |" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_report_table_spread_across_prompts(sweep, tmp_path):
+    import statistics
+
+    build_report([sweep], tmp_path / "report", k=10)
+    with open(tmp_path / "report" / "table.csv") as fh:
+        row = {r["metric"]: r for r in csv.DictReader(fh)}["coupling/k10"]
+    lines = [json.loads(x) for x in (sweep / "0" / "probes.jsonl").read_text().splitlines()]
+    assert float(row["pretrained_std"]) == pytest.approx(statistics.stdev(x["coupling/k10"] for x in lines))
+    assert row["prompts"] == "4"
+    header = (tmp_path / "report" / "table.md").read_text().splitlines()[0]
+    assert "revision" not in header and "± std" in header  # no revisions: the empty column is hidden
+
+
 def test_report_revision_sweep_figure(sweep, tmp_path):
     import shutil
 

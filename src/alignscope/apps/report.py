@@ -1,18 +1,24 @@
-"""``alignscope-report``: tables, figures and correlations from the run folders of probe sweeps.
+"""``alignscope-report``: tables, figures and correlations from the run folders of probe and training sweeps.
 
-Reads run folders written by ``alignscope-probe`` (``run.json``, ``scalars.json``, ``result/``), not W&B, and
-writes a report folder:
+Reads run folders (not W&B) and writes a report folder whose ``report.md`` shows every table and links every
+file written:
 
-- ``table.md`` / ``table.csv``: every headline metric for each model (and revision), pretrained next to
-  random init, and the ratio pretrained / random.
-- ``figures/``: coupling matrices side by side, the ``|U_j^T J_i V_j|`` grid for the kept blocks, singular
-  values and stable rank against depth, step sizes and norms against depth (LSS, expodistance), PCA of token
-  trajectories, and each metric against checkpoint step for revision sweeps.
-- ``correlation.md`` / ``correlation.csv`` and scatter plots (with ``--scores``): a linear regression of a
-  benchmark score on a metric across models (slope, R^2, p-value), and the same for parameter count (log10),
-  depth and width as baselines.
+- probe runs (``alignscope-probe``: ``run.json``, ``scalars.json``, ``result/``): ``table.md`` /
+  ``table.csv``, every headline metric for each model (and revision), pretrained next to random init (mean
+  ± std across prompts) and their ratio; ``figures/`` per model (coupling, block grid, spectra, steps and
+  norms, PCA, metrics against checkpoint step for revision sweeps).
+- training runs (``alignscope-train``: ``summary.json``, ``probes.jsonl``, ``metrics.json``): a table per
+  job, seeds as replicates (mean ± std), the metrics against step per job, and the regression of the final
+  validation loss on each metric across jobs (:mod:`alignscope.apps.report_sweep`).
+- with ``--scores``: ``correlation.md`` / ``correlation.csv`` and scatter plots, a linear regression of a
+  benchmark score on a metric across models (slope, R^2, p-value), and the same for parameter count
+  (log10), depth and width as baselines.
+
+A value without meaning (a ratio over ~0, a coupling with one block, a negative coupling at a K that is a
+large share of d) is shown as a note (:mod:`alignscope.apps.report_table`).
 
     alignscope-report multirun/probe/<date>/<time> --out reports/smollm2
+    alignscope-report multirun/train/<date>/<time>
     alignscope-report RUNS... --scores scores.csv --metric coupling/k10
     alignscope-report --scores paper_fig1a_scores.csv --x-column coupling_in_paper   # CSV columns only
 """
@@ -27,18 +33,25 @@ from pathlib import Path
 from typing import Any
 
 from alignscope.apps.correlation import Regression, correlations, points_with, regress
+from alignscope.apps.report_probe import (
+    REPORT_METRICS,
+    all_figures,
+    comparison_rows,
+    model_figures,
+    revision_figure,
+    write_table,
+)
 from alignscope.apps.report_runs import (
     ReportInputError,
     Run,
     check_k,
     check_metric,
     find_runs,
-    latest_by_init,
     latest_pretrained,
-    step_of,
 )
+from alignscope.apps.report_sweep import training_section
+from alignscope.apps.report_training import find_training_runs
 from alignscope.apps.scores import ScoreTable, ScoreTableError, read_scores
-from alignscope.probing.result import HEADLINE
 
 __all__ = [
     "REPORT_METRICS",
@@ -51,6 +64,7 @@ __all__ = [
     "comparison_rows",
     "correlations",
     "find_runs",
+    "find_training_runs",
     "latest_pretrained",
     "main",
     "model_figures",
@@ -60,128 +74,6 @@ __all__ = [
     "write_correlation",
     "write_table",
 ]
-
-REPORT_METRICS = (
-    *HEADLINE,
-    "alignment_across/k10",
-    "expodistance/step_r2",
-    "expodistance/norm_r2",
-    "spectra/inv_s1_slope",
-    "spectra/inv_s1_r2",
-)
-"""The headline scalars and the fit qualities, in the report's table."""
-
-
-# --------------------------------------------------------------------------------------------- table
-def _ratio(a: float | None, b: float | None) -> float:
-    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
-        return float("nan")
-    return a / b
-
-
-def comparison_rows(runs: list[Run], metrics: Sequence[str] = REPORT_METRICS) -> list[dict[str, Any]]:
-    """Long-format rows: model, revision, metric, pretrained, random, ratio (pretrained / random)."""
-    groups: dict[tuple[str, str], dict[str, Run]] = {}
-    for r in runs:
-        groups.setdefault((r.model, r.revision), {})[r.init] = r
-    rows = []
-    for (model, revision), by_init in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], step_of(kv[0][1]), kv[0][1])
-    ):
-        for metric in metrics:
-            pre = by_init.get("pretrained")
-            ran = by_init.get("random")
-            a = pre.scalars.get(metric) if pre else None
-            b = ran.scalars.get(metric) if ran else None
-            if a is None and b is None:
-                continue
-            rows.append(
-                {
-                    "model": model,
-                    "revision": revision,
-                    "metric": metric,
-                    "pretrained": a,
-                    "random": b,
-                    "ratio": _ratio(a, b),
-                }
-            )
-    return rows
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4f}"
-    return str(x)
-
-
-def write_table(rows: list[dict[str, Any]], out: Path) -> str:
-    """``table.csv`` and ``table.md``; returns the Markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    cols = ["model", "revision", "metric", "pretrained", "random", "ratio"]
-    with open(out / "table.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(md)
-    return md
-
-
-# --------------------------------------------------------------------------------------------- figures
-def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -> list[Path]:
-    """All per-model figures (coupling, PCA, the block grid of each init with block Jacobians, spectra,
-    step sizes); returns their paths."""
-    from alignscope.apps import plots
-
-    results = {init: r.result for init, r in sorted(by_init.items())}
-    tag = model.replace("/", "_")
-    paths = [
-        plots.save(plots.coupling_heatmaps(results, k), out / f"{tag}_coupling_k{k}.png"),
-        plots.save(plots.trajectory_pca(results), out / f"{tag}_pca.png"),
-    ]
-    for init, res in results.items():
-        if "block_jacobians" in res.extras:
-            fig = plots.block_grid_figure(res, k, f"{model} ({init})")
-            paths.append(plots.save(fig, out / f"{tag}_grid_{init}.png"))
-    paths.append(plots.save(plots.spectra_vs_depth(results), out / f"{tag}_spectra.png"))
-    paths.append(plots.save(plots.steps_and_norms(results), out / f"{tag}_trajectory.png"))
-    return paths
-
-
-def revision_figure(model: str, runs: list[Run], out: Path, metrics: Sequence[str]) -> Path | None:
-    """Each metric against checkpoint step, pretrained checkpoints (and random if present); None with fewer
-    than two checkpoint revisions of ``model``."""
-    from alignscope.apps import plots
-
-    stepped = [r for r in runs if r.model == model and r.revision and step_of(r.revision) >= 0]
-    if len({r.revision for r in stepped}) < 2:
-        return None
-    names = [m for m in metrics if any(m in r.scalars for r in stepped)]
-    series = {
-        name: {
-            init: sorted(
-                (step_of(r.revision), r.scalars.get(name, float("nan"))) for r in stepped if r.init == init
-            )
-            for init in ("pretrained", "random")
-        }
-        for name in names
-    }
-    return plots.save(plots.metrics_vs_checkpoint(series), out / f"{model.replace('/', '_')}_vs_step.png")
-
-
-def _all_figures(runs: list[Run], folder: Path, k: int) -> list[Path]:
-    """The figures of every model: per-model figures of its latest revision per init, and the revision sweep."""
-    figs = []
-    for model in sorted({r.model for r in runs}):
-        figs += model_figures(model, latest_by_init(runs, model), folder, k=k)
-        fig = revision_figure(model, runs, folder, REPORT_METRICS)
-        if fig is not None:
-            figs.append(fig)
-    return figs
 
 
 # --------------------------------------------------------------------------------------------- correlation
@@ -286,6 +178,42 @@ def _input_notes(skipped: list[str], unmatched: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def _probe_section(runs: list[Run], out: Path, k: int) -> tuple[list[str], dict[str, Any]]:
+    """``table.md`` / ``table.csv`` and the per-model figures; the report's Markdown lines."""
+    rows = comparison_rows(runs)
+    md = write_table(rows, out)
+    figs = all_figures(runs, out / "figures", k)
+    lines = [
+        "## Pretrained against random init ([table.md](table.md), [table.csv](table.csv))",
+        "",
+        md,
+        "## Figures",
+        "",
+        *[f"![{p.stem}](figures/{p.name})" for p in figs],
+        "",
+    ]
+    return lines, {"rows": rows, "figures": figs}
+
+
+def _file_index(out: Path, text: str) -> list[str]:
+    """Links to every file under ``out`` that ``text`` does not link yet (``report.md`` itself excluded)."""
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    missing = [f for f in files if f != "report.md" and f"({f})" not in text]
+    return ["## Other files", "", *[f"- [{f}]({f})" for f in missing], ""] if missing else []
+
+
+def _find_inputs(paths: Sequence[str | Path]) -> tuple[list[Run], list[Any]]:
+    """The probe runs and the training runs below ``paths``; refuses paths that hold neither."""
+    runs = find_runs(paths) if paths else []
+    training = find_training_runs(paths) if paths else []
+    if paths and not runs and not training:
+        raise FileNotFoundError(
+            f"no finished probe runs (run.json + result/) or training runs (summary.json + probes.jsonl) "
+            f"below {', '.join(map(str, paths))}"
+        )
+    return runs, training
+
+
 def build_report(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -299,9 +227,7 @@ def build_report(
     out = Path(out)
     written: dict[str, Any] = {"out": out}
     sections = ["# alignscope report", ""]
-    runs = find_runs(paths) if paths else []
-    if paths and not runs:
-        raise FileNotFoundError(f"no finished probe runs (run.json + result/) below {list(map(str, paths))}")
+    runs, training = _find_inputs(paths)
     if runs:
         check_k(runs, k)
     if scores:  # every input is checked before anything is written
@@ -313,42 +239,80 @@ def build_report(
             x_names = [metric, "log10_params", "depth", "width"]
         written["skipped"], written["unmatched"] = table.skipped, unmatched
     out.mkdir(parents=True, exist_ok=True)
-    if runs:
-        rows = comparison_rows(runs)
-        written["rows"] = rows
-        sections += ["## Pretrained against random init", "", write_table(rows, out)]
-        figs = _all_figures(runs, out / "figures", k)
-        written["figures"] = figs
-        sections += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs] + [""]
+    for part, items in ((_probe_section, runs), (training_section, training)):
+        if items:
+            lines, info = part(items, out, k) if part is _probe_section else part(items, out)
+            sections += lines
+            written.update(info)
     if scores:
         regs = correlations(points, x_names, score_column)
         written["regressions"] = regs
         sections += [
-            f"## Correlation with {score_column} ({scores})",
+            f"## Correlation with {score_column} ({scores}; [correlation.md](correlation.md), "
+            "[correlation.csv](correlation.csv))",
             "",
             write_correlation(points, regs, "label", out),
             *_input_notes(table.skipped, unmatched),
         ]
-    (out / "report.md").write_text("\n".join(sections) + "\n")
+    text = "\n".join(sections) + "\n"
+    (out / "report.md").write_text(text + "\n".join(_file_index(out, text)))
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="alignscope-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="*", help="sweep or run folders of alignscope-probe")
-    parser.add_argument("--out", default=None, help="report folder (default: <first run folder>/report)")
-    parser.add_argument("--k", type=int, default=10, help="K for the coupling figures (one of the probed K)")
-    parser.add_argument("--metric", default="coupling/k10", help="metric to correlate with the scores")
-    parser.add_argument("--scores", default=None, help="CSV with columns model and/or hub_id and the score")
-    parser.add_argument("--score-column", default="benchmark_score")
-    parser.add_argument(
-        "--x-column", default=None, help="correlate a column of the scores CSV instead of runs"
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignscope-report",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "runs", nargs="*", default=[], help="sweep or run folders of alignscope-probe and/or alignscope-train"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="report folder; when not given: <first run folder>/report, or ./report without run folders",
+    )
+    parser.add_argument(
+        "--k", type=_positive, default=10, help="K of the coupling figures (one of the probed K)"
+    )
+    parser.add_argument(
+        "--metric", default="coupling/k10", help="scalar of the probe runs to correlate with --scores"
+    )
+    parser.add_argument("--scores", default=None, help="CSV with a model and/or hub_id column and the score")
+    parser.add_argument("--score-column", default="benchmark_score", help="column of --scores to explain")
+    parser.add_argument("--x-column", default=None, help="correlate this column of --scores instead of runs")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit status 2) for inputs that cannot work, before anything is read."""
     if not args.runs and not args.scores:
         parser.error("give run folders, or --scores with --x-column")
     if not args.runs and not args.x_column:
         parser.error("--scores without run folders needs --x-column")
+    for path in args.runs:
+        if not Path(path).is_dir():
+            parser.error(
+                f"no such run folder: {path}" if not Path(path).exists() else f"not a folder: {path}"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script; every input error exits with status 2 and one line on stderr."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     out = args.out or (str(Path(args.runs[0]) / "report") if args.runs else "report")
     try:
         written = build_report(
@@ -360,8 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             score_column=args.score_column,
             x_column=args.x_column,
         )
-    except (ReportInputError, ScoreTableError, FileNotFoundError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except (ReportInputError, ScoreTableError, FileNotFoundError, NotADirectoryError) as err:
+        parser.error(" ".join(str(err).split()))
     print((Path(written["out"]) / "report.md").read_text())
     print(f"report written to {written['out']}")
 
