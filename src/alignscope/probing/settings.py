@@ -156,11 +156,11 @@ def _tokens(tokens: Any) -> str | tuple[int, ...]:
 
 
 def _ks(ks: Any) -> tuple[int, ...] | str:
-    if ks is None or ks == "auto":
+    if ks == "auto":
         return "auto"
     if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
         ks = (ks,)
-    out = _int_list("ks", ks, "a list of positive integers, e.g. [10, 30, 50]")
+    out = _int_list("ks", ks, "a list of positive integers, e.g. [10, 30, 50], or 'auto'")
     if not out:
         raise ProbeSettingsError("ks is empty; give at least one K, e.g. ks=(10, 30, 50)")
     if min(out) < 1:
