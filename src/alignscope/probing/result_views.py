@@ -40,6 +40,10 @@ def _shapes(result: ProbeResult) -> list[str]:
     return [f"{shape}: {', '.join(names)}" for shape, names in by_shape.items()]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def describe(result: ProbeResult) -> str:
     """A few lines: model, settings (engine, dtype, ks, tokens), what was probed, the shape of every tensor
     (no values), the headline scalars present and the number of warnings."""
@@ -58,7 +62,7 @@ def describe(result: ProbeResult) -> str:
     lines = [
         f"ProbeResult({model} ({', '.join(str(d) for d in details if d)})",
         f"  {settings}",
-        f"  {len(result.tokens)} tokens from {prompts} prompts, layers {result.layers}",
+        f"  {_count(len(result.tokens), 'token')} from {_count(prompts, 'prompt')}, layers {result.layers}",
         *(f"  {line}" for line in _shapes(result)),
     ]
     own = tuple(f"coupling/k{k}" for k in result.ks if f"coupling/k{k}" not in HEADLINE)
