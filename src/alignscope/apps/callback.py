@@ -25,6 +25,8 @@ from alignscope.apps.monitor_config import (
     checked_prompts,
     monitor_settings,
     positive_int,
+    prompt_lists,
+    text_prompts,
     true_or_false,
 )
 from alignscope.apps.monitor_figures import load_probe, write_monitor_figures
@@ -40,7 +42,7 @@ from alignscope.apps.run_folder import (
     write_json,
     write_records,
 )
-from alignscope.apps.validation_prompts import sample_prompts
+from alignscope.apps.validation_prompts import fit_start_prompts, tokenize_prompts
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.result import HEADLINE, ProbeResult
 from alignscope.probing.settings import ProbeSettings
@@ -60,7 +62,10 @@ class AlignmentMonitor(pl.Callback):
         every_n_steps: probe every N optimizer steps (None: only the other triggers).
         log_spaced: also probe at steps 1, 2, 4, 8, ... below ``every_n_steps`` (early training is where
             things change; later the regular cadence takes over).
-        prompts: ``[B, T]`` token ids to probe; default: ``num_prompts`` validation sequences, seeded.
+        prompts: ``[B, T]`` token ids (or id lists of any lengths) to probe, or texts (a list of strings,
+            tokenized with ``tokenizer``, else with the datamodule's ``tokenizer`` at fit start, as
+            ``probe(model, texts, tokenizer=...)`` does, not truncated); default: ``num_prompts`` validation
+            sequences, seeded.
         num_prompts, prompt_length, seed: the default prompt sample (``prompt_length`` first tokens of each).
         probe: every probe setting at once (:class:`alignscope.ProbeSettings`, what ``conf/probe`` builds).
         layers, tokens, ks, chunk_size, engine: the same settings one by one (when ``probe`` is not given).
@@ -71,6 +76,7 @@ class AlignmentMonitor(pl.Callback):
         figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
+        tokenizer: tokenizes text ``prompts`` (default: ``trainer.datamodule.tokenizer``).
         overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
             settings, see :mod:`alignscope.apps.run_folder`): clear it instead of refusing to start.
 
@@ -83,7 +89,7 @@ class AlignmentMonitor(pl.Callback):
         self,
         every_n_steps: int | None = 100,
         log_spaced: bool = True,
-        prompts: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        prompts: torch.Tensor | Sequence[Sequence[int]] | Sequence[str] | None = None,
         num_prompts: int = 8,
         prompt_length: int | None = 64,
         seed: int = 0,
@@ -101,6 +107,7 @@ class AlignmentMonitor(pl.Callback):
         model_attr: str | None = None,
         verbose: bool = True,
         overwrite: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         super().__init__()
         positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -108,7 +115,12 @@ class AlignmentMonitor(pl.Callback):
         positive_int("prompt_length", prompt_length, allow_none=True)
         true_or_false("log_spaced", log_spaced)
         self.settings = monitor_settings(probe, layers, tokens, ks, chunk_size, engine)
-        self.prompts = checked_prompts(prompts)
+        self.texts = text_prompts(prompts)
+        self.tokenizer = tokenizer
+        if self.texts is None:
+            self.prompts = checked_prompts(prompts)
+        else:
+            self.prompts = tokenize_prompts(self.texts, tokenizer) if tokenizer is not None else None
         true_or_false("overwrite", overwrite)
         if not (every_n_steps or log_spaced or on_checkpoint or at_end):
             raise MonitorConfigError(
@@ -152,7 +164,7 @@ class AlignmentMonitor(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history,
-            "prompts": self.prompts.tolist() if self.prompts is not None else None,
+            "prompts": prompt_lists(self.prompts) if self.prompts is not None else None,
             "seconds": self.seconds,
             "init_weights_sha256": self.init_weights,
             "run_dir": self.source_dir,
@@ -161,7 +173,7 @@ class AlignmentMonitor(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         if state_dict.get("prompts") is not None:
-            self.prompts = torch.tensor(state_dict["prompts"], dtype=torch.long)
+            self.prompts = checked_prompts(state_dict["prompts"])
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.init_weights = state_dict.get("init_weights_sha256")
         self.source_dir = state_dict.get("run_dir")
@@ -170,7 +182,9 @@ class AlignmentMonitor(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)  # fail early if there is no Hugging Face model
         if self.prompts is None:
-            self.prompts = sample_prompts(trainer, self.num_prompts, self.prompt_length, self.seed)
+            self.prompts = fit_start_prompts(
+                trainer, self.texts, self.tokenizer, self.num_prompts, self.prompt_length, self.seed
+            )
         if trainer.is_global_zero:  # only rank 0 writes the folder (and saves the checkpoint's state)
             if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
                 self.init_weights = weights_digest(model)
@@ -194,7 +208,7 @@ class AlignmentMonitor(pl.Callback):
             "alignscope_version": package_version(),
             "model": {"class": type(model).__name__, "config": config},
             "init_weights_sha256": self.init_weights,
-            "prompts_sha256": text_digest(self.prompts.tolist()),
+            "prompts_sha256": text_digest(prompt_lists(self.prompts)),
             "probe": self.settings.fingerprint(),
         }
 

@@ -56,11 +56,38 @@ def monitor_settings(
     return probe
 
 
-def checked_prompts(prompts: torch.Tensor | Sequence[Sequence[int]] | None) -> torch.Tensor | None:
-    """Given prompts as a ``[B, T]`` long tensor of token ids (None stays None: sampled at fit start)."""
+Prompts = torch.Tensor | list[torch.Tensor]
+"""The monitor's prompts: ``[B, T]`` token ids, or one 1-D id tensor per prompt when their lengths differ."""
+
+
+def text_prompts(prompts: Any) -> list[str] | None:
+    """Given prompts as text (a string or a non-empty list of strings), else None."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and any(isinstance(p, str) for p in prompts):
+        if not all(isinstance(p, str) and p for p in prompts):
+            raise MonitorConfigError("AlignmentMonitor: text prompts must be a list of non-empty strings")
+        return list(prompts)
+    return None
+
+
+def checked_prompts(prompts: torch.Tensor | Sequence[Sequence[int]] | None) -> Prompts | None:
+    """Given prompts as a ``[B, T]`` long tensor of token ids, or one id tensor per prompt when the given id
+    lists differ in length (None stays None: sampled or tokenized at fit start)."""
     if prompts is None:
         return None
+    if not isinstance(prompts, torch.Tensor) and len({len(p) for p in prompts}) > 1:
+        rows = [checked_prompts([p]) for p in prompts]
+        return [row[0] for row in rows]
     prompts = torch.as_tensor(prompts)
     if prompts.ndim != 2 or prompts.numel() == 0 or prompts.dtype.is_floating_point:
-        raise MonitorConfigError("AlignmentMonitor: prompts must be a non-empty [B, T] tensor of token ids")
+        raise MonitorConfigError(
+            "AlignmentMonitor: prompts must be a non-empty [B, T] tensor of token ids, id lists or a list of "
+            "strings"
+        )
     return prompts.long()
+
+
+def prompt_lists(prompts: Prompts) -> list[list[int]]:
+    """The prompts as plain id lists (for the state dict and the fingerprint)."""
+    return prompts.tolist() if isinstance(prompts, torch.Tensor) else [p.tolist() for p in prompts]

@@ -1,4 +1,5 @@
-"""The monitor's default prompts: a seeded sample of validation sequences from a Lightning trainer."""
+"""The monitor's prompts: a seeded sample of validation sequences from a Lightning trainer, or given texts
+tokenized with the monitor's or the datamodule's tokenizer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from alignscope.apps.monitor_config import MonitorConfigError
+from alignscope.apps.monitor_config import MonitorConfigError, Prompts, checked_prompts
 
 
 def validation_dataset(trainer: pl.Trainer) -> Any:
@@ -50,3 +51,44 @@ def sample_prompts(
         rows.append(row[:prompt_length] if prompt_length else row)
     length = min(len(r) for r in rows)
     return torch.stack([r[:length] for r in rows]).long()
+
+
+def tokenize_prompts(texts: list[str], tokenizer: Any) -> Prompts:
+    """Each text's ids as ``tokenizer(text)["input_ids"]`` (as ``probe(model, texts, tokenizer=...)`` does),
+    not truncated: ``[B, T]`` when all have the same length, else one 1-D tensor per prompt."""
+    ids = [list(tokenizer(text)["input_ids"]) for text in texts]
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        raise MonitorConfigError(f"AlignmentMonitor: text prompts {empty} have no tokens")
+    return checked_prompts(ids)
+
+
+def datamodule_tokenizer(trainer: pl.Trainer) -> Any:
+    """The datamodule's ``tokenizer`` attribute (prepared if it has ``prepare()`` and none yet), else None."""
+    dm = trainer.datamodule
+    if dm is None:
+        return None
+    if getattr(dm, "tokenizer", None) is None and callable(getattr(dm, "prepare", None)):
+        dm.prepare()
+    return getattr(dm, "tokenizer", None)
+
+
+def fit_start_prompts(
+    trainer: pl.Trainer,
+    texts: list[str] | None,
+    tokenizer: Any,
+    num_prompts: int,
+    prompt_length: int | None,
+    seed: int,
+) -> Prompts:
+    """The prompts at fit start when none were given as ids: ``texts`` tokenized with ``tokenizer`` or the
+    datamodule's, else :func:`sample_prompts`."""
+    if texts is None:
+        return sample_prompts(trainer, num_prompts, prompt_length, seed)
+    tokenizer = tokenizer if tokenizer is not None else datamodule_tokenizer(trainer)
+    if tokenizer is None:
+        raise MonitorConfigError(
+            "AlignmentMonitor: text prompts need a tokenizer, and the datamodule has none (no "
+            "trainer.datamodule.tokenizer): pass AlignmentMonitor(prompts=texts, tokenizer=...) or token ids"
+        )
+    return tokenize_prompts(texts, tokenizer)

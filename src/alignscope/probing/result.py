@@ -128,6 +128,33 @@ class ProbeResult:
         """``[P, L']`` bool: the residual Jacobian is exactly zero (``s_1 = 0``; its coupling is 0/0)."""
         return self.singular_values[..., 0] == 0
 
+    def __repr__(self) -> str:
+        """Model, settings (engine, dtype, ks, tokens), tensor shapes (no values) and the headline scalars."""
+        from alignscope.probing.result_views import describe
+
+        return describe(self)
+
+    def to_frame(self, level: str = "block") -> Any:
+        """A tidy ``pandas.DataFrame`` (needs pandas) of the per-token values, unaggregated.
+
+        ``level="block"``: one row per probed token and probed block (``P * L'`` rows, tokens outer):
+            ``prompt``, ``position`` (the token, as in :attr:`tokens`), ``block`` (0-based index), ``s1``
+            (largest singular value), ``stable_rank``, ``nonfinite`` (bool), and per K: ``coupling_k{K}`` and
+            ``coupling_vju_k{K}`` (block ``i``'s row mean over ``j != i`` of ``1 - m_K(J_i, J_j)^2``, see
+            :func:`alignscope.core.metrics.coupling_per_block`), ``alignment_k{K}`` (within-block ``a_K``).
+        ``level="token"``: one row per probed token (``P`` rows): ``prompt``, ``position``, ``lss``,
+            ``step_slope``, ``step_r2``, ``norm_slope``, ``norm_r2``, ``inv_s1_slope``, ``inv_s1_r2``,
+            ``linearization_cosine`` (when computed), and per K: ``coupling_k{K}``, ``coupling_vju_k{K}``
+            (mean over ordered block pairs ``i != j`` of ``1 - m_K^2``), ``alignment_k{K}`` (within-block, mean
+            over blocks), ``alignment_across_k{K}`` (mean over ``i != j``).
+
+        The means of the token frame's columns are the scalars of :meth:`scalars` (e.g. ``coupling_k10`` and
+        ``coupling/k10``); join the two frames on ``["prompt", "position"]``. Values keep the tensors' dtype.
+        """
+        from alignscope.probing.result_views import frame
+
+        return frame(self, level)
+
     def scalars(self) -> dict[str, float]:
         """Flat dict of named floats. Every aggregate is a plain mean over the probed tokens (NaN propagates):
 
