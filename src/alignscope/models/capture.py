@@ -181,23 +181,38 @@ def capture_token_calls(
     the blocks; the cache is put back to its prefix state afterwards. Each ``BlockCall`` has ``[1, 1, d]``
     input and output and holds the cache object among its arguments.
     """
+    ((_, calls),) = capture_tokens_calls(model, adapter, blocks, input_ids, [t])
+    return calls
+
+
+def capture_tokens_calls(
+    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, input_ids: Tensor, positions: list[int]
+) -> Iterator[tuple[int, list[BlockCall]]]:
+    """:func:`capture_token_calls` for each of ``positions`` (ascending), sharing one prefix pass: the KV
+    cache grows from one probed token to the next (``input_ids[:, t_prev : t]`` appended), so the prompt runs
+    through the model once instead of once per token. Yields ``(t, calls)``; the calls of a token are valid
+    until the next one is requested (the cache object is shared)."""
     from transformers import DynamicCache
 
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
-    with torch.no_grad():
-        if t > 0:
-            out = model(input_ids=input_ids[:, :t], use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
-        else:
-            cache = DynamicCache(config=model.config)
-        snapshot = _snapshot(cache)
-        try:
-            with _recording(blocks, adapter) as records:
-                model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
-        finally:
-            _restore(cache, snapshot)
-    return _calls(records)
+    cache, filled = None, 0
+    for t in positions:
+        with torch.no_grad():
+            if t > filled:
+                kwargs = {cache_kw: cache} if cache is not None else {}
+                out = model(input_ids=input_ids[:, filled:t], use_cache=True, **kwargs)
+                cache = getattr(out, "cache", None) or out.past_key_values
+                filled = t
+            if cache is None:
+                cache = DynamicCache(config=model.config)
+            snapshot = _snapshot(cache)
+            try:
+                with _recording(blocks, adapter) as records:
+                    model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
+            finally:
+                _restore(cache, snapshot)
+        yield t, _calls(records)
 
 
 def _record_input(record: dict[str, Any]):

@@ -27,7 +27,7 @@ from alignscope.core import metrics
 from alignscope.models.capture import (
     block_function,
     capture_block_calls,
-    capture_token_calls,
+    capture_tokens_calls,
     token_block_function,
     token_copies_function,
 )
@@ -149,8 +149,7 @@ class SingleTokenEngine(ExactEngine):
         return "adaptive" if self.adaptive else self.chunk_size
 
     def jacobians(self, target: Target, ids: Tensor, positions: list[int], bar: Any):
-        for t in positions:
-            calls = capture_token_calls(target.model, target.adapter, target.blocks, ids, t)
+        for t, calls in capture_tokens_calls(target.model, target.adapter, target.blocks, ids, positions):
             traj = trajectory(calls, 0).to(target.dtype)
             d = traj.shape[-1]
             copies_at = self.plan.copies(traj.device) if self.adaptive else None

@@ -28,7 +28,7 @@ from alignscope.models.capture import (
     BlockCall,
     block_function,
     capture_block_calls,
-    capture_token_calls,
+    capture_tokens_calls,
     token_block_function,
     token_copies_function,
 )
@@ -143,15 +143,19 @@ class RandomizedEngine(ProbeEngine):
         }
 
     def factors(self, target: Target, ids: Tensor, positions: list[int], bar: Any) -> Iterator[TokenFactors]:
-        for t in positions:
-            yield self._token(target, ids, t, bar)
-
-    def _token(self, target: Target, ids: Tensor, t: int, bar: Any) -> TokenFactors:
         adapter, blocks = target.adapter, target.blocks
-        if adapter.causal:
-            calls, row = capture_token_calls(target.model, adapter, blocks, ids, t), None
-        else:
-            calls, row = capture_block_calls(target.model, adapter, blocks, ids), t
+        if adapter.causal:  # the token alone against the KV cache: row None
+            for t, calls in capture_tokens_calls(target.model, adapter, blocks, ids, positions):
+                yield self._token(target, ids, t, calls, None, bar)
+        else:  # one full-sequence capture, row t of it
+            calls = capture_block_calls(target.model, adapter, blocks, ids)
+            for t in positions:
+                yield self._token(target, ids, t, calls, t, bar)
+
+    def _token(
+        self, target: Target, ids: Tensor, t: int, calls: list[BlockCall], row: int | None, bar: Any
+    ) -> TokenFactors:
+        adapter, blocks = target.adapter, target.blocks
         traj = trajectory(calls, row or 0).to(target.dtype)
         copies_at = self.plan.copies(ids.device, sketch=True)
         copies = adapter.causal and copies_at is not None and t >= copies_at[0]
