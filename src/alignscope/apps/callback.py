@@ -27,7 +27,7 @@ from alignscope.apps.monitor_config import (
     positive_int,
     true_or_false,
 )
-from alignscope.apps.monitor_figures import load_probe, write_monitor_figures
+from alignscope.apps.monitor_figures import load_probe, load_probes, recorded_losses, write_monitor_figures
 from alignscope.apps.monitor_summary import format_summary, summarize
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.resumed_probes import bring_probes_along, probe_folder
@@ -70,6 +70,7 @@ class AlignmentMonitor(pl.Callback):
             (default: the trainer's ``log_dir`` or ``default_root_dir``).
         figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
+        run_name: the run's name in the figures' titles (default: the run folder's name).
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
         overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
             settings, see :mod:`alignscope.apps.run_folder`): clear it instead of refusing to start.
@@ -101,6 +102,7 @@ class AlignmentMonitor(pl.Callback):
         model_attr: str | None = None,
         verbose: bool = True,
         overwrite: bool = False,
+        run_name: str | None = None,
     ) -> None:
         super().__init__()
         positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -127,6 +129,7 @@ class AlignmentMonitor(pl.Callback):
         self.model_attr = model_attr
         self.verbose = verbose
         self.overwrite = overwrite
+        self.run_name = run_name
         self.history: list[dict[str, float]] = []
         self.init_weights: str | None = None
         self.source_dir: str | None = None
@@ -258,7 +261,7 @@ class AlignmentMonitor(pl.Callback):
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
         result.save(probe_folder(run_dir, step))
-        entry = {"step": step, **scalars}
+        entry = {"step": step, **scalars, **recorded_losses(trainer.callback_metrics)}
         append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
         if self._first is None and step == self.history[0]["step"]:
@@ -315,7 +318,11 @@ class AlignmentMonitor(pl.Callback):
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
         first = self._first or load_probe(run_dir, int(self.history[0]["step"]))
         latest = self._latest or load_probe(run_dir, int(self.history[-1]["step"]))
-        paths = write_monitor_figures(self.history, self.settings.ks, first, latest, run_dir / "figures")
+        probes = load_probes(run_dir, self.probed_steps)
+        name, max_steps = self.run_name or run_dir.name, trainer.max_steps
+        paths = write_monitor_figures(
+            self.history, self.settings.ks, first, latest, run_dir / "figures", probes, name, max_steps
+        )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 step = int(self.history[-1]["step"])
