@@ -68,8 +68,7 @@ def coupling_heatmaps(results: Mapping[str, ProbeResult], k: int, title: str | N
     )
     maps = {label: mean_and_spread(coupling_similarity(res, k))[0] for label, res in results.items()}
     vmin, vmax = _shared_limits([m for m in maps.values() if m.shape[-1] > 1])
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
     image = None
     for ax, (label, res) in zip(axes[0], results.items()):
         if len(res.layers) < 2:
