@@ -97,7 +97,7 @@ def test_coupling_figures_say_one_block_needs_two_and_note_negative_values():
     assert any("needs two blocks" in t.get_text() for t in fig.axes[0].texts)
     plots._plt().close(fig)
     fig = plots.coupling_heatmaps({"big K": _result(_m(3, 1.2))}, 10)  # m > 1: 1 - m^2 < 0
-    assert any("large share of the width d = 16" in t.get_text() for t in fig.axes[0].texts)
+    assert "large share of the width d = 16" in fig._suptitle.get_text()
     plots._plt().close(fig)
 
 

@@ -47,15 +47,15 @@ def save_all(builders: Mapping[str, Callable[[], Any]], folder: str | Path) -> d
 
 
 def note(ax, text: str, *, replace: bool = False) -> None:
-    """Write ``text`` on ``ax``: in its centre with the axes hidden (``replace``: the panel has no values to
-    show), else in a box at the bottom of the panel."""
+    """Write ``text`` on ``ax``: in its centre with the ticks hidden (``replace``: the panel has no values to
+    show), else as a last line of the panel's title (set the title first), where it hides no data."""
     if replace:
-        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True)
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    box = {"boxstyle": "round", "fc": "lightyellow", "ec": "0.6", "alpha": 0.9}
-    ax.text(0.02, 0.02, text, ha="left", va="bottom", transform=ax.transAxes, fontsize=7, bbox=box, wrap=True)
+    title = ax.get_title()
+    ax.set_title(f"{title}\nnote: {text}" if title else f"note: {text}", fontsize=8)
 
 
 def thinned(n: int, max_ticks: int = MAX_TICKS) -> list[int]:

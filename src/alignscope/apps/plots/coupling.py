@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from alignscope.apps.plots.base import _plt, block_ticks, line_with_band, mean_and_spread, note
+from alignscope.apps.plots.base import _plt, block_ticks, line_with_band, mean_and_spread, note, thinned
 from alignscope.probing.result import ProbeResult
 
 NEEDS_TWO = "coupling needs two blocks\n(one block probed)"
@@ -41,7 +41,8 @@ def distance_profile(result: ProbeResult, k: int) -> tuple[np.ndarray, np.ndarra
 def negative_note(results: Mapping[str, ProbeResult], k: int) -> str | None:
     """The note for a figure whose coupling goes below 0 (``m_K > 1``: K a large share of the width)."""
     for res in results.values():
-        if res.coupling[k].shape[-1] > 1 and bool(np.nanmin(coupling_similarity(res, k)) < 0):
+        mean = mean_and_spread(coupling_similarity(res, k))[0]
+        if res.coupling[k].shape[-1] > 1 and bool(np.nanmin(mean) < 0):
             d = res.hidden_states.shape[-1]
             return (
                 f"values < 0: K = {min(k, d)} is a large share of the width d = {d}, where unrelated bases "
@@ -57,6 +58,18 @@ def _shared_limits(maps: list[np.ndarray]) -> tuple[float, float]:
         return 0.0, 1.0
     lo, hi = float(finite.min()), float(finite.max())
     return (lo - 0.05, hi + 0.05) if hi - lo < 1e-9 else (lo, hi)
+
+
+def _distance_axis(ax, results: Mapping[str, ProbeResult], k: int) -> None:
+    """Labels, integer distance ticks (thinned), grid, and the note for negative values."""
+    distances = sorted({int(d) for res in results.values() for d in distance_profile(res, k)[0]})
+    ax.set_xticks([distances[p] for p in thinned(len(distances))])
+    ax.set_xlim(distances[0] - 0.5, distances[-1] + 0.5)
+    ax.set(xlabel="block distance |i - j|", ylabel=similarity_label(k))
+    ax.grid(alpha=0.3)
+    warning = negative_note(results, k)
+    if warning:
+        note(ax, warning)
 
 
 def coupling_heatmaps(results: Mapping[str, ProbeResult], k: int, title: str | None = None):
@@ -86,9 +99,8 @@ def coupling_heatmaps(results: Mapping[str, ProbeResult], k: int, title: str | N
             image, ax=list(axes[0]), label=similarity_label(k) + "\nmean over tokens, diagonal masked"
         )
     warning = negative_note(results, k)
-    if warning:
-        note(axes[0][0], warning)
-    fig.suptitle(title or f"block coupling at K = {k}", fontsize=10)
+    heading = title or f"block coupling at K = {k}"
+    fig.suptitle(f"{heading}\nnote: {warning}" if warning else heading, fontsize=10 if not warning else 9)
     return fig
 
 
@@ -103,18 +115,12 @@ def coupling_vs_distance(results: Mapping[str, ProbeResult], k: int, title: str 
         if len(distances):
             line_with_band(ax, distances, per_token, label=label)
             drawn += 1
+    ax.set_title(title or f"coupling against block distance, K = {k}", fontsize=9)
     if not drawn:
         note(ax, NEEDS_TWO, replace=True)
-    else:
-        ax.set(xlabel="block distance |i - j|", ylabel=similarity_label(k))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        warning = negative_note(results, k)
-        if warning:
-            note(ax, warning)
-    ax.set_title(
-        title or f"coupling against block distance, K = {k} (band: +- 1 std over tokens)", fontsize=9
-    )
+        return fig
+    _distance_axis(ax, results, k)
+    ax.legend(fontsize=7, title="band: +- 1 std over tokens", title_fontsize=7)
     return fig
 
 
@@ -138,14 +144,10 @@ def coupling_profile_over_training(probes: Mapping[int, ProbeResult], k: int, ti
         ax.plot(distances, mean, marker="o", ms=3, color=color, lw=1.2)
         ax.fill_between(distances, mean - std, mean + std, color=color, alpha=0.08, lw=0)
         drawn += 1
+    ax.set_title(title or f"coupling against block distance over training, K = {k}", fontsize=9)
     if not drawn:
         note(ax, NEEDS_TWO, replace=True)
-    else:
-        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
-        ax.set(xlabel="block distance |i - j|", ylabel=similarity_label(k))
-        ax.grid(alpha=0.3)
-        warning = negative_note({str(s): probes[s] for s in steps}, k)
-        if warning:
-            note(ax, warning)
-    ax.set_title(title or f"coupling against block distance over training, K = {k}", fontsize=9)
+        return fig
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
+    _distance_axis(ax, {str(s): probes[s] for s in steps}, k)
     return fig

@@ -27,6 +27,9 @@ def spectra_vs_depth(results: Mapping[str, ProbeResult]):
     least-squares line (the fit of ``spectra/inv_s1_slope``)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    axes[0].set(xlabel="block (0-based)", ylabel="singular value", yscale="log", title="top singular values")
+    axes[1].set(xlabel="block (0-based)", ylabel="stable rank", title="stable rank $||J||_F^2 / s_1^2$")
+    axes[2].set(xlabel="block (0-based)", ylabel="$1 / s_1$", title="$1 / s_1$ and its linear fit")
     for label, res in results.items():
         blocks = list(res.layers)
         s = res.singular_values.double().numpy()
@@ -46,9 +49,6 @@ def spectra_vs_depth(results: Mapping[str, ProbeResult]):
         )
         if fitted is None:
             note(axes[2], "the 1/$s_1$ fit needs two blocks")
-    axes[0].set(xlabel="block (0-based)", ylabel="singular value", yscale="log", title="top singular values")
-    axes[1].set(xlabel="block (0-based)", ylabel="stable rank", title="stable rank $||J||_F^2 / s_1^2$")
-    axes[2].set(xlabel="block (0-based)", ylabel="$1 / s_1$", title="$1 / s_1$ and its linear fit")
     _legend_and_grid(axes)
     fig.suptitle("spectra of the residual Jacobians (band: +- 1 std over tokens)", fontsize=10)
     return fig
