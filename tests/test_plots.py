@@ -218,3 +218,9 @@ def test_probe_app_keeps_three_adjacent_blocks_by_default():
     cfg = OmegaConf.create({"report_blocks": None})
     assert report_blocks(cfg, ProbeSettings(), 30) == [14, 15, 16]
     assert report_blocks(cfg, ProbeSettings(), 2) == [0, 1]
+
+
+def test_thinned_ticks_keep_the_last_position_and_spacing():
+    assert plots.thinned(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
+    assert plots.thinned(10, max_ticks=6) == [0, 2, 4, 6, 8, 9]
+    assert plots.thinned(13) == [0, 2, 4, 6, 8, 10, 12]

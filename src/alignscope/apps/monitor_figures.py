@@ -56,7 +56,7 @@ def write_monitor_figures(
         for k in ks:
             title = f"{name}: block coupling at K = {k}, init and step {latest.meta.get('step', '?')}"
             builders[f"coupling_k{k}"] = partial(plots.coupling_heatmaps, pair, k, title)
-        builders["trajectories_pca"] = partial(plots.trajectory_pca, pair)
+        builders["trajectories_pca"] = partial(plots.trajectory_pca, pair, f"{name}: token trajectories")
     for k in ks if probes else []:
         title = f"{name}: coupling against block distance over training, K = {k}"
         builders[f"coupling_distance_k{k}"] = partial(plots.coupling_profile_over_training, probes, k, title)

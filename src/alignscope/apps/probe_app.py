@@ -274,9 +274,9 @@ def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[
         )
         title = f"{run}: coupling against block distance, K = {k}"
         builders[f"coupling_distance_k{k}"] = partial(plots.coupling_vs_distance, labelled, k, title)
-    builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled)
-    builders["spectra"] = partial(plots.spectra_vs_depth, labelled)
-    builders["steps_and_norms"] = partial(plots.steps_and_norms, labelled)
+    builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled, run)
+    builders["spectra"] = partial(plots.spectra_vs_depth, labelled, run)
+    builders["steps_and_norms"] = partial(plots.steps_and_norms, labelled, run)
     if "block_jacobians" in result.extras:
         builders["block_grid"] = partial(plots.block_grid_figure, result, min(result.ks), run)
     return builders

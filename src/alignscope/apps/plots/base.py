@@ -60,11 +60,11 @@ def note(ax, text: str, *, replace: bool = False) -> None:
 
 def thinned(n: int, max_ticks: int = MAX_TICKS) -> list[int]:
     """Positions ``0..n-1`` to label: all of them up to ``max_ticks``, else every ``ceil(n / max_ticks)``-th
-    (the last position always included)."""
+    and the last one."""
     every = max(1, math.ceil(n / max_ticks))
     keep = list(range(0, n, every))
-    if keep[-1] != n - 1 and n > 0:
-        keep[-1] = n - 1
+    if keep and keep[-1] != n - 1:  # the last block is labelled; its neighbour tick goes if too close
+        keep[-1 if n - 1 - keep[-1] < every / 2 else len(keep) :] = [n - 1]
     return keep
 
 

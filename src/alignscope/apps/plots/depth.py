@@ -22,7 +22,7 @@ def _legend_and_grid(axes) -> None:
         ax.grid(alpha=0.3)
 
 
-def spectra_vs_depth(results: Mapping[str, ProbeResult]):
+def spectra_vs_depth(results: Mapping[str, ProbeResult], title: str | None = None):
     """Per block: top singular values ``s_1``, ``s_5`` (log scale), stable rank, and ``1 / s_1`` with its
     least-squares line (the fit of ``spectra/inv_s1_slope``)."""
     plt = _plt()
@@ -50,11 +50,12 @@ def spectra_vs_depth(results: Mapping[str, ProbeResult]):
         if fitted is None:
             note(axes[2], "the 1/$s_1$ fit needs two blocks")
     _legend_and_grid(axes)
-    fig.suptitle("spectra of the residual Jacobians (band: +- 1 std over tokens)", fontsize=10)
+    heading = "spectra of the residual Jacobians (band: +- 1 std over tokens)"
+    fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     return fig
 
 
-def steps_and_norms(results: Mapping[str, ProbeResult]):
+def steps_and_norms(results: Mapping[str, ProbeResult], title: str | None = None):
     """``log ||x^l - x^{l-1}||`` (step of block ``l - 1``, 0-based; expodistance) and ``log ||x^l||`` (after
     block ``l - 1``; -1 is the first block's input) against block, each with its least-squares line."""
     plt = _plt()
@@ -76,11 +77,12 @@ def steps_and_norms(results: Mapping[str, ProbeResult]):
     axes[0].set(xlabel="block (0-based)", ylabel="log $||x^l - x^{l-1}||$", title="step sizes (expodistance)")
     axes[1].set(xlabel="after block (0-based; -1 = input)", ylabel="log $||x^l||$", title="norms")
     _legend_and_grid(axes)
-    fig.suptitle("residual stream against depth (band: +- 1 std over tokens)", fontsize=10)
+    heading = "residual stream against depth (band: +- 1 std over tokens)"
+    fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     return fig
 
 
-def trajectory_pca(results: Mapping[str, ProbeResult]):
+def trajectory_pca(results: Mapping[str, ProbeResult], title: str | None = None):
     """2-D PCA of each probed token's path ``x^0..x^L`` (one panel per labelled result, own PCA basis)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
@@ -107,5 +109,7 @@ def trajectory_pca(results: Mapping[str, ProbeResult]):
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         fig.colorbar(sc, ax=ax, fraction=0.046, label="after block (0-based; -1 = input)")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

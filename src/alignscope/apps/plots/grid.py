@@ -24,6 +24,8 @@ def block_grid(result: ProbeResult, k: int) -> torch.Tensor:
 def block_grid_figure(result: ProbeResult, k: int, title: str):
     """``n x n`` panels of :func:`block_grid`, row ``i`` divided by ``s_1(J_i)`` (row: J of block i, column:
     bases of block j), one colorbar, singular-vector ticks on the outer panels."""
+    import matplotlib as mpl
+
     plt = _plt()
     grid = block_grid(result, k)
     grid = (grid / grid.diagonal(dim1=0, dim2=1).amax(dim=(0, 1))[:, None, None, None]).numpy()
@@ -31,17 +33,22 @@ def block_grid_figure(result: ProbeResult, k: int, title: str):
     blocks = result.meta.get("kept_blocks", list(range(n)))
     fig, axes = plt.subplots(n, n, figsize=(2.2 * n + 1.0, 2.2 * n), squeeze=False, layout="constrained")
     pos = thinned(kk, max_ticks=6)
+    norm = mpl.colors.PowerNorm(0.5, vmin=0.0, vmax=1.0)  # small off-diagonal entries stay visible
     image = None
     for i in range(n):
         for j in range(n):
             ax = axes[i, j]
-            image = ax.imshow(grid[i, j], vmin=0, vmax=1.0, cmap="magma")
+            image = ax.imshow(grid[i, j], norm=norm, cmap="magma")
             ax.set_xticks(pos, [str(p + 1) for p in pos] if i == n - 1 else [], fontsize=6)
             ax.set_yticks(pos, [str(p + 1) for p in pos] if j == 0 else [], fontsize=6)
             if i == n - 1:
                 ax.set_xlabel(f"bases of block {blocks[j]}\n(right sing. vector, 1 = top)", fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"J of block {blocks[i]}\n(left sing. vector)", fontsize=7)
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="$|U_j^T J_i V_j|$ / $s_1(J_i)$, mean over tokens")
+    fig.colorbar(
+        image,
+        ax=axes.ravel().tolist(),
+        label="$|U_j^T J_i V_j|$ / $s_1(J_i)$, mean over tokens (square-root scale)",
+    )
     fig.suptitle(f"{title}: $|U_j^T J_i V_j|$ / $s_1(J_i)$, top {kk}, blocks {list(blocks)}", fontsize=10)
     return fig
