@@ -224,3 +224,13 @@ def test_thinned_ticks_keep_the_last_position_and_spacing():
     assert plots.thinned(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
     assert plots.thinned(10, max_ticks=6) == [0, 2, 4, 6, 8, 9]
     assert plots.thinned(13) == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_trajectory_pca_colours_points_by_0_based_block_with_integer_ticks():
+    res = _depth_result()
+    res.hidden_states = torch.randn(2, 4, 3, dtype=torch.float64)
+    fig = plots.trajectory_pca({"a": res}, "run: trajectories")
+    colorbar = fig.axes[1]
+    assert [t.get_text() for t in colorbar.get_yticklabels()] == ["\N{MINUS SIGN}1", "0", "1", "2"]
+    assert fig._suptitle.get_text() == "run: trajectories"
+    plots._plt().close(fig)

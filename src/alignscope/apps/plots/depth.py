@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from alignscope.apps.plots.base import _plt, fit_line, line_with_band, mean_and_spread, note
+from alignscope.apps.plots.base import _plt, fit_line, line_with_band, mean_and_spread, note, thinned
 from alignscope.core import metrics
 from alignscope.probing.result import ProbeResult
 
@@ -108,7 +108,8 @@ def trajectory_pca(results: Mapping[str, ProbeResult], title: str | None = None)
         ax.set_title(f"{label}: PCA ({100 * float(ratio.sum()):.0f}% var.)", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
-        fig.colorbar(sc, ax=ax, fraction=0.046, label="after block (0-based; -1 = input)")
+        ticks = [int(depth[p]) for p in thinned(len(depth))]
+        fig.colorbar(sc, ax=ax, fraction=0.046, ticks=ticks, label="after block (0-based; -1 = input)")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
