@@ -234,3 +234,9 @@ def test_trajectory_pca_colours_points_by_0_based_block_with_integer_ticks():
     assert [t.get_text() for t in colorbar.get_yticklabels()] == ["\N{MINUS SIGN}1", "0", "1", "2"]
     assert fig._suptitle.get_text() == "run: trajectories"
     plots._plt().close(fig)
+
+
+def test_a_coupling_just_below_zero_gets_no_note():
+    fig = plots.coupling_heatmaps({"init": _result(_m(3, 1.01))}, 10)  # 1 - m^2 = -0.02: spread, not K vs d
+    assert "note" not in fig._suptitle.get_text()
+    plots._plt().close(fig)

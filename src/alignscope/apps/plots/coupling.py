@@ -11,6 +11,8 @@ from alignscope.apps.plots.base import _plt, block_ticks, line_with_band, mean_a
 from alignscope.probing.result import ProbeResult
 
 NEEDS_TWO = "coupling needs two blocks\n(one block probed)"
+NEGATIVE = -0.05
+"""A plotted coupling below this gets a note (values just below 0 are the spread of unrelated bases)."""
 
 
 def similarity_label(k: int) -> str:
@@ -42,7 +44,7 @@ def negative_note(results: Mapping[str, ProbeResult], k: int) -> str | None:
     """The note for a figure whose coupling goes below 0 (``m_K > 1``: K a large share of the width)."""
     for res in results.values():
         mean = mean_and_spread(coupling_similarity(res, k))[0]
-        if res.coupling[k].shape[-1] > 1 and bool(np.nanmin(mean) < 0):
+        if res.coupling[k].shape[-1] > 1 and bool(np.nanmin(mean) < NEGATIVE):
             d = res.hidden_states.shape[-1]
             return (
                 f"values < 0: K = {min(k, d)} is a large share of the width d = {d}, where unrelated bases "

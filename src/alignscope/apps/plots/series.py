@@ -9,6 +9,7 @@ from typing import Any
 
 from alignscope.apps.correlation import Regression
 from alignscope.apps.plots.base import _plt, note
+from alignscope.apps.plots.coupling import NEGATIVE
 
 LOSSES = ("train/loss", "val/loss")
 """The loss names the monitor records at each probe (the first panel of :func:`metrics_vs_step`)."""
@@ -29,7 +30,7 @@ def _value_note(ax, name: str, values: Sequence[float]) -> None:
     if not finite:
         why = "needs two blocks" if name.startswith(("coupling", "alignment_across")) else "no finite value"
         note(ax, f"{name}: {why}", replace=True)
-    elif name.startswith("coupling") and min(finite) < 0:
+    elif name.startswith("coupling") and min(finite) < NEGATIVE:
         note(ax, "< 0: K is a large share of the width\n(unrelated bases give $m_K > 1$)")
 
 
