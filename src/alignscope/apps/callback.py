@@ -69,8 +69,8 @@ class AlignmentMonitor(pl.Callback):
         dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
             (default: the trainer's ``log_dir`` or ``default_root_dir``).
         figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
-        prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         run_name: the run's name in the figures' titles (default: the run folder's name).
+        prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
         overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
             settings, see :mod:`alignscope.apps.run_folder`): clear it instead of refusing to start.
@@ -98,11 +98,11 @@ class AlignmentMonitor(pl.Callback):
         at_end: bool = True,
         dirpath: str | None = None,
         figures: bool = True,
+        run_name: str | None = None,
         prefix: str = "align/",
         model_attr: str | None = None,
         verbose: bool = True,
         overwrite: bool = False,
-        run_name: str | None = None,
     ) -> None:
         super().__init__()
         positive_int("every_n_steps", every_n_steps, allow_none=True)
@@ -321,7 +321,7 @@ class AlignmentMonitor(pl.Callback):
         probes = load_probes(run_dir, self.probed_steps)
         name, max_steps = self.run_name or run_dir.name, trainer.max_steps
         paths = write_monitor_figures(
-            self.history, self.settings.ks, first, latest, run_dir / "figures", probes, name, max_steps
+            self.history, latest.ks, first, latest, run_dir / "figures", probes, name, max_steps
         )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
