@@ -58,7 +58,8 @@ def test_probe_app_writes_everything(sweep):
         assert sorted(p.name for p in (run_dir / "prompts").iterdir()) == ["p000", "p001", "p002", "p003"]
         scalars = json.loads((run_dir / "scalars.json").read_text())
         assert math.isfinite(scalars["coupling/k10"])
-        assert (run_dir / "figures" / "coupling_k10.png").is_file()
+        figures = {p.stem for p in (run_dir / "figures").iterdir()}
+        assert {"coupling_k10", "coupling_distance_k10", "spectra", "block_grid"} <= figures
         with open(run_dir / "csv" / "version_0" / "metrics.csv") as fh:
             assert "align/coupling/k10" in next(csv.DictReader(fh))
     a = json.loads((sweep / "0" / "scalars.json").read_text())["coupling/k10"]

@@ -50,6 +50,10 @@ def test_short_fit_with_csv_logger(tmp_path, cache_dir):
         assert (run / "probes" / f"step_{step:07d}" / "tensors.safetensors").is_file()
     for name in ("coupling_k10", "coupling_k30", "coupling_k50", "metrics_vs_step", "trajectories_pca"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000
+    assert (run / "figures" / "coupling_distance_k10.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
+    assert "train/loss" not in records[0]  # the loss at each probe after step 0
+    assert all("train/loss" in r for r in records[1:])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["init_step"] == 0 and summary["final_step"] == 12
     c = summary["coupling/k10"]

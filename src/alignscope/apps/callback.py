@@ -29,7 +29,7 @@ from alignscope.apps.monitor_config import (
     text_prompts,
     true_or_false,
 )
-from alignscope.apps.monitor_figures import load_probe, write_monitor_figures
+from alignscope.apps.monitor_figures import load_probe, load_probes, recorded_losses, write_monitor_figures
 from alignscope.apps.monitor_summary import format_summary, summarize
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.resumed_probes import bring_probes_along, probe_folder
@@ -74,6 +74,7 @@ class AlignmentMonitor(pl.Callback):
         dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
             (default: the trainer's ``log_dir`` or ``default_root_dir``).
         figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
+        run_name: the run's name in the figures' titles (default: the run folder's name).
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
         tokenizer: tokenizes text ``prompts`` (default: ``trainer.datamodule.tokenizer``).
@@ -103,6 +104,7 @@ class AlignmentMonitor(pl.Callback):
         at_end: bool = True,
         dirpath: str | None = None,
         figures: bool = True,
+        run_name: str | None = None,
         prefix: str = "align/",
         model_attr: str | None = None,
         verbose: bool = True,
@@ -139,6 +141,7 @@ class AlignmentMonitor(pl.Callback):
         self.model_attr = model_attr
         self.verbose = verbose
         self.overwrite = overwrite
+        self.run_name = run_name
         self.history: list[dict[str, float]] = []
         self.init_weights: str | None = None
         self.source_dir: str | None = None
@@ -272,7 +275,7 @@ class AlignmentMonitor(pl.Callback):
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
         result.save(probe_folder(run_dir, step))
-        entry = {"step": step, **scalars}
+        entry = {"step": step, **scalars, **recorded_losses(trainer.callback_metrics)}
         append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
         if self._first is None and step == self.history[0]["step"]:
@@ -329,7 +332,11 @@ class AlignmentMonitor(pl.Callback):
     def _figures(self, trainer: pl.Trainer, run_dir: Path) -> None:
         first = self._first or load_probe(run_dir, int(self.history[0]["step"]))
         latest = self._latest or load_probe(run_dir, int(self.history[-1]["step"]))
-        paths = write_monitor_figures(self.history, latest.ks, first, latest, run_dir / "figures")
+        probes = load_probes(run_dir, self.probed_steps)
+        name, max_steps = self.run_name or run_dir.name, trainer.max_steps
+        paths = write_monitor_figures(
+            self.history, latest.ks, first, latest, run_dir / "figures", probes, name, max_steps
+        )
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 step = int(self.history[-1]["step"])

@@ -97,13 +97,14 @@ def _check_settings(cfg: DictConfig) -> ProbeSettings:
 
 
 def report_blocks(cfg: DictConfig, settings: ProbeSettings, num_blocks: int) -> list[int]:
-    """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else the first, middle and
-    last of the probed layers."""
+    """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else three adjacent probed
+    layers in the middle (adjacent blocks are the ones whose ``|U_j^T J_i V_j|`` grid shows coupling)."""
     from alignscope.models import resolve_layers
 
     probed = resolve_layers(settings.layers, num_blocks)
     if cfg.get("report_blocks") is None:
-        return sorted({probed[0], probed[len(probed) // 2], probed[-1]})
+        start = max(0, len(probed) // 2 - 1)
+        return probed[start : start + 3]
     keep = resolve_layers(list(cfg.report_blocks), num_blocks)
     if not set(keep) <= set(probed):
         raise ProbeAppConfigError(
@@ -244,10 +245,7 @@ def _write_and_log(
     scalars = result.scalars()
     write_json(run_dir / "scalars.json", scalars)
     problems = announce_problems(result, scalars, f"{cfg.model.name} ({cfg.model.init})")
-    labelled = {cfg.model.init: result}
-    builders = {f"coupling_k{k}": partial(plots.coupling_heatmaps, labelled, k) for k in result.ks}
-    builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled)
-    figures = plots.save_all(builders, run_dir / "figures")
+    figures = plots.save_all(figure_builders(cfg, result, info), run_dir / "figures")
     for logger in loggers:
         logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
         if type(logger).__name__ == "WandbLogger":
@@ -261,6 +259,27 @@ def _write_and_log(
     if problems:
         print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
     return scalars
+
+
+def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The probe app's figures by name: per K the coupling heat map and the coupling against block distance,
+    then the trajectory PCA, spectra, step sizes and norms, and the ``|U_j^T J_i V_j|`` grid of the kept
+    blocks (when their Jacobians were kept); titles name the model, init and step."""
+    run = f"{cfg.model.name}, {cfg.model.init} init, step {info['step']}"
+    labelled = {f"{cfg.model.init} (step {info['step']})": result}
+    builders: dict[str, Any] = {}
+    for k in result.ks:
+        builders[f"coupling_k{k}"] = partial(
+            plots.coupling_heatmaps, labelled, k, f"{run}: coupling, K = {k}"
+        )
+        title = f"{run}: coupling against block distance, K = {k}"
+        builders[f"coupling_distance_k{k}"] = partial(plots.coupling_vs_distance, labelled, k, title)
+    builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled, run)
+    builders["spectra"] = partial(plots.spectra_vs_depth, labelled, run)
+    builders["steps_and_norms"] = partial(plots.steps_and_norms, labelled, run)
+    if "block_jacobians" in result.extras:
+        builders["block_grid"] = partial(plots.block_grid_figure, result, min(result.ks), run)
+    return builders
 
 
 def _finish(loggers: list[Any], exit_code: int) -> None:
