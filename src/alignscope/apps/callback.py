@@ -29,7 +29,13 @@ from alignscope.apps.monitor_config import (
 )
 from alignscope.apps.monitor_figures import load_probe, write_monitor_figures
 from alignscope.apps.monitor_summary import format_summary, summarize
-from alignscope.apps.monitor_wandb import log_artifact, log_images, log_metrics, log_probe_figures, log_summary
+from alignscope.apps.monitor_wandb import (
+    log_artifact,
+    log_images,
+    log_metrics,
+    log_probe_figures,
+    log_summary,
+)
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.resumed_probes import bring_probes_along, probe_folder
 from alignscope.apps.run_folder import (

@@ -190,7 +190,11 @@ def start(loggers: list[Any], config: dict[str, Any]) -> None:
         used = {"name": run.name, "group": run.group, "job_type": run.job_type, "tags": list(run.tags)}
         used |= {"project": run.project, "entity": run.entity or None, "save_dir": logger.save_dir}
         wandb_cfg = {**config.get("logger", {}).get("wandb", {}), **used}
-        logger.log_hyperparams({**config, "logger": {**config.get("logger", {}), "wandb": wandb_cfg}})
+        top = {"run_name": run.name, "group": run.group, "job_type": run.job_type, "tags": list(run.tags)}
+        logger_cfg = {**config.get("logger", {}), "wandb": wandb_cfg}
+        logger.log_hyperparams(
+            {**config, **{k: v for k, v in top.items() if k in config}, "logger": logger_cfg}
+        )
         run.define_metric("trainer/global_step")
         run.define_metric("align/*", step_metric="trainer/global_step")
         run.define_metric("align/coupling/*", step_metric="trainer/global_step", summary="max,last")

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import loggers as app_loggers
 from alignscope.apps import plots
-from alignscope.apps.monitor_wandb import log_artifact, log_images, log_metrics
 from alignscope.apps.config import config_dir
+from alignscope.apps.monitor_wandb import log_artifact, log_images, log_metrics
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.run_folder import (
     RunFolder,
@@ -165,7 +165,11 @@ def _run(
     write_json(folder.path / "run.json", info)
     loggers = _loggers(cfg)
     try:
-        config = {"app": "alignscope-probe", **OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init}
+        config = {
+            "app": "alignscope-probe",
+            **OmegaConf.to_container(cfg, resolve=True),
+            "init": cfg.model.init,
+        }
         app_loggers.start(loggers, config)
         parts = _probe_prompts(cfg, settings, folder.path, model, texts, ids, keep)
         scalars = _write_and_log(cfg, folder.path, parts, info, loggers)

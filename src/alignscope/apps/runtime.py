@@ -6,6 +6,7 @@ from typing import Any
 
 from alignscope.probing.settings import ProbeSettingsError
 
+
 def build(spec: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising a configuration error (``ValueError``/``TypeError``) of the
     built object itself, so that the message that says what to fix comes first."""

@@ -14,8 +14,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignscope.apps.config import config_dir
 from alignscope.apps import loggers as app_loggers
+from alignscope.apps.config import config_dir
 from alignscope.apps.runtime import build, probe_settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     try:
         config = {"app": "alignscope-train", **OmegaConf.to_container(cfg, resolve=True)}
-        config |= {"init": cfg.model.init, "data/unigram_loss": datamodule.unigram_loss, "data/vocab_size": len(tok)}
+        config |= {
+            "init": cfg.model.init,
+            "data/unigram_loss": datamodule.unigram_loss,
+            "data/vocab_size": len(tok),
+        }
         app_loggers.start(loggers, config)
         trainer = build(
             cfg.trainer,
