@@ -29,7 +29,7 @@ def offline_run(run_dir: Path):
     return read_run(folder)
 
 
-def train_job(sweep: Path, cache_dir: str, num: int, overrides: list[str]):
+def train_job(sweep: Path, cache_dir: str, num: int, overrides: list[str]):  # noqa: F811
     """Run job ``num`` of the sweep ``overrides`` (``key=a,b`` items) in this process, as Hydra's multirun
     would: the sweep's command line in ``multirun.yaml``, the job's own overrides in the Hydra config."""
     from alignscope.apps.train import train
@@ -61,7 +61,7 @@ def train_job(sweep: Path, cache_dir: str, num: int, overrides: list[str]):
     return offline_run(sweep / str(num))
 
 
-def test_multirun_not_over_seed_names_groups_history_summary(tmp_path, cache_dir):
+def test_multirun_not_over_seed_names_groups_history_summary(tmp_path, cache_dir):  # noqa: F811
     sweep = tmp_path / "multirun" / "train" / "sweep"
     runs = [train_job(sweep, cache_dir, num, ["model.config.n_layer=1,2", *FAST]) for num in (0, 1)]
     assert [r.name for r in runs] == [
@@ -76,7 +76,7 @@ def test_multirun_not_over_seed_names_groups_history_summary(tmp_path, cache_dir
         assert run.config["app"] == "alignscope-train" and run.config["init"] == "random"
         assert run.config["run_name"] == run.name and run.config["logger"]["wandb"]["group"] == run.group
         assert "lr" not in run.config and run.config["optim"]["lr"] > 0
-        keys = run.keys()
+        keys = run.history_keys()
         assert {"align/coupling/k4", "train/loss", "trainer/global_step"} <= keys
         assert not any(k.startswith("align/") and "/block_" in k for k in keys)
         assert "align_blocks.coupling.k4/block_00" in keys and "align_blocks.spectra.s1/block_00" in keys
@@ -119,7 +119,7 @@ def test_probe_app_honours_overrides(tmp_path):
     assert (got.name, got.group, got.job_type, got.tags) == ("mine", "my-group", "eval", ["a", "b"])
     assert got.config["app"] == "alignscope-probe" and got.config["job_type"] == "eval"
     assert got.config["logger"]["wandb"]["tags"] == ["a", "b"] and got.config["init"] == "random"
-    assert got.steps_of("align/figures/coupling_k4") == [0] and "align/coupling/k4" in got.keys()
+    assert got.steps_of("align/figures/coupling_k4") == [0] and "align/coupling/k4" in got.history_keys()
     assert [kind for _, kind in got.artifacts] == ["probe-result"]
 
 

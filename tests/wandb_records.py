@@ -55,7 +55,7 @@ class OfflineRun:
     artifacts: list[tuple[str, str]] = field(default_factory=list)
     exit_code: int | None = None
 
-    def keys(self) -> set[str]:
+    def history_keys(self) -> set[str]:
         return {k for row in self.history for k in row}
 
     def steps_of(self, key: str) -> list[int]:
