@@ -100,6 +100,7 @@ def test_probe_app_loggers_keep_their_naming_and_honour_disabled(tmp_path, monke
         "pythia_160m-pretrained-step1000",
     )
     assert init["tags"] == ["pythia_160m", "init-pretrained"] and init["mode"] == "offline"
+    assert "anonymous" not in init  # W&B warns about any value of its deprecated anonymous setting
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert _loggers(cfg) == []
     assert _loggers(compose_probe(tmp_path, "logger=none")) == []
