@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from alignscope.apps.config import config_dir
-from alignscope.apps.runtime import LoggerConfigError, ProbeSettingsError, probe_settings
+from alignscope.apps.loggers import LoggerConfigError
+from alignscope.apps.runtime import ProbeSettingsError, probe_settings
 from conftest import save_tiny_local_model
 from test_train import compose_train, jsonl_steps
 
@@ -91,17 +92,18 @@ def test_probe_app_loggers_keep_their_naming_and_honour_disabled(tmp_path, monke
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_probe(tmp_path, "logger=wandb", "model=pythia_160m", "model.revision=step1000")
-    (logger,) = _loggers(cfg, tags=["init-pretrained", "pythia_160m"])
+    (logger,) = _loggers(cfg)
     init = logger._wandb_init
     assert (init["group"], init["job_type"], init["name"]) == (
-        "pythia_160m",
+        "pythia_160m-pretrained-step1000",  # a group never mixes pretrained and random
         "probe",
         "pythia_160m-pretrained-step1000",
     )
-    assert init["tags"] == ["init-pretrained", "pythia_160m"] and init["mode"] == "offline"
+    assert init["tags"] == ["pythia_160m", "init-pretrained"] and init["mode"] == "offline"
+    assert "anonymous" not in init  # W&B warns about any value of its deprecated anonymous setting
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert _loggers(cfg, tags=[]) == []
-    assert _loggers(compose_probe(tmp_path, "logger=none"), tags=[]) == []
+    assert _loggers(cfg) == []
+    assert _loggers(compose_probe(tmp_path, "logger=none")) == []
 
 
 def test_offline_run_leaves_wandb_mode_of_the_process_alone(tmp_path, monkeypatch):

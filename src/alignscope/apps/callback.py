@@ -31,6 +31,13 @@ from alignscope.apps.monitor_config import (
 )
 from alignscope.apps.monitor_figures import load_probe, load_probes, recorded_losses, write_monitor_figures
 from alignscope.apps.monitor_summary import format_summary, summarize
+from alignscope.apps.monitor_wandb import (
+    log_artifact,
+    log_images,
+    log_metrics,
+    log_probe_figures,
+    log_summary,
+)
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.resumed_probes import bring_probes_along, probe_folder
 from alignscope.apps.run_folder import (
@@ -73,7 +80,8 @@ class AlignmentMonitor(pl.Callback):
         at_end: probe at the end of fit.
         dirpath: run folder for ``probes/``, ``probes.jsonl``, ``figures/``, ``summary.json``
             (default: the trainer's ``log_dir`` or ``default_root_dir``).
-        figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers).
+        figures: write figures at the end of fit (PNG, and ``wandb.Image`` to W&B loggers), and log each
+            probe's figures to W&B loggers at its step.
         run_name: the run's name in the figures' titles (default: the run folder's name).
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
@@ -283,8 +291,9 @@ class AlignmentMonitor(pl.Callback):
         self._latest = result
         metrics = {f"{self.prefix}{k}": v for k, v in scalars.items()}
         metrics[f"{self.prefix}probe_seconds"] = time.perf_counter() - start
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_metrics(trainer.loggers, metrics, step)
+        if self.figures:
+            log_probe_figures(trainer.loggers, result, self.settings.ks, self.prefix, step)
         for name in HEADLINE:
             if name in scalars:
                 trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(scalars[name])
@@ -324,6 +333,9 @@ class AlignmentMonitor(pl.Callback):
         self.seconds += time.perf_counter() - start
         summary = self.summary()
         write_json(run_dir / "summary.json", summary)
+        log_summary(trainer.loggers, summary, self.prefix)
+        files = ("probes", "probes.jsonl", "summary.json")
+        log_artifact(trainer.loggers, {name: run_dir / name for name in files}, "probes")
         if self.verbose:
             rank_zero_only(print)(format_summary(summary), flush=True)
         if self._latest is not None:
@@ -337,8 +349,4 @@ class AlignmentMonitor(pl.Callback):
         paths = write_monitor_figures(
             self.history, latest.ks, first, latest, run_dir / "figures", probes, name, max_steps
         )
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                step = int(self.history[-1]["step"])
-                for key, path in paths.items():
-                    logger.log_image(key=f"{self.prefix}figures/{key}", images=[str(path)], step=step)
+        log_images(trainer.loggers, paths, f"{self.prefix}final_figures/", int(self.history[-1]["step"]))

@@ -4,7 +4,7 @@ Hydra app over ``conf/probe_app.yaml``. Prompts are probed one at a time and eac
 run folder as soon as it is computed (``prompts/p<i>/`` and a line of ``probes.jsonl``), so a crash loses
 nothing and a rerun in the same folder continues where it stopped. At the end the joined result is written
 to ``result/`` with ``scalars.json``, ``run.json`` (what was probed) and figures, and logged to W&B
-(offline by default): one group per model, job type ``probe``, the init condition as a tag and config key.
+(offline by default): job type ``probe``, the init condition as a tag and config key (docs/apps.md).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from alignscope.apps import loggers as app_loggers
 from alignscope.apps import plots
 from alignscope.apps.config import config_dir
+from alignscope.apps.monitor_wandb import log_artifact, log_images, log_metrics
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.run_folder import (
     RunFolder,
@@ -31,7 +33,7 @@ from alignscope.apps.run_folder import (
     weights_digest,
     write_json,
 )
-from alignscope.apps.runtime import build, finish_wandb, probe_settings
+from alignscope.apps.runtime import build, probe_settings
 from alignscope.probing.result import format_scalars
 from alignscope.probing.settings import ProbeSettings
 
@@ -59,12 +61,11 @@ def revision_step(revision: str | None) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _loggers(cfg: DictConfig, tags: list[str]) -> list[Any]:
-    from alignscope.apps.runtime import build_loggers
-
+def _loggers(cfg: DictConfig) -> list[Any]:
+    """The ``logger`` group's loggers (:mod:`alignscope.apps.loggers`); ``run_name`` defaults to
+    ``<model>-<init>[-<revision>]``."""
     name = f"{cfg.model.name}-{cfg.model.init}" + (f"-{cfg.model.revision}" if cfg.model.revision else "")
-    wandb = {"group": cfg.get("group") or cfg.model.name, "job_type": "probe", "tags": tags, "name": name}
-    return build_loggers(cfg.get("logger"), wandb=wandb)
+    return app_loggers.build_loggers(cfg, default_name=name)
 
 
 def fingerprint(cfg: DictConfig, texts: list[str], settings: ProbeSettings) -> dict[str, Any]:
@@ -163,16 +164,20 @@ def _run(
     ids = tokenize(tokenizer, texts, cfg.max_length, context_length(model))
     info = run_info(cfg, texts, model, fp["weights"]["sha256"])
     write_json(folder.path / "run.json", info)
-    loggers = _loggers(cfg, tags=[f"init-{cfg.model.init}", str(cfg.model.name)])
+    loggers = _loggers(cfg)
     try:
-        for logger in loggers:
-            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
+        config = {
+            "app": "alignscope-probe",
+            **OmegaConf.to_container(cfg, resolve=True),
+            "init": cfg.model.init,
+        }
+        app_loggers.start(loggers, config)
         parts = _probe_prompts(cfg, settings, folder.path, model, texts, ids, keep)
         scalars = _write_and_log(cfg, folder.path, parts, info, loggers)
-        _finish(loggers, 0)
+        app_loggers.finish(loggers, 0)
         return scalars
     except BaseException:
-        _finish(loggers, 1)
+        app_loggers.finish(loggers, 1)
         raise
 
 
@@ -246,11 +251,10 @@ def _write_and_log(
     write_json(run_dir / "scalars.json", scalars)
     problems = announce_problems(result, scalars, f"{cfg.model.name} ({cfg.model.init})")
     figures = plots.save_all(figure_builders(cfg, result, info), run_dir / "figures")
-    for logger in loggers:
-        logger.log_metrics({f"align/{k}": v for k, v in scalars.items()}, step=info["step"])
-        if type(logger).__name__ == "WandbLogger":
-            for key, fig_path in figures.items():
-                logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
+    log_metrics(loggers, {f"align/{k}": v for k, v in scalars.items()}, info["step"])
+    log_images(loggers, figures, "align/figures/", info["step"])
+    files = ("result", "scalars.json", "run.json")
+    log_artifact(loggers, {name: run_dir / name for name in files}, "probe-result")
     revision = f", {cfg.model.revision}" if cfg.model.revision else ""
     print(
         f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
@@ -280,13 +284,6 @@ def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[
     if "block_jacobians" in result.extras:
         builders["block_grid"] = partial(plots.block_grid_figure, result, min(result.ks), run)
     return builders
-
-
-def _finish(loggers: list[Any], exit_code: int) -> None:
-    for logger in loggers:
-        if hasattr(logger, "finalize"):
-            logger.finalize("success" if exit_code == 0 else "failed")
-    finish_wandb(loggers, exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")

@@ -14,9 +14,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from alignscope.apps import loggers as app_loggers
 from alignscope.apps.config import config_dir
-from alignscope.apps.runtime import build, finish_wandb, probe_settings
-from alignscope.apps.runtime import build_loggers as build_app_loggers
+from alignscope.apps.runtime import build, probe_settings
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +28,9 @@ class TrainConfigError(ValueError):
     """A training setting that cannot work; the message says what to change."""
 
 
-def run_group(cfg: DictConfig) -> str:
-    """The W&B group: ``cfg.group`` if set, else the sweep's name in a multirun, else the run name."""
-    if cfg.get("group"):
-        return str(cfg.group)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            sweep = Path(hc.sweep.dir)
-            return f"{hc.job.name}-{sweep.parent.name}-{sweep.name}"
-        return str(cfg.run_name)
-    except ValueError:  # not inside a Hydra app
-        return str(cfg.run_name)
-
-
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    """The ``logger`` group's loggers; W&B runs are grouped by :func:`run_group`."""
-    return build_app_loggers(cfg.get("logger"), wandb={"group": run_group(cfg)})
+    """The ``logger`` group's loggers, named and grouped as in :mod:`alignscope.apps.loggers`."""
+    return app_loggers.build_loggers(cfg, default_name=f"{cfg.model.name}-s{cfg.seed}")
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -94,11 +77,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = CausalLMModule(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     loggers = build_loggers(cfg)
     try:
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            logger.log_hyperparams(
-                {"data/unigram_loss": datamodule.unigram_loss, "data/vocab_size": len(tok)}
-            )
+        config = {"app": "alignscope-train", **OmegaConf.to_container(cfg, resolve=True)}
+        config |= {
+            "init": cfg.model.init,
+            "data/unigram_loss": datamodule.unigram_loss,
+            "data/vocab_size": len(tok),
+        }
+        app_loggers.start(loggers, config)
         trainer = build(
             cfg.trainer,
             logger=loggers or False,
@@ -115,10 +100,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"val/loss {final['val/loss']:.3f} nats/token after {trainer.global_step} steps "
                 f"(unigram baseline {datamodule.unigram_loss:.3f}); run folder: {run_dir}"
             )
-        finish_wandb(loggers, exit_code=0)
+        app_loggers.finish(loggers, exit_code=0)
         return final
     except BaseException:
-        finish_wandb(loggers, exit_code=1)
+        app_loggers.finish(loggers, exit_code=1)
         raise
 
 
