@@ -9,8 +9,10 @@ to ``result/`` with ``scalars.json``, ``run.json`` (what was probed) and figures
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import plots
 from alignscope.apps.config import config_dir
+from alignscope.apps.logs import log_block, setup_app_logging
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.run_folder import (
     RunFolder,
@@ -35,6 +38,10 @@ from alignscope.apps.runtime import build, finish_wandb, probe_settings
 from alignscope.probing.result import format_scalars
 from alignscope.probing.settings import ProbeSettings
 
+log = logging.getLogger(__name__)
+
+LARGE_MODEL_PARAMS = 100_000_000
+"""From this many parameters the probe app shows a bar within each prompt (over its blocks)."""
 PROBES = "probes.jsonl"
 PROBE_APP_RESULTS = (
     "prompts",
@@ -209,6 +216,8 @@ def _probe_prompts(
     from alignscope.probing.result import ProbeResult
 
     done = {r["prompt"]: r for r in read_records(run_dir / PROBES)}
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
+    inner = replace(settings, progress=settings.progress or large)  # a bar within each prompt
     parts = []
     for i, text in enumerate(tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")):
         prompt_dir = run_dir / "prompts" / f"p{i:03d}"
@@ -223,7 +232,7 @@ def _probe_prompts(
                 )
             parts.append(ProbeResult.load(prompt_dir))
             continue
-        part = probe(model, ids[i], keep_blocks=keep, settings=settings)
+        part = probe(model, ids[i], keep_blocks=keep, settings=inner)
         part.save(prompt_dir)
         append_record(
             run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}
@@ -254,12 +263,10 @@ def _write_and_log(
             for key, fig_path in figures.items():
                 logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
     revision = f", {cfg.model.revision}" if cfg.model.revision else ""
-    print(
-        f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
-    )
-    print(format_scalars(scalars, indent="  "))
+    title = f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
+    log_block(log, title, format_scalars(scalars, indent="  "))
     if problems:
-        print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
+        log.warning("%d problem(s) with these numbers, see the warnings above", len(problems))
     return scalars
 
 
@@ -272,6 +279,7 @@ def _finish(loggers: list[Any], exit_code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")
 def main(cfg: DictConfig) -> None:
+    setup_app_logging(lightning=True)
     run(cfg)
 
 
