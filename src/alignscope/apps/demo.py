@@ -10,12 +10,16 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
 from alignscope.apps.logs import log_block, setup_app_logging
 from alignscope.apps.runtime import build, probe_settings
 from alignscope.probing.result import format_scalars
 
 log = logging.getLogger(__name__)
+
+
+register_help_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="demo")

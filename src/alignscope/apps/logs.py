@@ -16,7 +16,11 @@ LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 THIRD_PARTY_WARNINGS = (
     # Lightning 2.6 calls a torch pytree class that torch 2.13 deprecates; nothing in our code reaches it
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    (
+        FutureWarning,
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        r"lightning\.pytorch\.utilities\._pytree",
+    ),
 )
 """``(category, message regex, module regex)`` of third-party warnings the apps silence."""
 

@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import plots
+from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
 from alignscope.apps.logs import log_block, setup_app_logging
 from alignscope.apps.problems import announce_problems
@@ -263,7 +264,9 @@ def _write_and_log(
             for key, fig_path in figures.items():
                 logger.log_image(key=f"align/figures/{key}", images=[str(fig_path)], step=info["step"])
     revision = f", {cfg.model.revision}" if cfg.model.revision else ""
-    title = f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
+    title = (
+        f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
+    )
     log_block(log, title, format_scalars(scalars, indent="  "))
     if problems:
         log.warning("%d problem(s) with these numbers, see the warnings above", len(problems))
@@ -275,6 +278,9 @@ def _finish(loggers: list[Any], exit_code: int) -> None:
         if hasattr(logger, "finalize"):
             logger.finalize("success" if exit_code == 0 else "failed")
     finish_wandb(loggers, exit_code)
+
+
+register_help_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")

@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
 from alignscope.apps.logs import setup_app_logging
 from alignscope.apps.runtime import build, finish_wandb, probe_settings
@@ -124,6 +125,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException:
         finish_wandb(loggers, exit_code=1)
         raise
+
+
+register_help_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
