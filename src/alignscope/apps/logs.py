@@ -9,6 +9,7 @@ cannot fix (each by its message and module).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
@@ -39,11 +40,15 @@ class ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def route_lightning_logs() -> None:
+def route_lightning_logs(load: bool = True) -> None:
     """Send Lightning's log lines to the root logger only, so each reaches the console once (through the
     root's console handler) and the job's log file. Lightning adds its own console handler on import; this
-    removes it when the root logger has handlers (as in a Hydra app)."""
-    import lightning  # noqa: F401  (its import adds the handlers removed here)
+    removes it when the root logger has handlers (as in a Hydra app). ``load=False``: only if Lightning is
+    already imported (its import takes seconds)."""
+    if load:
+        import lightning  # noqa: F401  (its import adds the handlers removed here)
+    elif "lightning" not in sys.modules:
+        return
 
     if not logging.getLogger().hasHandlers():
         return

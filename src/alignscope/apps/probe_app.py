@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignscope.apps import plots
 from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
-from alignscope.apps.logs import log_block, setup_app_logging
+from alignscope.apps.logs import log_block, route_lightning_logs, setup_app_logging
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.run_folder import (
     RunFolder,
@@ -41,6 +41,8 @@ from alignscope.probing.settings import ProbeSettings
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files of which a local model folder needs one: a saved tokenizer (fast, SentencePiece, BPE or WordPiece)."""
 LARGE_MODEL_PARAMS = 100_000_000
 """From this many parameters the probe app shows a bar within each prompt (over its blocks)."""
 PROBES = "probes.jsonl"
@@ -104,6 +106,20 @@ def _check_settings(cfg: DictConfig) -> ProbeSettings:
     return settings
 
 
+def check_local_tokenizer(model: DictConfig) -> None:
+    """A ``source=local`` folder must hold a tokenizer (the prompts are tokenized with the model's own): refused
+    before any weights are loaded or logger is created."""
+    if model.get("source") != "local" or not model.get("path"):
+        return
+    folder = Path(model.path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ProbeAppConfigError(
+            f"model.path={model.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): the probe app "
+            "tokenizes its prompts with the model's own tokenizer; save it into the folder with "
+            "tokenizer.save_pretrained(<folder>)"
+        )
+
+
 def report_blocks(cfg: DictConfig, settings: ProbeSettings, num_blocks: int) -> list[int]:
     """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else the first, middle and
     last of the probed layers."""
@@ -142,6 +158,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from alignscope.apps.prompts import load_prompts
 
     settings = _check_settings(cfg)
+    check_local_tokenizer(cfg.model)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts, settings)
@@ -160,8 +177,8 @@ def _run(
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     model_cfg.pop("_partial_", None)
+    tokenizer = load_tokenizer(**model_cfg)  # before the (maybe slow) weights: a missing one fails at once
     model = build(cfg.model)()
-    tokenizer = load_tokenizer(**model_cfg)
     fp["weights"] = {"class": type(model).__name__, "sha256": weights_digest(model)}
     folder.claim(fp, overwrite=cfg.get("overwrite", False))
     keep: list[int] | None = report_blocks(cfg, settings, len(get_adapter(model).blocks(model)))
@@ -171,6 +188,7 @@ def _run(
     info = run_info(cfg, texts, model, fp["weights"]["sha256"])
     write_json(folder.path / "run.json", info)
     loggers = _loggers(cfg, tags=[f"init-{cfg.model.init}", str(cfg.model.name)])
+    route_lightning_logs(load=False)
     try:
         for logger in loggers:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "init": cfg.model.init})
@@ -285,7 +303,7 @@ register_help_resolver()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")
 def main(cfg: DictConfig) -> None:
-    setup_app_logging(lightning=True)
+    setup_app_logging()  # Lightning's lines are routed once the loggers have imported it
     run(cfg)
 
 
