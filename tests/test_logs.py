@@ -28,11 +28,16 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def transformers_records():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # conftest sets it to error
     logger = logging.getLogger("transformers")
     handler = Records()
     logger.addHandler(handler)
     yield handler.messages
     logger.removeHandler(handler)
+    hf_logging.set_verbosity(verbosity)
 
 
 def test_small_vocabulary_clears_default_token_ids_before_the_config_is_built(transformers_records):
