@@ -158,8 +158,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from alignscope.apps.prompts import load_prompts
 
     settings = _check_settings(cfg)
-    check_local_tokenizer(cfg.model)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
+    check_local_tokenizer(cfg.model)
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts, settings)
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
