@@ -194,3 +194,62 @@ def test_local_model_without_tokenizer_is_refused_before_weights_and_loggers(tmp
     with pytest.raises(probe_app.ProbeAppConfigError, match="has no tokenizer files"):
         probe_app.run(cfg)
     assert not (run_dir / "wandb").exists() and not (run_dir / "run.json").exists()
+
+
+def _recording_probe(monkeypatch) -> list[bool]:
+    """Patch ``probe()`` to record each call's ``settings.progress``."""
+    from alignscope.probing import probe as probe_module
+
+    seen, real = [], probe_module.probe
+
+    def recording(*args, settings, **kwargs):
+        seen.append(settings.progress)
+        return real(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(probe_module, "probe", recording)
+    return seen
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_monitor_shows_a_bar_within_a_probe_while_lightning_shows_its_own(tmp_path, monkeypatch, caplog, bar):
+    from types import SimpleNamespace
+
+    import torch
+
+    from alignscope.apps.callback import AlignmentMonitor
+    from alignscope.models.tiny import tiny_model
+
+    seen = _recording_probe(monkeypatch)
+    monitor = AlignmentMonitor(
+        prompts=torch.randint(0, 128, (1, 6)), ks=(4,), dirpath=str(tmp_path), layers=[0, 1]
+    )
+    trainer = SimpleNamespace(
+        progress_bar_callback=object() if bar else None, loggers=[], callback_metrics={}
+    )
+    module = torch.nn.Module()
+    module.model = tiny_model("gpt2")
+    with caplog.at_level(logging.INFO, logger="alignscope"):
+        monitor._probe(trainer, module, step=7)
+    assert seen == [bar]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "alignscope.apps.callback"]
+    assert line.startswith("alignment probe at step 7: ") and "coupling/k4" not in line and " s" in line
+
+
+def test_probe_app_shows_a_bar_within_each_prompt_for_large_models(tmp_path, monkeypatch, caplog):
+    from alignscope.apps import probe_app
+    from conftest import save_tiny_local_model
+
+    folder = save_tiny_local_model(tmp_path / "model")
+    seen = _recording_probe(monkeypatch)
+    monkeypatch.setattr(probe_app, "LARGE_MODEL_PARAMS", 1)  # the tiny model counts as large
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "probe_app",
+            overrides=[f"paths.run_dir={tmp_path / 'run'}", "logger=none", "model=local", f"model.path={folder}",
+                       "prompts.num=1", "probe.ks=[4]", "probe.layers=[0,1]"],
+        )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="alignscope"):
+        probe_app.run(cfg)
+    assert seen == [True]
+    (table,) = [r.getMessage() for r in caplog.records if r.name == "alignscope.apps.probe_app"]
+    assert table.startswith("local (pretrained): 1 prompts") and "\n  lss/mean " in table
