@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,9 +25,13 @@ def test_demo_app_prints_and_saves(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"},
     )
     assert out.returncode == 0, out.stderr
+    assert "[transformers]" not in out.stderr, out.stderr  # no warning our settings cause
     assert "LlamaForCausalLM at random init (seed 0): 4 blocks, d=128" in out.stdout
+    log = (run_dir / "demo.log").read_text()  # the job's log file has the table too
+    assert "LlamaForCausalLM at random init" in log and "linearization/cosine" in log
     assert "coupling/k10" in out.stdout and "linearization/cosine" in out.stdout
     saved = ProbeResult.load(run_dir / "probe")
     assert saved.hidden_states.shape == (2, 5, 128)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +35,22 @@ def jsonl_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "probes.jsonl").read_text().splitlines()]
 
 
-def test_short_fit_with_csv_logger(tmp_path, cache_dir):
+def test_short_fit_with_csv_logger(tmp_path, cache_dir, caplog):
     from alignscope.apps.train import train
 
     run = tmp_path / "run"
-    final = train(compose_train(run, cache_dir, "logger=csv"))
+    with caplog.at_level(logging.INFO, logger="alignscope"):
+        final = train(compose_train(run, cache_dir, "logger=csv"))
     assert final["global_step"] == 12
     steps = jsonl_steps(run)
     assert steps == [0, 1, 2, 4, 5, 10, 12]  # step 0, log-spaced below 5, every 5, end of fit
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("alignscope")]
+    probed = [x for x in lines if x.startswith("alignment probe at step ")]  # one line per probe, in order
+    assert [int(x.split("step ")[1].split(":")[0]) for x in probed] == steps
+    assert all(re.search(r": \d+\.\d s; coupling/k10 -?\d", x) for x in probed), probed
+    (table,) = [x for x in lines if x.startswith("alignment monitor summary:")]
+    assert "coupling/k10" in table and "step 12" in table
+    assert any(x.startswith("val/loss ") and "unigram baseline" in x for x in lines)
     with open(run / "csv" / "version_0" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     logged = {int(r["step"]) for r in rows if r.get("align/coupling/k10")}
@@ -78,7 +88,12 @@ def test_wandb_offline_run_has_history(tmp_path, cache_dir):
 
 
 def _run_cli(args: list[str], cache_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ALIGNSCOPE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    env = {
+        **os.environ,
+        "ALIGNSCOPE_CACHE": cache_dir,
+        "WANDB_SILENT": "true",
+        "TRANSFORMERS_VERBOSITY": "warning",
+    }
     out = subprocess.run(
         [sys.executable, "-m", "alignscope.apps.train", *args],
         capture_output=True,
@@ -94,11 +109,20 @@ def _run_cli(args: list[str], cache_dir: str, timeout: int = 600) -> subprocess.
 def test_two_job_multirun(tmp_path, cache_dir, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    _run_cli(["-m", *SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}", "trainer.max_steps=4", *extra], cache_dir)
+    out = _run_cli(
+        ["-m", *SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}", "trainer.max_steps=4", *extra], cache_dir
+    )
+    for noise in ("loss_type=None", "LeafSpec", "_token_id must be"):  # warnings the apps caused or silence
+        assert noise not in out.stderr, out.stderr[-3000:]
+    if launcher == "basic":  # both jobs' lines reach this process's console, each once
+        assert (out.stdout + out.stderr).count("`Trainer.fit` stopped: `max_steps=4` reached.") == 2
     groups = set()
     for job in ("0", "1"):
         run = sweep / job
         assert jsonl_steps(run)[0] == 0 and (run / "summary.json").is_file()
+        log = (run / "train.log").read_text()  # the job's log file holds the result lines and tables
+        assert "alignment probe at step 0:" in log and "alignment monitor summary:" in log
+        assert "`Trainer.fit` stopped" in log
         (wandb_run,) = (run / "wandb").glob("offline-run-*")
         from conftest import wandb_history_bytes
 

@@ -10,16 +10,18 @@ every scalar is logged to all the trainer's loggers at ``trainer.global_step``, 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from alignscope.apps.logs import log_block
 from alignscope.apps.monitor_config import (
     MonitorConfigError,
     checked_prompts,
@@ -30,7 +32,7 @@ from alignscope.apps.monitor_config import (
     true_or_false,
 )
 from alignscope.apps.monitor_figures import load_probe, load_probes, recorded_losses, write_monitor_figures
-from alignscope.apps.monitor_summary import format_summary, summarize
+from alignscope.apps.monitor_summary import format_summary, probe_line, summarize
 from alignscope.apps.monitor_wandb import (
     log_artifact,
     log_images,
@@ -53,6 +55,8 @@ from alignscope.apps.validation_prompts import fit_start_prompts, tokenize_promp
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.result import HEADLINE, ProbeResult
 from alignscope.probing.settings import ProbeSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MONITOR_RESULTS", "AlignmentMonitor", "MonitorConfigError", "format_summary"]
 
@@ -86,6 +90,8 @@ class AlignmentMonitor(pl.Callback):
         prefix: prefix of logged names, e.g. ``align/coupling/k10``.
         model_attr: attribute of the LightningModule holding the Hugging Face model (default: found).
         tokenizer: tokenizes text ``prompts`` (default: ``trainer.datamodule.tokenizer``).
+        verbose: log a line per probe (step, seconds, headline numbers) and the summary table at the end of
+            fit, and show a bar within each probe while Lightning shows its progress bar.
         overwrite: the run folder holds probes of other settings (another model, init, prompts or probe
             settings, see :mod:`alignscope.apps.run_folder`): clear it instead of refusing to start.
 
@@ -278,7 +284,9 @@ class AlignmentMonitor(pl.Callback):
 
         start = time.perf_counter()
         model = self._model(pl_module)
-        result = probe(model, self.prompts, settings=self.settings)
+        # a bar within the probe, under Lightning's (rank 0 only: this runs on rank 0); cleared when done
+        progress = self.settings.progress or (self.verbose and trainer.progress_bar_callback is not None)
+        result = probe(model, self.prompts, settings=replace(self.settings, progress=progress))
         result.meta["step"] = step
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
@@ -298,6 +306,8 @@ class AlignmentMonitor(pl.Callback):
             if name in scalars:
                 trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(scalars[name])
         self.seconds += time.perf_counter() - start
+        if self.verbose:
+            log.info("%s", probe_line(step, metrics[f"{self.prefix}probe_seconds"], scalars))
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.model_attr is not None:
@@ -337,7 +347,7 @@ class AlignmentMonitor(pl.Callback):
         files = ("probes", "probes.jsonl", "summary.json")
         log_artifact(trainer.loggers, {name: run_dir / name for name in files}, "probes")
         if self.verbose:
-            rank_zero_only(print)(format_summary(summary), flush=True)
+            log_block(log, "alignment monitor summary:", format_summary(summary))
         if self._latest is not None:
             announce_problems(self._latest, self.history[-1], f"the probe at step {self.history[-1]['step']}")
 

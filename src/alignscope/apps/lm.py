@@ -71,6 +71,8 @@ class CausalLMModule(pl.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.model = model.train()  # models built for probing come in eval mode
+        if getattr(model, "loss_type", "") is None:  # e.g. GPT2LMHeadModel: its name names no loss
+            model.loss_type = "ForCausalLM"  # the loss transformers falls back to, stated (no warning)
         self.save_hyperparameters(ignore=["model"], logger=False)  # the apps log their whole config once
         self._val_losses: list[torch.Tensor] = []
         self._rng_states_to_restore: dict[str, Any] | None = None

@@ -38,6 +38,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROBE_LINE_METRICS = ("coupling/k10", "alignment/k10", "lss/mean")
+"""Headline metrics named in the monitor's line per probe (those the probe computed)."""
+
+
+def probe_line(step: int, seconds: float, scalars: dict[str, float]) -> str:
+    """One log line per probe: its step, its duration and a few headline numbers."""
+    numbers = ", ".join(f"{k} {_fmt(scalars[k])}" for k in PROBE_LINE_METRICS if k in scalars)
+    return f"alignment probe at step {step}: {seconds:.1f} s" + (f"; {numbers}" if numbers else "")
+
+
 def _fmt(x: float, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"

@@ -9,8 +9,10 @@ to ``result/`` with ``scalars.json``, ``run.json`` (what was probed) and figures
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import loggers as app_loggers
 from alignscope.apps import plots
+from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
+from alignscope.apps.logs import log_block, route_lightning_logs, setup_app_logging
 from alignscope.apps.monitor_wandb import log_artifact, log_images, log_metrics
 from alignscope.apps.problems import announce_problems
 from alignscope.apps.run_folder import (
@@ -37,6 +41,12 @@ from alignscope.apps.runtime import build, probe_settings
 from alignscope.probing.result import format_scalars
 from alignscope.probing.settings import ProbeSettings
 
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files of which a local model folder needs one: a saved tokenizer (fast, SentencePiece, BPE or WordPiece)."""
+LARGE_MODEL_PARAMS = 100_000_000
+"""From this many parameters the probe app shows a bar within each prompt (over its blocks)."""
 PROBES = "probes.jsonl"
 PROBE_APP_RESULTS = (
     "prompts",
@@ -97,6 +107,20 @@ def _check_settings(cfg: DictConfig) -> ProbeSettings:
     return settings
 
 
+def check_local_tokenizer(model: DictConfig) -> None:
+    """A ``source=local`` folder must hold a tokenizer (the prompts are tokenized with the model's own): refused
+    before any weights are loaded or logger is created."""
+    if model.get("source") != "local" or not model.get("path"):
+        return
+    folder = Path(model.path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ProbeAppConfigError(
+            f"model.path={model.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): the probe app "
+            "tokenizes its prompts with the model's own tokenizer; save it into the folder with "
+            "tokenizer.save_pretrained(<folder>)"
+        )
+
+
 def report_blocks(cfg: DictConfig, settings: ProbeSettings, num_blocks: int) -> list[int]:
     """The blocks whose Jacobians are kept for the report: ``cfg.report_blocks``, else three adjacent probed
     layers in the middle (adjacent blocks are the ones whose ``|U_j^T J_i V_j|`` grid shows coupling)."""
@@ -137,6 +161,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     settings = _check_settings(cfg)
     texts = load_prompts(**OmegaConf.to_container(cfg.prompts, resolve=True))
+    check_local_tokenizer(cfg.model)
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts, settings)
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
@@ -154,8 +179,8 @@ def _run(
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("_target_", None)
     model_cfg.pop("_partial_", None)
+    tokenizer = load_tokenizer(**model_cfg)  # before the (maybe slow) weights: a missing one fails at once
     model = build(cfg.model)()
-    tokenizer = load_tokenizer(**model_cfg)
     fp["weights"] = {"class": type(model).__name__, "sha256": weights_digest(model)}
     folder.claim(fp, overwrite=cfg.get("overwrite", False))
     keep: list[int] | None = report_blocks(cfg, settings, len(get_adapter(model).blocks(model)))
@@ -165,6 +190,7 @@ def _run(
     info = run_info(cfg, texts, model, fp["weights"]["sha256"])
     write_json(folder.path / "run.json", info)
     loggers = _loggers(cfg)
+    route_lightning_logs(load=False)
     try:
         config = {
             "app": "alignscope-probe",
@@ -215,6 +241,8 @@ def _probe_prompts(
     from alignscope.probing.result import ProbeResult
 
     done = {r["prompt"]: r for r in read_records(run_dir / PROBES)}
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL_PARAMS
+    inner = replace(settings, progress=settings.progress or large)  # a bar within each prompt
     parts = []
     for i, text in enumerate(tqdm(texts, desc=f"probe {cfg.model.name} ({cfg.model.init})", unit="prompt")):
         prompt_dir = run_dir / "prompts" / f"p{i:03d}"
@@ -229,7 +257,7 @@ def _probe_prompts(
                 )
             parts.append(ProbeResult.load(prompt_dir))
             continue
-        part = probe(model, ids[i], keep_blocks=keep, settings=settings)
+        part = probe(model, ids[i], keep_blocks=keep, settings=inner)
         part.save(prompt_dir)
         append_record(
             run_dir / PROBES, {"prompt": i, "text": text, "ids_sha256": ids_digest, **part.scalars()}
@@ -256,12 +284,12 @@ def _write_and_log(
     files = ("result", "scalars.json", "run.json")
     log_artifact(loggers, {name: run_dir / name for name in files}, "probe-result")
     revision = f", {cfg.model.revision}" if cfg.model.revision else ""
-    print(
+    title = (
         f"{cfg.model.name} ({cfg.model.init}{revision}): {len(result.tokens)} prompts, run folder {run_dir}"
     )
-    print(format_scalars(scalars, indent="  "))
+    log_block(log, title, format_scalars(scalars, indent="  "))
     if problems:
-        print(f"  NOTE: {len(problems)} problem(s) with these numbers, see the warnings above")
+        log.warning("%d problem(s) with these numbers, see the warnings above", len(problems))
     return scalars
 
 
@@ -286,8 +314,12 @@ def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[
     return builders
 
 
+register_help_resolver()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")
 def main(cfg: DictConfig) -> None:
+    setup_app_logging()  # Lightning's lines are routed once the loggers have imported it
     run(cfg)
 
 

@@ -15,7 +15,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import loggers as app_loggers
+from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
+from alignscope.apps.logs import setup_app_logging
 from alignscope.apps.runtime import build, probe_settings
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         final["global_step"] = trainer.global_step
         (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
         if "val/loss" in final:
-            print(
-                f"val/loss {final['val/loss']:.3f} nats/token after {trainer.global_step} steps "
-                f"(unigram baseline {datamodule.unigram_loss:.3f}); run folder: {run_dir}"
+            log.info(
+                "val/loss %.3f nats/token after %d steps (unigram baseline %.3f); run folder: %s",
+                final["val/loss"],
+                trainer.global_step,
+                datamodule.unigram_loss,
+                run_dir,
             )
         app_loggers.finish(loggers, exit_code=0)
         return final
@@ -107,8 +112,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
 
 
+register_help_resolver()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
+    setup_app_logging(lightning=True)
     train(cfg)
 
 

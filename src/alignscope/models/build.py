@@ -76,6 +76,19 @@ def check_config_keys(config_class: type, settings: dict[str, Any]) -> None:
         )
 
 
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _clear_token_ids(settings: dict[str, Any], defaults: Any) -> None:
+    """Set to None in ``settings`` the special-token ids (given or the config's ``defaults``) that fall
+    beyond ``settings["vocab_size"]``, so the config is built valid (transformers warns about such ids)."""
+    vocab_size = settings.get("vocab_size")
+    for attr in TOKEN_IDS if vocab_size is not None else ():
+        value = settings.get(attr, getattr(defaults, attr, None))
+        if isinstance(value, int) and value >= vocab_size:
+            settings[attr] = None
+
+
 def config_from_settings(
     model_type: str | None,
     config_name: str | None,
@@ -100,8 +113,10 @@ def config_from_settings(
     for key, value in (token_ids or {}).items():
         settings.setdefault(key, value)
     if config_name:
+        _clear_token_ids(settings, AutoConfig.from_pretrained(config_name, revision=revision))
         config = AutoConfig.from_pretrained(config_name, revision=revision, **settings)
     elif model_type:
+        _clear_token_ids(settings, AutoConfig.for_model(model_type))
         config = AutoConfig.for_model(model_type, **settings)
     else:
         raise ModelConfigError(
@@ -109,7 +124,7 @@ def config_from_settings(
             "folder with config.json), e.g. model=tiny_gpt2 or model=hf model.config_name=EleutherAI/pythia-70m"
         )
     check_config_keys(type(config), overrides)
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for attr in TOKEN_IDS:
         value = getattr(config, attr, None)
         if isinstance(value, int) and value >= config.vocab_size:
             setattr(config, attr, None)

@@ -192,7 +192,7 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
 
     s, loop, probed = run.settings, _Loop(), run.target.probed
     total = sum(len(p) for p in positions) * len(probed)
-    bar = tqdm(total=total, desc="probe", unit="block", disable=not s.progress)
+    bar = tqdm(total=total, desc="probe", unit="block", disable=not s.progress, leave=None)
     kept_index = [probed.index(b) for b in run.kept]
     for b, seq in enumerate(sequences):
         ids = seq[None].to(run.device)
