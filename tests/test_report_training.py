@@ -200,3 +200,22 @@ def test_folder_without_runs_is_a_usage_error(tmp_path, capsys):
         main([str(tmp_path)])
     assert info.value.code == 2
     assert "no finished probe runs" in capsys.readouterr().err
+
+
+def test_report_logged_to_wandb_as_a_run_with_an_artifact(sweep, tmp_path, monkeypatch, capsys):
+    """--wandb: one offline run of job type report, grouped by the sweep, with the tables as W&B tables,
+    the figures as images and the report folder as an artifact of type report."""
+    from alignscope.apps.report import main
+    from wandb_records import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "rep"
+    main([str(sweep), "--out", str(out), "--wandb", "--wandb-project", "reports"])
+    run = read_run(next((out / "wandb").glob("offline-run-*")))
+    assert run.job_type == "report" and run.name == "report-rep" and run.group == sweep.name
+    assert run.project == "reports" and run.exit_code == 0
+    keys = run.history_keys()
+    assert any(k.startswith("report/training_jobs") for k in keys)
+    assert any(k.startswith("report/figures/training_metrics_vs_step") for k in keys)
+    assert ("report-rep", "report") in run.artifacts

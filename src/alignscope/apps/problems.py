@@ -1,15 +1,18 @@
 """What is wrong with a probe's numbers, said loudly: non-finite hidden states and metrics, degenerate cases.
 
-The apps print these loudly (and keep every file); a NaN never goes out without a sentence that says why.
+The apps log these loudly as one WARNING block (the console and the job's log file; every file is still
+written); a NaN never goes out without a sentence that says why.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Mapping
 
 from alignscope.probing.result import HEADLINE, ProbeResult
+
+log = logging.getLogger(__name__)
 
 
 def result_problems(result: ProbeResult, scalars: Mapping[str, float] | None = None) -> list[str]:
@@ -25,14 +28,14 @@ def result_problems(result: ProbeResult, scalars: Mapping[str, float] | None = N
 
 
 def announce_problems(result: ProbeResult, scalars: Mapping[str, float], label: str) -> list[str]:
-    """Print :func:`result_problems` to stderr as a block that stands out; return them."""
+    """Log :func:`result_problems` as one WARNING block that stands out; return them."""
     problems = result_problems(result, scalars)
     if problems:
-        lines = "\n".join(f"alignscope:   - {p}" for p in problems)
-        print(
-            f"alignscope: WARNING: the results of {label} are not all finite or meaningful:\n{lines}\n"
-            "alignscope: every file was still written; figures skip what they cannot show.",
-            file=sys.stderr,
-            flush=True,
+        lines = "\n".join(f"  - {p}" for p in problems)
+        log.warning(
+            "the results of %s are not all finite or meaningful:\n%s\nEvery file was still written; "
+            "figures skip what they cannot show.",
+            label,
+            lines,
         )
     return problems

@@ -282,6 +282,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scores", default=None, help="CSV with a model and/or hub_id column and the score")
     parser.add_argument("--score-column", default="benchmark_score", help="column of --scores to explain")
     parser.add_argument("--x-column", default=None, help="correlate this column of --scores instead of runs")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the report as a W&B run (job type report: tables, figures, the folder as an artifact; "
+        "WANDB_MODE, offline when unset)",
+    )
+    parser.add_argument(
+        "--wandb-project", default=None, help="W&B project (default: WANDB_PROJECT or alignscope)"
+    )
     return parser
 
 
@@ -328,6 +337,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(" ".join(str(err).split()))
     print((Path(written["out"]) / "report.md").read_text())
     print(f"report written to {written['out']}")
+    if args.wandb:
+        from alignscope.apps.report_wandb import log_report
+
+        folder = log_report(Path(written["out"]), args.runs, args.wandb_project)
+        print(f"W&B run of the report: {folder}" if folder else "W&B: not logged (WANDB_MODE=disabled)")
 
 
 if __name__ == "__main__":
