@@ -66,6 +66,13 @@ def test_short_fit_with_csv_logger(tmp_path, cache_dir, caplog):
     records = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
     assert "train/loss" not in records[0]  # the loss at each probe after step 0
     assert all("train/loss" in r for r in records[1:])
+    assert not any("val/loss" in r for r in records)  # validation losses are kept apart, by their own step
+    import torch
+
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    (monitor,) = [v for k, v in state.items() if k.startswith("AlignmentMonitor")]
+    # val_check_interval 6; the checkpoint of step 12 is written before that step's validation
+    assert [v["step"] for v in monitor["val_losses"]] == [6]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["init_step"] == 0 and summary["final_step"] == 12
     c = summary["coupling/k10"]

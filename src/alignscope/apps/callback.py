@@ -161,6 +161,7 @@ class AlignmentMonitor(pl.Callback):
         self.source_dir: str | None = None
         self._folder: RunFolder | None = None
         self.seconds = 0.0
+        self.val_losses: list[dict[str, float]] = []  # {"step", "val/loss"} at each validation (checkpointed)
         self._first: ProbeResult | None = None
         self._latest: ProbeResult | None = None
 
@@ -185,6 +186,7 @@ class AlignmentMonitor(pl.Callback):
             "seconds": self.seconds,
             "init_weights_sha256": self.init_weights,
             "run_dir": self.source_dir,
+            "val_losses": self.val_losses,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -194,6 +196,7 @@ class AlignmentMonitor(pl.Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
         self.init_weights = state_dict.get("init_weights_sha256")
         self.source_dir = state_dict.get("run_dir")
+        self.val_losses = list(state_dict.get("val_losses", []))
 
     # ----------------------------------------------------------------- lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -250,6 +253,11 @@ class AlignmentMonitor(pl.Callback):
         if self.scheduled(trainer.global_step):
             self._maybe_probe(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        val = recorded_losses(trainer.callback_metrics, ("val/loss",))
+        if val and not trainer.sanity_checking:
+            self.val_losses.append({"step": trainer.global_step, **val})
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
     ) -> None:
@@ -291,7 +299,9 @@ class AlignmentMonitor(pl.Callback):
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
         result.save(probe_folder(run_dir, step))
-        entry = {"step": step, **scalars, **recorded_losses(trainer.callback_metrics)}
+        # the train loss of this step (the validation loss is kept apart: a resumed run cannot redo a
+        # validation that ran after its checkpoint, so a stale value would differ from the uninterrupted run)
+        entry = {"step": step, **scalars, **recorded_losses(trainer.callback_metrics, ("train/loss",))}
         append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
         if self._first is None and step == self.history[0]["step"]:
@@ -357,6 +367,14 @@ class AlignmentMonitor(pl.Callback):
         probes = load_probes(run_dir, self.probed_steps)
         name, max_steps = self.run_name or run_dir.name, trainer.max_steps
         paths = write_monitor_figures(
-            self.history, latest.ks, first, latest, run_dir / "figures", probes, name, max_steps
+            self.history,
+            latest.ks,
+            first,
+            latest,
+            run_dir / "figures",
+            probes,
+            name,
+            max_steps,
+            self.val_losses,
         )
         log_images(trainer.loggers, paths, f"{self.prefix}final_figures/", int(self.history[-1]["step"]))

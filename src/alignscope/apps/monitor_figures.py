@@ -25,9 +25,10 @@ def load_probes(run_dir: Path, steps: Sequence[int]) -> dict[int, ProbeResult]:
     return {step: res for step, res in loaded.items() if res is not None}
 
 
-def recorded_losses(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The losses (:data:`~alignscope.apps.plots.series.LOSSES`) among a trainer's ``callback_metrics``."""
-    return {name: float(metrics[name]) for name in LOSSES if metrics.get(name) is not None}
+def recorded_losses(metrics: Mapping[str, Any], names: Sequence[str] = LOSSES) -> dict[str, float]:
+    """The losses ``names`` (default :data:`~alignscope.apps.plots.series.LOSSES`) among a trainer's
+    ``callback_metrics``."""
+    return {name: float(metrics[name]) for name in names if metrics.get(name) is not None}
 
 
 def write_monitor_figures(
@@ -39,10 +40,12 @@ def write_monitor_figures(
     probes: Mapping[int, ProbeResult] | None = None,
     run_name: str | None = None,
     max_steps: int | None = None,
+    val_losses: Sequence[dict[str, float]] = (),
 ) -> dict[str, Path]:
     """Write the figures to ``folder``: ``coupling_k<K>`` and ``trajectories_pca`` (need both probes),
     ``coupling_distance_k<K>`` (the profile against ``|i - j|`` at every step of ``probes``),
-    ``metrics_vs_step`` (x from 0 to ``max_steps``); titled with ``run_name``. A figure that fails is
+    ``metrics_vs_step`` (x from 0 to ``max_steps``; the loss panel: the train loss at each probe and
+    ``val_losses``, ``{"step": N, "val/loss": v}`` at each validation); titled with ``run_name``. A figure that fails is
     skipped with a warning. Returns the written paths by name."""
     from alignscope.apps import plots
 
@@ -62,5 +65,8 @@ def write_monitor_figures(
         builders[f"coupling_distance_k{k}"] = partial(plots.coupling_profile_over_training, probes, k, title)
     names = [n for n in HEADLINE if n.split("/")[0] != "coupling" or n.endswith(tuple(f"k{k}" for k in ks))]
     probed = [h for h in history if len(h) > 1]
-    builders["metrics_vs_step"] = partial(plots.metrics_vs_step, probed, names, name, max_steps)
+    losses = [h for h in probed if "train/loss" in h] + list(val_losses)
+    builders["metrics_vs_step"] = partial(
+        plots.metrics_vs_step, probed, names, name, max_steps, losses=losses
+    )
     return plots.save_all(builders, folder)

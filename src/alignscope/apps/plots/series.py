@@ -39,22 +39,24 @@ def metrics_vs_step(
     names: Sequence[str],
     title: str | None = None,
     max_steps: int | None = None,
-    losses: Sequence[str] = LOSSES,
+    losses: Sequence[dict] | None = None,
 ):
-    """A loss panel (``losses`` found in ``history``), then one panel per scalar against the global step
+    """A loss panel (the :data:`LOSSES` found in ``losses``, entries ``{"step": N, loss: value}``; default
+    ``history``), then one panel per scalar against the global step
     (entries of ``history`` are ``{"step": N, name: value}``); x from 0 to ``max_steps`` on every panel, so the
     figures of runs of the same length compare."""
     plt = _plt()
     names = [n for n in names if any(n in h for h in history)]
-    found = [n for n in losses if any(n in h for h in history)]
+    points = history if losses is None else sorted(losses, key=lambda h: h["step"])
+    found = [n for n in LOSSES if any(n in h for h in points)]
     fig, axes = _grid(plt, len(names) + 1)
     steps = [h["step"] for h in history]
     right = max_steps if max_steps and max_steps > 0 else max(steps, default=1)
     loss_ax, panels = axes[0], axes[1:]
     for name in found:
-        pts = [(h["step"], h[name]) for h in history if name in h]
+        pts = [(h["step"], h[name]) for h in points if name in h]
         loss_ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
-    loss_ax.set_title("loss (at each probe)", fontsize=9)
+    loss_ax.set_title("loss (train at each probe, val at each validation)", fontsize=9)
     if found:
         loss_ax.legend(fontsize=7)
     else:
