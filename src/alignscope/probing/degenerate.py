@@ -62,7 +62,7 @@ def degeneracies(result: ProbeResult) -> list[Degeneracy]:
                 f"coupling needs at least 2 probed blocks; layers={layers} probes one, so coupling/*, "
                 "coupling_vju/* and alignment_across/* are NaN, and so is the fit of 1/s_1 over blocks "
                 "(spectra/inv_s1_*)",
-                ("coupling", "alignment_across/", "spectra/inv_s1_"),
+                ("coupling", "alignment_across/", "alignment_uu/", "alignment_vv/", "spectra/inv_s1_"),
             )
         )
     tokens = result.tokens
