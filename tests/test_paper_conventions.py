@@ -66,6 +66,7 @@ def test_paper_code_preset_equals_the_released_method(family):
     jac, _ = released_jacobians(model, ids)
     res = probe(model, ids, settings=ProbeSettings(**PRESET, engine="exact"))
     assert res.meta["include_final_norm"] and res.ks == [10, 30, 50]
+    assert any("inv_s1_from" in w for w in res.meta["warnings"])  # 2 blocks, fit from block 10: said why
     for k in res.ks:
         for form, field in (("ujv", res.coupling), ("vju", res.coupling_vju)):
             expected = released_coupling(jac, min(k, jac[0].shape[0]), form, "norm")

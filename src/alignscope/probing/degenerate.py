@@ -65,6 +65,15 @@ def degeneracies(result: ProbeResult) -> list[Degeneracy]:
                 ("coupling", "alignment_across/", "alignment_uu/", "alignment_vv/", "spectra/inv_s1_"),
             )
         )
+    first = int(result.meta.get("inv_s1_from", 1))
+    if len(layers) >= 2 and sum(layer + 1 >= first for layer in layers) < 2:
+        found.append(
+            Degeneracy(
+                f"the 1/s_1 fit starts at block {first} (inv_s1_from, 1-based), which leaves fewer than 2 of "
+                f"the probed blocks, so spectra/inv_s1_* are NaN",
+                ("spectra/inv_s1_",),
+            )
+        )
     tokens = result.tokens
     for li, layer in enumerate(layers):
         flagged = result.nonfinite[:, li]
