@@ -26,6 +26,11 @@ OVERRIDES = {
     "dtype": ("float64", torch.float64),
     "attention": ("sdpa", "sdpa"),
     "progress": ("true", True),
+    "include_final_norm": ("true", True),
+    "normalization": ("trace", "trace"),
+    "p": ("1", 1.0),
+    "linearization": ("drop_last", "drop_last"),
+    "inv_s1_from": ("2", 2),
 }
 """A value other than the default for every key of conf/probe, and what ProbeSettings makes of it."""
 

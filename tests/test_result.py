@@ -25,6 +25,10 @@ SAVED_TENSOR_NAMES = {
     "coupling_vju.k2",
     "alignment.k1",
     "alignment.k2",
+    "alignment_uu.k1",
+    "alignment_uu.k2",
+    "alignment_vv.k1",
+    "alignment_vv.k2",
     "lss",
     "step_slope",
     "step_r2",
@@ -57,7 +61,7 @@ def fixed_tensors() -> dict[str, Tensor]:
         "jacobians": rand(P, L, D, D, dtype=torch.float64),
         "extra.block_jacobians": rand(P, 1, D, D, dtype=torch.bfloat16),
     }
-    for name in ("coupling", "coupling_vju", "alignment"):
+    for name in ("coupling", "coupling_vju", "alignment", "alignment_uu", "alignment_vv"):
         tensors.update({f"{name}.k{k}": rand(P, L, L) for k in KS})
     for name in ("lss", "step_slope", "step_r2", "norm_slope", "norm_r2", "inv_s1_slope", "inv_s1_r2"):
         tensors[name] = rand(P)
@@ -77,7 +81,10 @@ def write_folder(folder, tensors: dict[str, Tensor], meta: dict) -> None:
 
 def fixed_result() -> ProbeResult:
     tensors = fixed_tensors()
-    keyed = {n: {k: tensors[f"{n}.k{k}"] for k in KS} for n in ("coupling", "coupling_vju", "alignment")}
+    keyed = {
+        n: {k: tensors[f"{n}.k{k}"] for k in KS}
+        for n in ("coupling", "coupling_vju", "alignment", "alignment_uu", "alignment_vv")
+    }
     plain = {n: v for n, v in tensors.items() if "." not in n}
     extras = {"block_jacobians": tensors["extra.block_jacobians"]}
     return ProbeResult(layers=LAYERS, meta=dict(FIXED_META), extras=extras, **keyed, **plain)

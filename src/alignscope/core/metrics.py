@@ -195,16 +195,31 @@ def coupling_projections(jacobians: Tensor, factors: SVD, k: int, form: str = "u
     return projected.view(n, k, n, k).permute(2, 0, 3, 1)  # [L, L, K, K]: left_j^T J_i right_j
 
 
-def coupling_from_projections(projected: Tensor, S: Tensor, clipped: dict[int, int]) -> dict[int, Tensor]:
+def coupling_from_projections(
+    projected: Tensor, S: Tensor, clipped: dict[int, int], normalization: str = "norm", p: float = 2.0
+) -> dict[int, Tensor]:
     """``{K: m_K [L, L]}`` from ``projected[i, j] = A_{j,Kmax}^T J_i B_{j,Kmax}`` (``[L, L, Kmax, Kmax]``) and the
-    singular values ``S`` (``[L, >= Kmax]``); ``clipped`` maps each requested K to its clipped value."""
+    singular values ``S`` (``[L, >= Kmax]``); ``clipped`` maps each requested K to its clipped value.
+    ``m_K = || |A_{j,K}^T J_i B_{j,K}| - diag(s_{i,1..K}) ||_F / coupling_norm(s_{i,1..K})``
+    (:func:`coupling_norm`: the 2-norm by default)."""
     s1 = S[:, :1]  # [L, 1]: both norms in units of s_{i,1} (no overflow of squares, 0/0 for a zero J_i)
     out = {}
     for k, kc in clipped.items():
         s_k = S[:, :kc] / s1  # [L, K]
         diff = projected[..., :kc, :kc].abs() / s1[..., None, None] - torch.diag_embed(s_k)[:, None]
-        out[k] = torch.linalg.matrix_norm(diff) / torch.linalg.vector_norm(s_k, dim=-1)[:, None]
+        out[k] = torch.linalg.matrix_norm(diff) / coupling_norm(s_k, normalization, p)[:, None]
     return out
+
+
+def coupling_norm(s_k: Tensor, normalization: str = "norm", p: float = 2.0) -> Tensor:
+    """The denominator of ``m_K`` from the top-K singular values ``s_k`` ``[..., K] -> [...]``:
+    ``normalization="norm"``: ``||s_k||_p = (sum_k s_k^p)^(1/p)`` (p = 2: the paper's ``||S_{i,K}||_F``);
+    ``"trace"``: ``sum_k s_k`` (the trace of ``S_{i,K}``, equal to the p = 1 norm)."""
+    if normalization == "trace":
+        return s_k.sum(-1)
+    if normalization != "norm":
+        raise ValueError(f"normalization must be 'norm' or 'trace', got {normalization!r}")
+    return torch.linalg.vector_norm(s_k, ord=p, dim=-1)
 
 
 def coupling_summary(m: Tensor) -> Tensor:
@@ -244,7 +259,11 @@ def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
 
 
 def alignment_matrices(U: Tensor, V: Tensor, ks: list[int]) -> dict[int, Tensor]:
-    """:func:`alignment_matrix` for several K: ``{K: [L, L]}``, the overlaps formed once at the largest K."""
+    """:func:`alignment_matrix` for several K: ``{K: [L, L]}``, the overlaps formed once at the largest K.
+
+    ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)`` for any two stacks of orthonormal columns:
+    ``(U, U)`` gives the left/left alignment ``|| |U_{j,K}^T U_{i,K}| - I ||_F / sqrt(K)`` and ``(V, V)``
+    the right/right one (:func:`same_side_alignment_matrices`)."""
     clipped = {k: _check_k(k, U.shape[-2]) for k in ks}
     kmax = max(clipped.values())
     overlap = torch.einsum("jak,ial->ijkl", U[..., :kmax], V[..., :kmax]).abs()
@@ -253,6 +272,17 @@ def alignment_matrices(U: Tensor, V: Tensor, ks: list[int]) -> dict[int, Tensor]
         eye = torch.eye(kc, dtype=U.dtype, device=U.device)
         out[k] = torch.linalg.matrix_norm(overlap[..., :kc, :kc] - eye) / math.sqrt(kc)
     return out
+
+
+def same_side_alignment_matrices(
+    U: Tensor, V: Tensor, ks: list[int]
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Left/left and right/right singular-vector alignment of every block pair: ``({K: [L, L]}, {K: [L, L]})``,
+
+    ``uu[i, j] = || |U_{j,K}^T U_{i,K}| - I ||_F / sqrt(K)`` and ``vv[i, j] = || |V_{j,K}^T V_{i,K}| - I ||_F /
+    sqrt(K)`` (``U``, ``V``: ``[L, d, >= K]``). Both are symmetric with a zero diagonal; 0 where the two
+    blocks' top-K vectors agree up to sign, about 1 for unrelated ones when K is a small share of d."""
+    return alignment_matrices(U, U, ks), alignment_matrices(V, V, ks)
 
 
 def line_shape_score(trajectory: Tensor) -> Tensor:

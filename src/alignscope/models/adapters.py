@@ -35,6 +35,8 @@ class BlockAdapter:
         token_copies: a block's attention takes all its masking from the mask it is passed, so several
             copies of one token can share a call (:func:`alignscope.models.capture.token_copies_function`). False
             for GPT-Neo, whose local attention slices a window out of its own buffer by query position.
+        final_norm_paths: candidate dotted paths to the norm the model applies after its last block (tried
+            like ``block_paths``); empty for models without one (post-norm encoders).
     """
 
     block_paths: tuple[str, ...]
@@ -42,14 +44,11 @@ class BlockAdapter:
     residual_form: str = "pre-norm"
     causal: bool = True
     token_copies: bool = True
+    final_norm_paths: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
-        roots = [model]
-        base = getattr(model, "base_model", None)
-        if isinstance(base, nn.Module) and base is not model:
-            roots.append(base)
-        for root in roots:
+        for root in _roots(model):
             for path in self.block_paths:
                 mod = _get_path(root, path)
                 if isinstance(mod, nn.ModuleList) and len(mod) > 0:
@@ -57,6 +56,21 @@ class BlockAdapter:
         raise ValueError(
             f"{type(model).__name__}: none of the block paths {self.block_paths} holds a non-empty "
             "nn.ModuleList; register a corrected adapter with alignscope.models.register_adapter()"
+        )
+
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm applied after the last block (Hugging Face's last hidden state is its output), or None
+        for a family without one (post-norm encoders, whose last hidden state is the last block's output)."""
+        if not self.final_norm_paths:
+            return None
+        for root in _roots(model):
+            for path in self.final_norm_paths:
+                mod = _get_path(root, path)
+                if isinstance(mod, nn.Module):
+                    return mod
+        raise ValueError(
+            f"{type(model).__name__}: none of the final-norm paths {self.final_norm_paths} holds a module; "
+            "register a corrected adapter with alignscope.models.register_adapter()"
         )
 
     def hidden_from_output(self, output: Any) -> torch.Tensor:
@@ -71,6 +85,12 @@ class BlockAdapter:
         raise TypeError(f"cannot read hidden states from a block output of type {type(output).__name__}")
 
 
+def _roots(model: nn.Module) -> list[nn.Module]:
+    """The model, then its ``base_model`` when that is another module: where adapter paths start."""
+    base = getattr(model, "base_model", None)
+    return [model, base] if isinstance(base, nn.Module) and base is not model else [model]
+
+
 def _get_path(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
@@ -80,8 +100,8 @@ def _get_path(root: nn.Module, path: str) -> Any:
     return obj
 
 
-_DECODER = BlockAdapter(block_paths=("model.layers", "layers"))
-_GPT2_STYLE = BlockAdapter(block_paths=("transformer.h", "h"))
+_DECODER = BlockAdapter(block_paths=("model.layers", "layers"), final_norm_paths=("model.norm", "norm"))
+_GPT2_STYLE = BlockAdapter(block_paths=("transformer.h", "h"), final_norm_paths=("transformer.ln_f", "ln_f"))
 _ENCODER = BlockAdapter(
     block_paths=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
     residual_form="post-norm",
@@ -92,15 +112,20 @@ ADAPTERS: dict[str, BlockAdapter] = {
     "gpt2": _GPT2_STYLE,
     "falcon": _GPT2_STYLE,
     "gpt_neo": dataclasses.replace(_GPT2_STYLE, token_copies=False),
-    "mpt": BlockAdapter(block_paths=("transformer.blocks", "blocks")),
-    "gpt_neox": BlockAdapter(block_paths=("gpt_neox.layers", "layers")),
+    "mpt": BlockAdapter(
+        block_paths=("transformer.blocks", "blocks"), final_norm_paths=("transformer.norm_f", "norm_f")
+    ),
+    "gpt_neox": BlockAdapter(
+        block_paths=("gpt_neox.layers", "layers"),
+        final_norm_paths=("gpt_neox.final_layer_norm", "final_layer_norm"),
+    ),
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
     "gemma2": _DECODER,
-    "phi": _DECODER,
+    "phi": dataclasses.replace(_DECODER, final_norm_paths=("model.final_layernorm", "final_layernorm")),
     "phi3": _DECODER,
     "olmo": _DECODER,
     "olmo2": _DECODER,

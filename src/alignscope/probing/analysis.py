@@ -18,24 +18,37 @@ from alignscope.core.randomized import vector_angle_bounds
 from alignscope.probing.engines.base import TokenFactors
 
 
-def analyze(f: TokenFactors, layers: list[int], ks: list[int]) -> dict[str, Any]:
+def analyze(
+    f: TokenFactors,
+    layers: list[int],
+    ks: list[int],
+    normalization: str = "norm",
+    p: float = 2.0,
+    inv_s1_from: int = 1,
+) -> dict[str, Any]:
     """The metrics of one token whose probed blocks are ``layers`` (0-based), for each K of ``ks`` (clipped
-    to ``d``): ``{field: tensor}`` plus ``extras`` (``{name: tensor}``, empty for exact engines)."""
+    to ``d``): ``{field: tensor}`` plus ``extras`` (``{name: tensor}``, empty for exact engines).
+    ``normalization`` and ``p``: the denominator of ``m_K`` (:func:`~alignscope.core.metrics.coupling_norm`);
+    ``inv_s1_from``: the ``1 / s_1`` fit covers the probed blocks numbered (1-based) from it on."""
     traj, S = f.trajectory, f.S
     clipped = {k: min(k, traj.shape[-1]) for k in ks}
     depth = torch.tensor([layer + 1 for layer in layers])
     expo = metrics.expodistance(traj)
-    inv_fit = metrics.inverse_top_singular_fit(S[:, 0], depth)
+    fitted = depth >= inv_s1_from
+    inv_fit = metrics.inverse_top_singular_fit(S[fitted.to(S.device), 0], depth[fitted])
+    uu, vv = metrics.same_side_alignment_matrices(f.U, f.V, ks)
     # ||J||_F^2 = sum s_k^2 (+ the part outside a sketch, which counts as one more term of the sum)
     spectrum = S if f.tail_fro is None else torch.cat([S, f.tail_fro[:, None]], -1)
-    coupling = metrics.coupling_from_projections(f.ujv, S, clipped)
+    coupling = metrics.coupling_from_projections(f.ujv, S, clipped, normalization, p)
     out: dict[str, Any] = {
         "hidden_states": traj,
         "singular_values": S,
         "nonfinite": ~torch.isfinite(S).all(-1),  # NaN factors exactly where J was not finite
         "coupling": coupling,
-        "coupling_vju": metrics.coupling_from_projections(f.vju, S, clipped),
+        "coupling_vju": metrics.coupling_from_projections(f.vju, S, clipped, normalization, p),
         "alignment": metrics.alignment_matrices(f.U, f.V, ks),
+        "alignment_uu": uu,
+        "alignment_vv": vv,
         "lss": metrics.line_shape_score(traj),
         "step_slope": expo.step_slope,
         "step_r2": expo.step_r2,

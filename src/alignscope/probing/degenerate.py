@@ -62,7 +62,16 @@ def degeneracies(result: ProbeResult) -> list[Degeneracy]:
                 f"coupling needs at least 2 probed blocks; layers={layers} probes one, so coupling/*, "
                 "coupling_vju/* and alignment_across/* are NaN, and so is the fit of 1/s_1 over blocks "
                 "(spectra/inv_s1_*)",
-                ("coupling", "alignment_across/", "spectra/inv_s1_"),
+                ("coupling", "alignment_across/", "alignment_uu/", "alignment_vv/", "spectra/inv_s1_"),
+            )
+        )
+    first = int(result.meta.get("inv_s1_from", 1))
+    if len(layers) >= 2 and sum(layer + 1 >= first for layer in layers) < 2:
+        found.append(
+            Degeneracy(
+                f"the 1/s_1 fit starts at block {first} (inv_s1_from, 1-based), which leaves fewer than 2 of "
+                f"the probed blocks, so spectra/inv_s1_* are NaN",
+                ("spectra/inv_s1_",),
             )
         )
     tokens = result.tokens

@@ -48,6 +48,11 @@ def probe(
     dtype: torch.dtype = torch.float32,
     attention: str = "eager",
     progress: bool = False,
+    include_final_norm: bool = False,
+    normalization: str = "norm",
+    p: float = 2.0,
+    linearization: str = "all",
+    inv_s1_from: int = 1,
     settings: ProbeSettings | None = None,
     plan: Plan | None = None,
 ) -> ProbeResult:
@@ -59,7 +64,8 @@ def probe(
         attention_mask: ``[B, T]``, 1 for real tokens; padding (either side) is removed per prompt.
         layers: block indices to probe (0-based, default all). Trajectories always cover all blocks.
         tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens.
-        ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``). ``"auto"``
+        ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``); a float
+            ``q`` in ``(0, 1)`` means ``K = max(1, int(q * d))``. ``"auto"``
             (default): 10, 30 and 50 where ``K <= d / 4`` (:meth:`ProbeSettings.ks_for`: with K a large share
             of ``d``, coupling can be negative by definition); what was left out is logged and in
             ``meta["ks_dropped"]``, and ``meta["notes"]`` holds the notice.
@@ -93,6 +99,15 @@ def probe(
             CUDA copies of the token from ``plan.copies_min_context`` cached tokens on, :meth:`Plan.copies`;
             an explicit ``chunk_size`` keeps the batched VJPs at every context length. On the randomized
             path rows per product call, the same rule with ``T`` for encoders).
+        include_final_norm: take the last block's output after the model's final norm, as Hugging Face's
+            last ``output_hidden_states`` entry (and the paper's released code) does: the last ``J``, ``x^L``
+            and every metric of them include the norm. No effect on models without a final norm (encoders).
+        normalization: ``m_K``'s denominator: ``"norm"`` (default, ``||s_{i,1..K}||_p``) or ``"trace"``
+            (``sum_k s_{i,k}``); the randomized engine takes only the default (its error bound assumes it).
+        p: the order of that norm (default 2).
+        linearization: ``"all"`` (default): cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``;
+            ``"drop_last"``: the chain of the first ``L - 1`` blocks against ``x^L``.
+        inv_s1_from: the ``1 / s_1`` fit covers the probed blocks numbered (1-based) from this on (default 1).
         settings: all of the above as one :class:`ProbeSettings` (then pass none of them individually).
         plan: the engines' tuning (:class:`~alignscope.probing.plan.Plan`: rows per product, copies, the
             analysis SVD, the ``"auto"`` rule); default ``Plan()``. It moves time and memory, not numbers.
@@ -106,7 +121,22 @@ def probe(
         ValueError: a bad argument, or a prompt longer than the model's context
             (:func:`alignscope.models.context_length`).
     """
-    given = ProbeSettings(layers, tokens, ks, keep_jacobians, engine, chunk_size, dtype, attention, progress)
+    given = ProbeSettings(
+        layers,
+        tokens,
+        ks,
+        keep_jacobians,
+        engine,
+        chunk_size,
+        dtype,
+        attention,
+        progress,
+        include_final_norm,
+        normalization,
+        p,
+        linearization,
+        inv_s1_from,
+    )
     if settings is not None and given != ProbeSettings():
         raise ValueError("pass either settings=ProbeSettings(...) or the individual settings, not both")
     run = _resolve(model, settings if settings is not None else given, keep_blocks, plan or Plan())
@@ -177,12 +207,20 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
         raise ValueError(
             f"keep_blocks {sorted(set(kept) - set(probed))} are not among the probed layers {probed}"
         )
+    if not engine.forms_jacobians and not s.default_coupling_norm:
+        raise ValueError(
+            f"the {engine.name} engine's error bound on m_K assumes the default normalization (the 2-norm of "
+            f"the top-K singular values); normalization={s.normalization!r}, p={s.p:g} needs an exact engine: "
+            "pass engine='exact' or 'single_token'"
+        )
     if not engine.forms_jacobians and (s.keep_jacobians or kept):
         raise ValueError(
             f"the {engine.name} engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
             "engine: pass engine='exact' or 'single_token'"
         )
-    target = Target(model, adapter, blocks, probed, max(ks), s.dtype)
+    final_norm = adapter.final_norm(model) if s.include_final_norm else None
+    chain_blocks = len(blocks) - 1 if s.linearization == "drop_last" else None
+    target = Target(model, adapter, blocks, probed, max(ks), s.dtype, final_norm, chain_blocks)
     return _Run(s, ks, dropped, [notice] if notice else [], target, kept, engine, device)
 
 
@@ -199,7 +237,7 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
         for factors in run.engine.factors(run.target, ids, positions[b], bar):
             loop.chain_gap = max(loop.chain_gap, factors.chain_gap)
             start = time.perf_counter()
-            out = analyze(factors, probed, run.ks)  # on the device
+            out = analyze(factors, probed, run.ks, s.normalization, s.p, s.inv_s1_from)  # on the device
             if s.keep_jacobians:
                 out["jacobians"] = factors.jacobians
             if kept_index:
@@ -235,6 +273,11 @@ def _meta(
         "prompt_lengths": [len(seq) for seq in sequences],
         "ks_requested": s.ks if isinstance(s.ks, str) else list(s.ks),
         "ks_dropped": run.ks_dropped,
+        "include_final_norm": s.include_final_norm,
+        "normalization": s.normalization,
+        "p": s.p,
+        "linearization": s.linearization,
+        "inv_s1_from": s.inv_s1_from,
         "notes": run.notes,
         "k_effective": {str(k): min(k, d) for k in ks},
         "k_clipped": [k for k in ks if k > d],

@@ -87,6 +87,8 @@ class ProbeResult:
         coupling, coupling_vju: ``{K: [P, L', L']}``, ``[p, i, j] = m_K(J_i, J_j)`` (ujv / vju form).
         alignment: ``{K: [P, L', L']}``, ``[p, i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``; diagonal =
             within-block alignment.
+        alignment_uu, alignment_vv: ``{K: [P, L', L']}``, ``|| |U_{j,K}^T U_{i,K}| - I ||_F / sqrt(K)`` and
+            ``|| |V_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (left/left, right/right; zero diagonal).
         lss: ``[P]`` line-shape score of each trajectory.
         step_slope, step_r2, norm_slope, norm_r2: ``[P]`` expodistance fits.
         stable_rank: ``[P, L']``; inv_s1_slope, inv_s1_r2: ``[P]`` fit of ``1/s_1`` against block number.
@@ -105,6 +107,8 @@ class ProbeResult:
     coupling: dict[int, Tensor] = field(metadata=KEYED)
     coupling_vju: dict[int, Tensor] = field(metadata=KEYED)
     alignment: dict[int, Tensor] = field(metadata=KEYED)
+    alignment_uu: dict[int, Tensor] = field(metadata=KEYED)
+    alignment_vv: dict[int, Tensor] = field(metadata=KEYED)
     lss: Tensor = field(metadata=PLAIN)
     step_slope: Tensor = field(metadata=PLAIN)
     step_r2: Tensor = field(metadata=PLAIN)
@@ -162,7 +166,8 @@ class ProbeResult:
           ``i != j`` of ``1 - m_K(J_i, J_j)^2``; ``coupling/k{K}/block_{l}``: the same over ``j != i`` for
           block ``l``'s row.
         - ``alignment/k{K}``: within-block ``a_K``, mean over tokens and blocks; ``/block_{l}`` per block;
-          ``alignment_across/k{K}``: mean over tokens and ordered pairs ``i != j``.
+          ``alignment_across/k{K}``: mean over tokens and ordered pairs ``i != j``; ``alignment_uu/k{K}``,
+          ``alignment_vv/k{K}``: the left/left and right/right alignments, the same mean.
         - ``lss/mean``; ``expodistance/{step,norm}_{slope,r2}``; ``spectra/inv_s1_{slope,r2}``;
           ``linearization/cosine``: means over tokens.
         - ``spectra/s1/block_{l}``, ``spectra/stable_rank/block_{l}`` and their means over blocks
@@ -185,6 +190,8 @@ class ProbeResult:
             for name, value in zip(names, within.mean(0)):
                 out[f"alignment/k{k}/{name}"] = _f(value)
             out[f"alignment_across/k{k}"] = _f(metrics.off_diagonal_mean(self.alignment[k]).mean())
+            out[f"alignment_uu/k{k}"] = _f(metrics.off_diagonal_mean(self.alignment_uu[k]).mean())
+            out[f"alignment_vv/k{k}"] = _f(metrics.off_diagonal_mean(self.alignment_vv[k]).mean())
             out[f"k_effective/k{k}"] = float(self.meta.get("k_effective", {}).get(str(k), k))
         out["lss/mean"] = _f(self.lss.mean())
         for key in ("step_slope", "step_r2", "norm_slope", "norm_r2"):

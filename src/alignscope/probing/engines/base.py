@@ -11,6 +11,7 @@ against the KV cache, or products without forming ``J``). Adding an engine is on
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -28,7 +29,9 @@ from alignscope.probing.plan import Plan
 @dataclass
 class Target:
     """What an engine probes: the model, its adapter and blocks, the probed block indices ``probed`` (``L'``
-    of them, 0-based, ascending), the largest K, and the compute dtype."""
+    of them, 0-based, ascending), the largest K, the compute dtype, the model's final norm when the last
+    block's output is taken after it (``include_final_norm``, else None), and how many leading blocks the
+    linearized chain covers (``chain_blocks``, None: all)."""
 
     model: nn.Module
     adapter: BlockAdapter
@@ -36,11 +39,47 @@ class Target:
     probed: list[int]
     kmax: int
     dtype: torch.dtype
+    final_norm: nn.Module | None = None
+    chain_blocks: int | None = None
 
     @property
     def every_block(self) -> bool:
         """True when every block is probed (then the linearized chain is defined)."""
         return len(self.probed) == len(self.blocks)
+
+    @property
+    def chain_length(self) -> int:
+        """The number of leading blocks in the linearized chain ``(I + J_n) ... (I + J_1) x^0``."""
+        return len(self.blocks) if self.chain_blocks is None else self.chain_blocks
+
+    def block(self, layer: int) -> nn.Module:
+        """The module to re-call as block ``layer``: the model's own block, or for the last block with a
+        final norm, the block followed by the norm (:class:`NormedBlock`)."""
+        block = self.blocks[layer]
+        if self.final_norm is None or layer != len(self.blocks) - 1:
+            return block
+        return NormedBlock(block, self.final_norm, self.adapter)
+
+    def with_final_norm(self, calls: list[BlockCall]) -> list[BlockCall]:
+        """``calls`` with the last block's recorded output passed through the final norm (if any)."""
+        if self.final_norm is None:
+            return calls
+        last = calls[-1]
+        with torch.no_grad():
+            normed = self.final_norm(last.output)
+        return [*calls[:-1], dataclasses.replace(last, output=normed)]
+
+
+class NormedBlock(nn.Module):
+    """A block followed by the model's final norm: the map ``x^{L-1} -> norm(x^L)`` that Hugging Face's last
+    two ``output_hidden_states`` entries span. Called with the block's own arguments; returns ``[..., d]``."""
+
+    def __init__(self, block: nn.Module, norm: nn.Module, adapter: BlockAdapter) -> None:
+        super().__init__()
+        self.block, self.norm, self.adapter = block, norm, adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.norm(self.adapter.hidden_from_output(self.block(*args, **kwargs)))
 
 
 @dataclass

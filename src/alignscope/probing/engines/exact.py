@@ -63,7 +63,9 @@ class ExactEngine(ProbeEngine):
             V=svd.V,
             ujv=metrics.coupling_projections(jac, svd, kmax, "ujv"),
             vju=metrics.coupling_projections(jac, svd, kmax, "vju"),
-            chain=metrics.linearized_chain(jac, traj[0]) if target.every_block else None,
+            chain=metrics.linearized_chain(jac[: target.chain_length], traj[0])
+            if target.every_block
+            else None,
             chain_gap=gap,
             jacobians=jac,
         )
@@ -104,7 +106,7 @@ class SequenceEngine(ExactEngine):
 
     def jacobians(self, target: Target, ids: Tensor, positions: list[int], bar: Any):
         blocks, dtype = target.blocks, target.dtype
-        calls = capture_block_calls(target.model, target.adapter, blocks, ids)
+        calls = target.with_final_norm(capture_block_calls(target.model, target.adapter, blocks, ids))
         gap = chain_gap(calls)
         pos = torch.tensor(positions, dtype=torch.long)
         traj = torch.stack([trajectory(calls, t) for t in positions]).to(dtype)  # [P, L + 1, d]
@@ -112,7 +114,7 @@ class SequenceEngine(ExactEngine):
         jac = torch.empty(len(pos), len(target.probed), d, d, dtype=dtype, device=traj.device)
         for li, layer in enumerate(target.probed):
             call = calls[layer]
-            fn = block_function(blocks[layer], call, target.adapter, dtype)
+            fn = block_function(target.block(layer), call, target.adapter, dtype)
             x = call.input[0].to(dtype)
             p = pos.to(x.device)
             jac[:, li] = residual_jacobian(self.method(fn, x, p, p)).to(jac.device)
@@ -149,7 +151,8 @@ class SingleTokenEngine(ExactEngine):
         return "adaptive" if self.adaptive else self.chunk_size
 
     def jacobians(self, target: Target, ids: Tensor, positions: list[int], bar: Any):
-        for t, calls in capture_tokens_calls(target.model, target.adapter, target.blocks, ids, positions):
+        for t, raw in capture_tokens_calls(target.model, target.adapter, target.blocks, ids, positions):
+            calls = target.with_final_norm(raw)
             traj = trajectory(calls, 0).to(target.dtype)
             d = traj.shape[-1]
             copies_at = self.plan.copies(traj.device) if self.adaptive else None
@@ -165,7 +168,7 @@ class SingleTokenEngine(ExactEngine):
     def _block_jacobian(self, target: Target, call, layer: int, copies_chunk: int | None) -> Tensor:
         """``J_l`` ``[d, d]`` at the token: on copies of the token when ``copies_chunk`` is set and the block
         takes copies, else by batched VJPs."""
-        block, adapter, dtype = target.blocks[layer], target.adapter, target.dtype
+        block, adapter, dtype = target.block(layer), target.adapter, target.dtype
         x = call.input[0].to(dtype)  # [1, d]
         copies_fn = token_copies_function(block, call, adapter, dtype) if copies_chunk else None
         if copies_fn is not None:

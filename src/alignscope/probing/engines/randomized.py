@@ -60,11 +60,13 @@ def sketch_token(
     dtype: torch.dtype,
     t: int | None,
     chunk_size: int,
-    chain: bool,
+    chain: int | None,
     bar: Any,
     copies: bool = False,
 ) -> dict[str, Any]:
     """Factors, projections and the linearization chain for one token (see the module docstring).
+    ``blocks[layer]`` is the module re-called as block ``layer``; ``chain``: how many leading blocks the
+    chain covers (every block must be probed), or None for no chain.
     ``copies``: run the products on copies of the token (single-token calls with a long context on CUDA,
     :meth:`alignscope.probing.plan.Plan.copies`; blocks that cannot take copies fall back to batched products)."""
 
@@ -76,11 +78,11 @@ def sketch_token(
     d = calls[0].input.shape[-1]
     kmax = min(max(ks), d)
     sketches: list[LowRank] = []
-    z = calls[0].input[0, 0 if t is None else t].to(dtype) if chain else None
+    z = calls[0].input[0, 0 if t is None else t].to(dtype) if chain is not None else None
     for layer in probed:
         op = operator(layer)
         sketches.append(engine(op, kmax))
-        if chain:
+        if z is not None and chain is not None and layer < chain:
             z = z + op.jvp(z[None])[0]
         del op
     U = torch.stack([s.U for s in sketches])  # [L', d, r]
@@ -146,9 +148,9 @@ class RandomizedEngine(ProbeEngine):
         adapter, blocks = target.adapter, target.blocks
         if adapter.causal:  # the token alone against the KV cache: row None
             for t, calls in capture_tokens_calls(target.model, adapter, blocks, ids, positions):
-                yield self._token(target, ids, t, calls, None, bar)
+                yield self._token(target, ids, t, target.with_final_norm(calls), None, bar)
         else:  # one full-sequence capture, row t of it
-            calls = capture_block_calls(target.model, adapter, blocks, ids)
+            calls = target.with_final_norm(capture_block_calls(target.model, adapter, blocks, ids))
             for t in positions:
                 yield self._token(target, ids, t, calls, t, bar)
 
@@ -165,7 +167,7 @@ class RandomizedEngine(ProbeEngine):
         )
         sk = sketch_token(
             calls,
-            blocks,
+            [target.block(layer) for layer in range(len(blocks))],
             adapter,
             target.probed,
             [target.kmax],
@@ -173,7 +175,7 @@ class RandomizedEngine(ProbeEngine):
             target.dtype,
             row,
             chunk,
-            target.every_block,
+            target.chain_length if target.every_block else None,
             bar,
             copies,
         )
