@@ -35,6 +35,11 @@ class BlockAdapter:
         token_copies: a block's attention takes all its masking from the mask it is passed, so several
             copies of one token can share a call (:func:`alignscope.models.capture.token_copies_function`). False
             for GPT-Neo, whose local attention slices a window out of its own buffer by query position.
+        inputs: the forward keyword a prompt goes in as: ``"input_ids"`` (token ids ``[B, T]``) or
+            ``"pixel_values"`` (images ``[B, C, H, W]``, vision transformers).
+        prefix_tokens: vision models: the tokens the blocks see before the patch tokens (ViT's CLS token;
+            DeiT's CLS and distillation tokens), so an image has ``prefix_tokens + patches`` tokens, the
+            patches in row-major order. The default probed token of a vision model is the CLS token (0).
     """
 
     block_paths: tuple[str, ...]
@@ -42,6 +47,8 @@ class BlockAdapter:
     residual_form: str = "pre-norm"
     causal: bool = True
     token_copies: bool = True
+    inputs: str = "input_ids"
+    prefix_tokens: int = 0
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
@@ -87,6 +94,12 @@ _ENCODER = BlockAdapter(
     residual_form="post-norm",
     causal=False,
 )
+_VISION = BlockAdapter(
+    block_paths=("layers", "encoder.layer"),  # transformers 5, 4
+    causal=False,
+    inputs="pixel_values",
+    prefix_tokens=1,
+)
 
 ADAPTERS: dict[str, BlockAdapter] = {
     "gpt2": _GPT2_STYLE,
@@ -106,6 +119,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
     "olmo2": _DECODER,
     "bert": _ENCODER,
     "roberta": _ENCODER,
+    "vit": _VISION,
+    "deit": dataclasses.replace(_VISION, prefix_tokens=2),
 }
 """Registered adapters by ``config.model_type``; every entry is tested on a tiny model built from config."""
 
