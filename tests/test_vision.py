@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from alignscope import RandomizedSVD, probe
+from alignscope import DegenerateResultWarning, RandomizedSVD, probe
 from alignscope.models import get_adapter, random_init_twin
 from conftest import pixels, prompt_ids, tiny_model, whole_model_jacobian
 
@@ -109,10 +109,30 @@ def test_random_init_twins_and_other_vision_classes():
     assert isinstance(from_config, transformers.ViTForImageClassification)
     res = probe(twin, pixel_values=pixels(1), ks=(4,))
     assert all(math.isfinite(v) for v in res.scalars().values())
-    for cls, family in (
-        (transformers.ViTModel, "vit"),
-        (transformers.DeiTForImageClassificationWithTeacher, "deit"),
-    ):
-        other = random_init_twin(tiny_model(family).config, seed=1, model_class=cls)
-        assert len(get_adapter(other).blocks(other)) == 3
-        assert probe(other, pixel_values=pixels(1), ks=(4,)).tokens.tolist() == [[0, 0]]
+    base = random_init_twin(model.config, seed=1, model_class=transformers.ViTModel)
+    assert len(get_adapter(base).blocks(base)) == 3
+    assert probe(base, pixel_values=pixels(1), ks=(4,)).tokens.tolist() == [[0, 0]]
+    # DeiT's own initializer leaves the CLS, distillation and position embeddings at zero: x^0 = 0 at CLS
+    teacher = transformers.DeiTForImageClassificationWithTeacher
+    deit = random_init_twin(tiny_model("deit").config, seed=1, model_class=teacher)
+    assert len(get_adapter(deit).blocks(deit)) == 3
+    with pytest.warns(DegenerateResultWarning, match="x\\^0 is the zero vector"):
+        res = probe(deit, pixel_values=pixels(1), ks=(4,))
+    assert math.isnan(res.scalars()["expodistance/norm_slope"]) and math.isfinite(
+        res.scalars()["coupling/k4"]
+    )
+
+
+@pytest.mark.filterwarnings("ignore::alignscope.DegenerateResultWarning")  # one block: no coupling
+def test_no_backward_kernel_runs_once_per_row():
+    """The vision blocks' GELU, LayerNorm and attention take the batched backward formulas."""
+    model = tiny_model("vit")
+    with torch.profiler.profile() as prof:
+        probe(model, pixel_values=pixels(1), layers=[0], ks=(4,))
+    d = model.config.hidden_size
+    per_row = {
+        e.key: e.count
+        for e in prof.key_averages()
+        if e.count >= d and ("backward" in e.key.lower() or "index_put" in e.key)
+    }
+    assert not per_row, per_row
