@@ -14,13 +14,20 @@ os.environ["WANDB_MODE"] = (
 )
 
 from alignscope.models import get_adapter
-from alignscope.models.tiny import TINY_CONFIGS, tiny_model
+from alignscope.models.tiny import TINY_CONFIGS, VISION_FAMILIES, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
+TEXT_FAMILIES = [f for f in FAMILIES if f not in VISION_FAMILIES]
+"""The families that take token ids; ``VISION_FAMILIES`` take ``pixel_values`` (``pixels()``)."""
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=TEXT_FAMILIES)
 def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=VISION_FAMILIES)
+def vision_family(request) -> str:
     return request.param
 
 
@@ -29,12 +36,19 @@ def prompt_ids(batch: int = 2, length: int = 7, seed: int = 1, vocab: int = 128)
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
+def pixels(batch: int = 2, seed: int = 1, size: int = 12) -> torch.Tensor:
+    """Random images ``[batch, 3, size, size]`` for the tiny vision families."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
 def whole_model_jacobian(model, input_ids: torch.Tensor, layer: int, t_in, t_out: int) -> torch.Tensor:
     """``d x^layer_{t_out} / d x^{layer-1}_{t_in}`` by autograd through the *whole model's* forward.
 
     A forward pre-hook adds a perturbation ``delta`` to block ``layer``'s input at token(s) ``t_in`` (a list
     means the same ``delta`` at each of them); a forward hook reads the block's output at ``t_out``.
-    Nothing of alignscope's capture/re-call machinery is used. ``input_ids``: ``[1, T]``.
+    Nothing of alignscope's capture/re-call machinery is used. ``input_ids``: ``[1, T]`` token ids, or
+    ``[1, C, H, W]`` pixels for a vision model (passed as the keyword its adapter names).
     """
     adapter = get_adapter(model)
     block = adapter.blocks(model)[layer]
@@ -60,7 +74,7 @@ def whole_model_jacobian(model, input_ids: torch.Tensor, layer: int, t_in, t_out
             block.register_forward_hook(post, with_kwargs=True),
         ]
         try:
-            model(input_ids=input_ids)
+            model(**{adapter.inputs: input_ids})
         finally:
             for h in handles:
                 h.remove()
@@ -70,7 +84,15 @@ def whole_model_jacobian(model, input_ids: torch.Tensor, layer: int, t_in, t_out
     return torch.autograd.functional.jacobian(run, torch.zeros(d))
 
 
-__all__ = ["FAMILIES", "prompt_ids", "tiny_model", "whole_model_jacobian"]
+__all__ = [
+    "FAMILIES",
+    "TEXT_FAMILIES",
+    "VISION_FAMILIES",
+    "pixels",
+    "prompt_ids",
+    "tiny_model",
+    "whole_model_jacobian",
+]
 
 
 def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):

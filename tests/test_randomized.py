@@ -16,7 +16,7 @@ from alignscope.models.capture import capture_token_calls, probe_mode
 from alignscope.probing.engines import select_engine
 from alignscope.probing.engines.randomized import row_function
 from alignscope.probing.plan import Plan, randomized_products
-from conftest import FAMILIES, prompt_ids, tiny_model
+from conftest import TEXT_FAMILIES, prompt_ids, tiny_model
 
 
 class MatrixOperator:
@@ -96,7 +96,7 @@ def test_linearized_block_products_match_the_jacobian(family):
         assert torch.allclose(forward_mode.jvp(rows), rows @ J.T, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_full_rank_sketch_reproduces_the_exact_probe(family):
     model = tiny_model(family)
     ids = prompt_ids(2, 7, seed=3)

@@ -37,6 +37,11 @@ class BlockAdapter:
             for GPT-Neo, whose local attention slices a window out of its own buffer by query position.
         final_norm_paths: candidate dotted paths to the norm the model applies after its last block (tried
             like ``block_paths``); empty for models without one (post-norm encoders).
+        inputs: the forward keyword a prompt goes in as: ``"input_ids"`` (token ids ``[B, T]``) or
+            ``"pixel_values"`` (images ``[B, C, H, W]``, vision transformers).
+        prefix_tokens: vision models: the tokens the blocks see before the patch tokens (ViT's CLS token;
+            DeiT's CLS and distillation tokens), so an image has ``prefix_tokens + patches`` tokens, the
+            patches in row-major order. The default probed token of a vision model is the CLS token (0).
     """
 
     block_paths: tuple[str, ...]
@@ -45,6 +50,8 @@ class BlockAdapter:
     causal: bool = True
     token_copies: bool = True
     final_norm_paths: tuple[str, ...] = ()
+    inputs: str = "input_ids"
+    prefix_tokens: int = 0
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
@@ -107,6 +114,12 @@ _ENCODER = BlockAdapter(
     residual_form="post-norm",
     causal=False,
 )
+_VISION = BlockAdapter(
+    block_paths=("layers", "encoder.layer"),  # transformers 5, 4
+    causal=False,
+    inputs="pixel_values",
+    prefix_tokens=1,
+)
 
 ADAPTERS: dict[str, BlockAdapter] = {
     "gpt2": _GPT2_STYLE,
@@ -131,6 +144,8 @@ ADAPTERS: dict[str, BlockAdapter] = {
     "olmo2": _DECODER,
     "bert": _ENCODER,
     "roberta": _ENCODER,
+    "vit": _VISION,
+    "deit": dataclasses.replace(_VISION, prefix_tokens=2),
 }
 """Registered adapters by ``config.model_type``; every entry is tested on a tiny model built from config."""
 

@@ -13,7 +13,8 @@ def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | No
     """The same architecture at random init: built from the config with the library's own initializer.
 
     ``model_or_config``: a ``PreTrainedModel`` (its class and config are reused) or a ``PretrainedConfig``
-    (then ``model_class`` or ``AutoModelForCausalLM`` is used). The seed is recorded on the returned model's
+    (then ``model_class`` or ``AutoModelForCausalLM`` is used; ``AutoModelForImageClassification`` for
+    vision families such as ViT). The seed is recorded on the returned model's
     config as ``alignscope_init_seed``. The twin is in eval mode, float32, on the CPU.
     """
     import copy
@@ -27,11 +28,16 @@ def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | No
         config = copy.deepcopy(model_or_config.config)
         cls = model_class or type(model_or_config)
     if cls is None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
+        from alignscope.models.adapters import ADAPTERS
+
+        adapter = ADAPTERS.get(getattr(config, "model_type", None))
+        vision = adapter is not None and adapter.inputs == "pixel_values"
+        auto = AutoModelForImageClassification if vision else AutoModelForCausalLM
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto.from_config(config)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

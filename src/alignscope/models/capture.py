@@ -78,11 +78,12 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def capture_block_calls(
-    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, input_ids: Tensor
+    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, inputs: Tensor
 ) -> list[BlockCall]:
-    """Run ``input_ids`` (``[1, T]``) through ``model`` and record every block's call, in block order."""
+    """Run one prompt through ``model`` and record every block's call, in block order. ``inputs``: token ids
+    ``[1, T]``, or pixels ``[1, C, H, W]`` for a vision adapter (passed as ``adapter.inputs``)."""
     with torch.no_grad(), _recording(blocks, adapter) as records:
-        model(input_ids=input_ids, **_forward_kwargs(model))
+        model(**{adapter.inputs: inputs}, **_forward_kwargs(model))
     return _calls(records)
 
 

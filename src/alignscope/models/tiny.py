@@ -13,6 +13,14 @@ _COMMON = dict(
     hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=128
 )
 _GQA = dict(_COMMON, num_key_value_heads=2)
+_VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=12,
+    patch_size=4,
+)
 
 TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # family: (config class, model class, config kwargs)
@@ -59,8 +67,12 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GQA, head_dim=8)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, eos_token_id=0, pad_token_id=1)),
+    "vit": ("ViTConfig", "ViTForImageClassification", dict(_VISION)),
+    "deit": ("DeiTConfig", "DeiTModel", dict(_VISION)),
 }
 """The families the adapters are tested on."""
+VISION_FAMILIES = ("deit", "vit")
+"""The families that take ``pixel_values`` (``[B, 3, 12, 12]`` images: 9 patches of 4 x 4)."""
 
 
 def tiny_model(family: str = "gpt2", seed: int = 0, **overrides: Any) -> nn.Module:
@@ -73,4 +85,20 @@ def tiny_model(family: str = "gpt2", seed: int = 0, **overrides: Any) -> nn.Modu
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(TINY_CONFIGS)}")
     config_name, model_name, kwargs = TINY_CONFIGS[family]
     config = getattr(transformers, config_name)(**{**kwargs, **overrides})
-    return random_init_twin(config, seed=seed, model_class=getattr(transformers, model_name))
+    model = random_init_twin(config, seed=seed, model_class=getattr(transformers, model_name))
+    if family == "deit":
+        _draw_deit_embeddings(model, seed)
+    return model
+
+
+def _draw_deit_embeddings(model: nn.Module, seed: int) -> None:
+    """DeiT's initializer leaves the CLS, distillation and position embeddings at zero, so ``x^0 = 0`` at
+    the CLS token (the first LayerNorm's degenerate point). The tiny DeiT draws them from
+    ``N(0, initializer_range)``, as ViT's initializer does for its CLS and position embeddings."""
+    import torch
+
+    emb = model.base_model.embeddings
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
+            p.copy_(torch.randn(p.shape, generator=g) * model.config.initializer_range)

@@ -6,10 +6,73 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from alignscope.models import context_length
+from alignscope.models.adapters import BlockAdapter
 
 TokenSpec = str | int | Sequence[int]
 """``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
+
+
+def prompt_inputs(
+    model: nn.Module,
+    adapter: BlockAdapter,
+    input_ids: Any,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None,
+    tokenizer: Any,
+) -> tuple[list[Tensor], list[int]]:
+    """Each prompt's model input without the batch axis (token ids ``[T]``, padding removed, or pixels
+    ``[C, H, W]``) and the number of tokens its blocks see. Exactly one of ``input_ids`` and
+    ``pixel_values`` must be given, the one ``adapter.inputs`` names."""
+    name = type(model).__name__
+    if (input_ids is None) == (pixel_values is None):
+        given = "both" if input_ids is not None else "neither"
+        raise ValueError(
+            f"give exactly one of input_ids (token ids, text) and pixel_values (images); got {given}"
+        )
+    if adapter.inputs == "pixel_values":
+        if pixel_values is None:
+            raise ValueError(
+                f"{name} is a vision model: pass pixel_values=[B, C, H, W] images, not input_ids"
+            )
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for token ids; images have no padding")
+        return pixel_prompts(pixel_values, model.config, adapter.prefix_tokens)
+    if pixel_values is not None:
+        raise ValueError(f"{name} takes token ids (input_ids), not pixel_values")
+    vocab = getattr(model.config, "vocab_size", None)
+    seqs = prompt_sequences(input_ids, attention_mask, tokenizer, vocab, context_length(model))
+    return seqs, [len(s) for s in seqs]
+
+
+def pixel_prompts(pixel_values: Tensor, config: Any, prefix_tokens: int) -> tuple[list[Tensor], list[int]]:
+    """Per-image ``[C, H, W]`` tensors of ``pixel_values`` (``[B, C, H, W]`` or ``[C, H, W]``), checked
+    against the config's ``num_channels`` and ``image_size``, and each image's token count:
+    ``prefix_tokens`` plus one per ``patch_size`` patch."""
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"pixel_values must be a tensor [B, C, H, W], got {type(pixel_values).__name__}")
+    px = pixel_values[None] if pixel_values.ndim == 3 else pixel_values
+    if px.ndim != 4 or px.shape[0] == 0:
+        raise ValueError(
+            f"pixel_values must be [B, C, H, W] or [C, H, W], got shape {tuple(pixel_values.shape)}"
+        )
+    if not px.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point (normalised images), got dtype {px.dtype}")
+    size, patch = _pair(config.image_size), _pair(config.patch_size)
+    expected = (config.num_channels, *size)
+    if tuple(px.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values have [C, H, W] = {list(px.shape[1:])}, the model takes {list(expected)} "
+            "(config.num_channels, config.image_size); resize the images, e.g. with the model's image processor"
+        )
+    tokens = prefix_tokens + (size[0] // patch[0]) * (size[1] // patch[1])
+    return list(px), [tokens] * px.shape[0]
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def prompt_sequences(
@@ -68,9 +131,11 @@ def prompt_sequences(
     return seqs
 
 
-def token_positions(tokens: TokenSpec, length: int, prompt: int) -> list[int]:
+def token_positions(tokens: TokenSpec, length: int, prompt: int, cls_token: bool = False) -> list[int]:
+    """The probed positions among a prompt's ``length`` tokens, sorted. ``"last"`` is the last token, or
+    with ``cls_token`` (vision models, whose last token is merely the bottom-right patch) the CLS token, 0."""
     if tokens == "last":
-        return [length - 1]
+        return [0] if cls_token else [length - 1]
     if tokens == "all":
         return list(range(length))
     if isinstance(tokens, str):

@@ -24,7 +24,7 @@ from alignscope.models.capture import block_function, capture_block_calls, probe
 from alignscope.probing.analysis import analyze
 from alignscope.probing.degenerate import DegenerateResultWarning, explain
 from alignscope.probing.engines import ProbeEngine, Target, input_device, select_engine
-from alignscope.probing.inputs import TokenSpec, prompt_sequences, token_positions
+from alignscope.probing.inputs import TokenSpec, prompt_inputs, prompt_sequences, token_positions
 from alignscope.probing.plan import Plan
 from alignscope.probing.result import ProbeResult
 from alignscope.probing.settings import ProbeSettings
@@ -34,13 +34,14 @@ log = logging.getLogger(__name__)
 
 def probe(
     model: nn.Module,
-    input_ids: Tensor | Sequence[Sequence[int]] | str | Sequence[str],
+    input_ids: Tensor | Sequence[Sequence[int]] | str | Sequence[str] | None = None,
     attention_mask: Tensor | None = None,
     layers: Sequence[int] | int | None = None,
     tokens: TokenSpec = "last",
     ks: Sequence[int] | str = "auto",
     keep_jacobians: bool = False,
     *,
+    pixel_values: Tensor | None = None,
     keep_blocks: Sequence[int] | None = None,
     tokenizer: Any = None,
     engine: str | JacobianEngine | None = "auto",
@@ -61,9 +62,13 @@ def probe(
     Args:
         model: a Hugging Face model whose ``config.model_type`` has a registered adapter.
         input_ids: ``[B, T]`` or ``[T]`` token ids, a list of id lists, or text (with ``tokenizer``).
+        pixel_values: instead of ``input_ids``, for vision models (ViT, DeiT): images ``[B, C, H, W]`` or
+            ``[C, H, W]`` at the config's size; the tokens are the CLS token (0; DeiT's distillation token is
+            1) followed by the patches in row-major order.
         attention_mask: ``[B, T]``, 1 for real tokens; padding (either side) is removed per prompt.
         layers: block indices to probe (0-based, default all). Trajectories always cover all blocks.
-        tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens.
+        tokens: ``"last"`` (default), ``"all"``, or positions within each prompt's real tokens. For vision
+            models ``"last"`` probes the CLS token (position 0), the token their heads read.
         ks: K values for coupling and alignment; each is clipped to ``d`` (recorded in ``meta``); a float
             ``q`` in ``(0, 1)`` means ``K = max(1, int(q * d))``. ``"auto"``
             (default): 10, 30 and 50 where ``K <= d / 4`` (:meth:`ProbeSettings.ks_for`: with K a large share
@@ -140,14 +145,14 @@ def probe(
     if settings is not None and given != ProbeSettings():
         raise ValueError("pass either settings=ProbeSettings(...) or the individual settings, not both")
     run = _resolve(model, settings if settings is not None else given, keep_blocks, plan or Plan())
-    sequences = prompt_sequences(
-        input_ids, attention_mask, tokenizer, getattr(model.config, "vocab_size", None), context_length(model)
-    )
-    positions = [token_positions(run.settings.tokens, len(seq), b) for b, seq in enumerate(sequences)]
+    adapter = run.target.adapter
+    sequences, lengths = prompt_inputs(model, adapter, input_ids, pixel_values, attention_mask, tokenizer)
+    vision = adapter.inputs == "pixel_values"
+    positions = [token_positions(run.settings.tokens, n, b, cls_token=vision) for b, n in enumerate(lengths)]
     started = time.perf_counter()
     with probe_mode(model, run.settings.attention):
         loop = _probe_tokens(run, sequences, positions)
-    meta = _meta(model, run, sequences, loop, time.perf_counter() - started)
+    meta = _meta(model, run, lengths, loop, time.perf_counter() - started)
     per_token = loop.per_token
     result = ProbeResult.stack(
         per_token,
@@ -249,9 +254,7 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
     return loop
 
 
-def _meta(
-    model: nn.Module, run: _Run, sequences: list[Tensor], loop: _Loop, seconds: float
-) -> dict[str, Any]:
+def _meta(model: nn.Module, run: _Run, lengths: list[int], loop: _Loop, seconds: float) -> dict[str, Any]:
     """The JSON-safe facts of a probe (``ProbeResult.meta``)."""
     s, target = run.settings, run.target
     ks = run.ks
@@ -270,7 +273,7 @@ def _meta(
         **run.engine.meta(target, d, run.device),
         "attention": s.attention,
         "tokens": s.tokens if isinstance(s.tokens, (str, int)) else list(s.tokens),
-        "prompt_lengths": [len(seq) for seq in sequences],
+        "prompt_lengths": lengths,
         "ks_requested": s.ks if isinstance(s.ks, str) else list(s.ks),
         "ks_dropped": run.ks_dropped,
         "include_final_norm": s.include_final_norm,

@@ -161,7 +161,7 @@ class RandomizedEngine(ProbeEngine):
         traj = trajectory(calls, row or 0).to(target.dtype)
         copies_at = self.plan.copies(ids.device, sketch=True)
         copies = adapter.causal and copies_at is not None and t >= copies_at[0]
-        context = t if adapter.causal else ids.shape[1]
+        context = t if adapter.causal else calls[0].input.shape[1]  # tokens, also for pixel inputs
         chunk = self.chunk_size or (
             copies_at[1] if copies else self.plan.token_chunk(context, ids.device, traj.shape[-1])
         )
