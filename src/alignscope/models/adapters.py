@@ -138,6 +138,7 @@ ADAPTERS: dict[str, BlockAdapter] = {
     "qwen3": _DECODER,
     "gemma": _DECODER,
     "gemma2": _DECODER,
+    "gemma3_text": _DECODER,  # sliding-window and global blocks; the masks come in through the block call
     "phi": dataclasses.replace(_DECODER, final_norm_paths=("model.final_layernorm", "final_layernorm")),
     "phi3": _DECODER,
     "olmo": _DECODER,

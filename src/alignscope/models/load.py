@@ -13,6 +13,7 @@ the library's initializer under ``seed``. Every source refuses ``config`` keys i
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -130,6 +131,7 @@ def load_model(
     subdir: str | None = None,
     package_version: str | None = None,
     sha256: str | None = None,
+    parts: Sequence[Mapping[str, str]] | None = None,
     revision: str | None = None,
     task: str = "causal_lm",
     dtype: str = "float32",
@@ -160,6 +162,7 @@ def load_model(
         revision=revision,
         package_version=package_version,
         sha256=sha256,
+        parts=tuple(parts) if parts else None,
     )
     cfg, where, kwargs = _model_config(located, model_type, dict(config or {}), vocab_size, token_ids)
     model = _instantiate(

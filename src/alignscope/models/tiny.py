@@ -65,6 +65,17 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "roberta": ("RobertaConfig", "RobertaModel", dict(_COMMON, max_position_embeddings=72, pad_token_id=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_GQA, head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GQA, head_dim=8)),
+    # a sliding window of 4 tokens in blocks 0 and 2 (the window matters at 5+ tokens), global attention in 1
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            _GQA,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_COMMON, eos_token_id=0, pad_token_id=1)),
     "vit": ("ViTConfig", "ViTForImageClassification", dict(_VISION)),

