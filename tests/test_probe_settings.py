@@ -31,6 +31,7 @@ OVERRIDES = {
     "p": ("1", 1.0),
     "linearization": ("drop_last", "drop_last"),
     "inv_s1_from": ("2", 2),
+    "token_coupling": ("true", True),
 }
 """A value other than the default for every key of conf/probe, and what ProbeSettings makes of it."""
 

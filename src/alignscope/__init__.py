@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.models import BlockAdapter, random_init_twin, register_adapter
+from alignscope.probing.context import ContextCoupling, context_coupling
 from alignscope.probing.degenerate import DegenerateResultWarning
 from alignscope.probing.probe import probe, token_jacobians
 from alignscope.probing.result import ProbeResult
@@ -25,11 +26,13 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "BlockAdapter",
+    "ContextCoupling",
     "DegenerateResultWarning",
     "ProbeResult",
     "ProbeSettings",
     "RandomizedSVD",
     "__version__",
+    "context_coupling",
     "load_model",
     "probe",
     "random_init_twin",

@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from alignscope.autodiff.jacobian import JacobianEngine, make_engine
+from alignscope.core.metrics import SVD
+from alignscope.core.token_coupling import token_coupling
 from alignscope.models import context_length, get_adapter, resolve_layers
 from alignscope.models.capture import block_function, capture_block_calls, probe_mode
 from alignscope.probing.analysis import analyze
 from alignscope.probing.degenerate import DegenerateResultWarning, explain
-from alignscope.probing.engines import ProbeEngine, Target, input_device, select_engine
+from alignscope.probing.engines import ProbeEngine, Target, TokenFactors, input_device, select_engine
 from alignscope.probing.inputs import TokenSpec, prompt_inputs, prompt_sequences, token_positions
 from alignscope.probing.plan import Plan
 from alignscope.probing.result import ProbeResult
@@ -54,6 +56,7 @@ def probe(
     p: float = 2.0,
     linearization: str = "all",
     inv_s1_from: int = 1,
+    token_coupling: bool = False,
     settings: ProbeSettings | None = None,
     plan: Plan | None = None,
 ) -> ProbeResult:
@@ -113,6 +116,9 @@ def probe(
         linearization: ``"all"`` (default): cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``;
             ``"drop_last"``: the chain of the first ``L - 1`` blocks against ``x^L``.
         inv_s1_from: the ``1 / s_1`` fit covers the probed blocks numbered (1-based) from this on (default 1).
+        token_coupling: also ``m_K`` across each prompt's probed tokens, per block (use ``tokens="all"`` or a
+            list): ``res.token_coupling[K]`` ``[prompts, L', T, T]`` and the scalar ``token_coupling/k{K}``
+            (:mod:`alignscope.core.token_coupling`). Needs an exact engine; holds one prompt's ``T`` Jacobians.
         settings: all of the above as one :class:`ProbeSettings` (then pass none of them individually).
         plan: the engines' tuning (:class:`~alignscope.probing.plan.Plan`: rows per product, copies, the
             analysis SVD, the ``"auto"`` rule); default ``Plan()``. It moves time and memory, not numbers.
@@ -141,6 +147,7 @@ def probe(
         p,
         linearization,
         inv_s1_from,
+        token_coupling,
     )
     if settings is not None and given != ProbeSettings():
         raise ValueError("pass either settings=ProbeSettings(...) or the individual settings, not both")
@@ -164,6 +171,7 @@ def probe(
     result.extras.update(
         {name: torch.stack([t["extras"][name] for t in per_token]) for name in per_token[0]["extras"]}
     )
+    result.extras.update(_token_coupling_extras(loop, run.ks))
     result.meta["warnings"] = explain(result)
     for message in result.meta["warnings"]:
         warnings.warn(message, DegenerateResultWarning, stacklevel=2)
@@ -191,9 +199,8 @@ class _Loop:
     per_token: list[dict[str, Any]] = field(default_factory=list)
     token_index: list[tuple[int, int]] = field(default_factory=list)
     chain_gap: float = 0.0
-    analysis_seconds: float = (
-        0.0  # the analysis (and the exact engines' SVDs); the rest is Jacobians, capture
-    )
+    token_coupling: list[dict[int, Tensor]] = field(default_factory=list)  # per prompt: {K: [L', T, T]}
+    analysis_seconds: float = 0.0  # the analysis (and the exact engines' SVDs); the rest: Jacobians, capture
 
 
 def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | None, plan: Plan) -> _Run:
@@ -218,10 +225,10 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
             f"the top-K singular values); normalization={s.normalization!r}, p={s.p:g} needs an exact engine: "
             "pass engine='exact' or 'single_token'"
         )
-    if not engine.forms_jacobians and (s.keep_jacobians or kept):
+    if not engine.forms_jacobians and (s.keep_jacobians or kept or s.token_coupling):
         raise ValueError(
-            f"the {engine.name} engine never forms Jacobians, so keep_jacobians/keep_blocks need an exact "
-            "engine: pass engine='exact' or 'single_token'"
+            f"the {engine.name} engine never forms Jacobians, so keep_jacobians, keep_blocks and "
+            "token_coupling need an exact engine: pass engine='exact' or 'single_token'"
         )
     final_norm = adapter.final_norm(model) if s.include_final_norm else None
     chain_blocks = len(blocks) - 1 if s.linearization == "drop_last" else None
@@ -239,7 +246,10 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
     kept_index = [probed.index(b) for b in run.kept]
     for b, seq in enumerate(sequences):
         ids = seq[None].to(run.device)
+        prompt: list[TokenFactors] = []
         for factors in run.engine.factors(run.target, ids, positions[b], bar):
+            if s.token_coupling:
+                prompt.append(factors)
             loop.chain_gap = max(loop.chain_gap, factors.chain_gap)
             start = time.perf_counter()
             out = analyze(factors, probed, run.ks, s.normalization, s.p, s.inv_s1_from)  # on the device
@@ -250,8 +260,40 @@ def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]
             loop.per_token.append(_to_cpu(out))  # waits for the device
             loop.analysis_seconds += time.perf_counter() - start
             loop.token_index.append((b, factors.position))
+        if prompt:
+            loop.token_coupling.append(_prompt_token_coupling(prompt, run))
     bar.close()
     return loop
+
+
+def _prompt_token_coupling(prompt: list[TokenFactors], run: _Run) -> dict[int, Tensor]:
+    """``{K: [L', T, T]}`` (on the CPU) across the probed tokens of one prompt
+    (:func:`alignscope.core.token_coupling.token_coupling`, from the engine's factors)."""
+    jacobians = torch.stack([f.jacobians for f in prompt])  # [T, L', d, d]
+    factors = SVD(*(torch.stack([getattr(f, name) for f in prompt]) for name in ("U", "S", "V")))
+    s = run.settings
+    return _to_cpu(token_coupling(jacobians, run.ks, s.normalization, s.p, factors=factors))
+
+
+def _token_coupling_extras(loop: _Loop, ks: list[int]) -> dict[str, Tensor]:
+    """``token_coupling_k{K}`` ``[prompts, L', T, T]`` (NaN where a prompt has fewer probed tokens than the
+    longest) and ``token_coupling_positions`` ``[prompts, T]`` (-1 there)."""
+    if not loop.token_coupling:
+        return {}
+    counts = [m[ks[0]].shape[-1] for m in loop.token_coupling]
+    n, size = len(counts), max(counts)
+    out: dict[str, Tensor] = {}
+    for k in ks:
+        first = loop.token_coupling[0][k]
+        padded = torch.full((n, first.shape[0], size, size), float("nan"), dtype=first.dtype)
+        for b, m in enumerate(loop.token_coupling):
+            padded[b, :, : counts[b], : counts[b]] = m[k]
+        out[f"token_coupling_k{k}"] = padded
+    positions = torch.full((n, size), -1, dtype=torch.long)
+    for b in range(n):
+        positions[b, : counts[b]] = torch.tensor([t for p, t in loop.token_index if p == b])
+    out["token_coupling_positions"] = positions
+    return out
 
 
 def _meta(model: nn.Module, run: _Run, lengths: list[int], loop: _Loop, seconds: float) -> dict[str, Any]:

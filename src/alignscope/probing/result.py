@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from alignscope.core import metrics
+from alignscope.core.token_coupling import token_coupling_summary
 from alignscope.probing.degenerate import explain
 
 HEADLINE = (
@@ -128,6 +129,15 @@ class ProbeResult:
         return sorted(self.coupling)
 
     @property
+    def token_coupling(self) -> dict[int, Tensor] | None:
+        """``{K: [prompts, L', T, T]}``, ``[b, l, t, t'] = m_K(J^l_t, J^l_{t'})`` across prompt ``b``'s probed
+        tokens (positions in ``extras["token_coupling_positions"]`` ``[prompts, T]``, -1 and NaN where a
+        prompt has fewer), when probed with ``token_coupling=True``; else None."""
+        if "token_coupling_positions" not in self.extras:
+            return None
+        return {k: self.extras[f"token_coupling_k{k}"] for k in self.ks}
+
+    @property
     def zero_jacobians(self) -> Tensor:
         """``[P, L']`` bool: the residual Jacobian is exactly zero (``s_1 = 0``; its coupling is 0/0)."""
         return self.singular_values[..., 0] == 0
@@ -168,6 +178,8 @@ class ProbeResult:
         - ``alignment/k{K}``: within-block ``a_K``, mean over tokens and blocks; ``/block_{l}`` per block;
           ``alignment_across/k{K}``: mean over tokens and ordered pairs ``i != j``; ``alignment_uu/k{K}``,
           ``alignment_vv/k{K}``: the left/left and right/right alignments, the same mean.
+        - ``token_coupling/k{K}`` (with ``token_coupling=True``): mean over prompts, blocks and ordered token
+          pairs ``t != t'`` of ``1 - m_K(J^l_t, J^l_{t'})^2``.
         - ``lss/mean``; ``expodistance/{step,norm}_{slope,r2}``; ``spectra/inv_s1_{slope,r2}``;
           ``linearization/cosine``: means over tokens.
         - ``spectra/s1/block_{l}``, ``spectra/stable_rank/block_{l}`` and their means over blocks
@@ -193,6 +205,8 @@ class ProbeResult:
             out[f"alignment_uu/k{k}"] = _f(metrics.off_diagonal_mean(self.alignment_uu[k]).mean())
             out[f"alignment_vv/k{k}"] = _f(metrics.off_diagonal_mean(self.alignment_vv[k]).mean())
             out[f"k_effective/k{k}"] = float(self.meta.get("k_effective", {}).get(str(k), k))
+        for k, m in (self.token_coupling or {}).items():
+            out[f"token_coupling/k{k}"] = _f(token_coupling_summary(m).nanmean())
         out["lss/mean"] = _f(self.lss.mean())
         for key in ("step_slope", "step_r2", "norm_slope", "norm_r2"):
             out[f"expodistance/{key}"] = _f(getattr(self, key).mean())
@@ -311,7 +325,7 @@ class ProbeResult:
         meta["seconds"] = sum(r.meta.get("seconds", 0.0) for r in results)
         meta["analysis_seconds"] = sum(r.meta.get("analysis_seconds", 0.0) for r in results)
         extras = {
-            k: torch.cat([r.extras[k] for r in results])
+            k: _cat_padded([r.extras[k] for r in results])
             for k in first.extras
             if all(k in r.extras for r in results)
         }
@@ -319,6 +333,21 @@ class ProbeResult:
         if any("warnings" in r.meta for r in results):
             joined.meta["warnings"] = explain(joined)
         return joined
+
+
+def _cat_padded(values: list[Tensor]) -> Tensor:
+    """``torch.cat`` along the first axis, the other axes padded to the largest size first (NaN for floats,
+    -1 for integers): per-prompt extras such as ``token_coupling_k{K}`` differ in their token axes."""
+    shape = [max(v.shape[i] for v in values) for i in range(1, values[0].ndim)]
+    fill = float("nan") if values[0].is_floating_point() else -1
+    padded = []
+    for v in values:
+        if list(v.shape[1:]) != shape:
+            out = torch.full((v.shape[0], *shape), fill, dtype=v.dtype)
+            out[tuple(slice(0, n) for n in v.shape)] = v
+            v = out
+        padded.append(v)
+    return torch.cat(padded)
 
 
 def _join(values: list[Any], kind: str) -> Any:

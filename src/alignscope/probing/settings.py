@@ -54,6 +54,9 @@ class ProbeSettings:
         linearization: ``"all"``: cosine between ``x^L`` and ``(I + J_L) ... (I + J_1) x^0``; ``"drop_last"``:
             between ``x^L`` and ``(I + J_{L-1}) ... (I + J_1) x^0`` (the first ``L - 1`` blocks).
         inv_s1_from: first block number (1-based) of the fit of ``1 / s_1`` against block number.
+        token_coupling: also compute the coupling across each prompt's probed tokens, per block
+            (``ProbeResult.token_coupling``); needs an engine that forms Jacobians, and holds one prompt's
+            ``T x L' x d x d`` Jacobians at a time.
     """
 
     layers: tuple[int, ...] | None = None
@@ -70,6 +73,7 @@ class ProbeSettings:
     p: float = 2.0
     linearization: str = "all"
     inv_s1_from: int = 1
+    token_coupling: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -81,7 +85,7 @@ class ProbeSettings:
         set_(self, "dtype", _dtype(self.dtype))
         set_(self, "p", _p(self.p))
         set_(self, "inv_s1_from", _inv_s1_from(self.inv_s1_from))
-        for name in ("keep_jacobians", "progress", "include_final_norm"):
+        for name in ("keep_jacobians", "progress", "include_final_norm", "token_coupling"):
             if not isinstance(getattr(self, name), bool):
                 raise ProbeSettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.attention not in ATTENTION:
