@@ -86,3 +86,24 @@ def test_context_coupling_equals_an_independent_computation(fixed):
     assert torch.allclose(cc.coupling[4][0].double(), want, atol=2e-4)
     with pytest.raises(ValueError, match="exactly one"):
         context_coupling(model, ids, t_in=1, t_out=2)
+
+
+def test_token_grid_figure_shows_the_coupling_across_tokens(tmp_path):
+    """The grid's data: 1 - m^2 of the first, middle and last probed block, diagonal masked, one colour
+    scale, labelled colorbar, token ticks."""
+    from alignscope.apps import plots
+
+    res = probe(tiny_model("llama"), prompt_ids(1, 6, seed=2), tokens="all", ks=(4,), token_coupling=True)
+    fig = plots.token_coupling_grid(res, 4, "tiny: tokens")
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 3  # blocks 0, 1, 2
+    for i, image in enumerate(images):
+        data = image.get_array()
+        assert data.mask[range(6), range(6)].all() and not data.mask[0, 1]
+        want = 1 - res.token_coupling[4][0, i].numpy() ** 2
+        assert abs(float(data[0, 1]) - float(want[0, 1])) < 1e-6
+    assert len({image.get_clim() for image in images}) == 1
+    colorbar = [ax for ax in fig.axes if not ax.images and ax.get_ylabel()]
+    assert any("1 - m_{4}^2" in ax.get_ylabel() for ax in colorbar)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "2", "3", "4", "5"]
+    assert plots.save(fig, tmp_path / "grid.png").stat().st_size > 1000

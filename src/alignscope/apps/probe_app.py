@@ -311,6 +311,10 @@ def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[
     builders["steps_and_norms"] = partial(plots.steps_and_norms, labelled, run)
     if "block_jacobians" in result.extras:
         builders["block_grid"] = partial(plots.block_grid_figure, result, min(result.ks), run)
+    if result.token_coupling is not None:  # probe.token_coupling=true: the token-by-token grid of prompt 0
+        k = min(result.ks)
+        title = f"{run}: coupling across the tokens of prompt 0, K = {k}"
+        builders[f"token_coupling_k{k}"] = partial(plots.token_coupling_grid, result, k, title)
     return builders
 
 

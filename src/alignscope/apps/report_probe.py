@@ -119,8 +119,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> str:
 
 
 def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -> list[Path]:
-    """All per-model figures (coupling, PCA, the block grid of each init with block Jacobians, spectra,
-    step sizes); returns their paths."""
+    """All per-model figures (coupling, PCA, the block grid of each init with block Jacobians, the token
+    grid of each init probed with token_coupling, spectra, step sizes); returns their paths."""
     from alignscope.apps import plots
 
     results = {init: r.result for init, r in sorted(by_init.items())}
@@ -133,6 +133,9 @@ def model_figures(model: str, by_init: dict[str, Run], out: Path, k: int = 10) -
         if "block_jacobians" in res.extras:
             fig = plots.block_grid_figure(res, k, f"{model} ({init})")
             paths.append(plots.save(fig, out / f"{tag}_grid_{init}.png"))
+        if res.token_coupling is not None and k in res.token_coupling:
+            fig = plots.token_coupling_grid(res, k, f"{model} ({init}): coupling across tokens, K = {k}")
+            paths.append(plots.save(fig, out / f"{tag}_token_coupling_{init}.png"))
     paths.append(plots.save(plots.spectra_vs_depth(results), out / f"{tag}_spectra.png"))
     paths.append(plots.save(plots.steps_and_norms(results), out / f"{tag}_trajectory.png"))
     return paths

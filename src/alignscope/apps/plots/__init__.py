@@ -1,6 +1,6 @@
 """Figures (matplotlib, Agg): coupling heat maps and profiles against block distance, metrics against step or
 checkpoint, PCA of token trajectories, the ``|U_j^T J_i V_j|`` grid, spectra and step sizes against depth,
-regression scatter plots.
+regression scatter plots, the token-by-token coupling grid.
 
 Each function returns a ``Figure``; :func:`save` writes it as PNG and closes it.
 """
@@ -16,6 +16,7 @@ from alignscope.apps.plots.coupling import (
 from alignscope.apps.plots.depth import spectra_vs_depth, steps_and_norms, trajectory_pca
 from alignscope.apps.plots.grid import block_grid, block_grid_figure
 from alignscope.apps.plots.series import LOSSES, metrics_vs_checkpoint, metrics_vs_step, regression_scatter
+from alignscope.apps.plots.tokens import token_coupling_grid
 
 __all__ = [
     "LOSSES",
@@ -36,5 +37,6 @@ __all__ = [
     "spectra_vs_depth",
     "steps_and_norms",
     "thinned",
+    "token_coupling_grid",
     "trajectory_pca",
 ]
