@@ -1,0 +1,100 @@
+"""alignscope's probe() against the paper's released pipeline, side by side in one process.
+
+The released method (as in its code): one forward with ``output_hidden_states``, block ``j`` taken as
+``hidden_states[j] -> hidden_states[j+1]`` at the last token, each block's Jacobian by batched VJPs through the
+full-sequence graph (``d`` identity rows, ``is_grads_batched``), minus I; full SVDs; ``m_K`` for every ordered
+block pair in a Python loop. alignscope: ``probe(model, ids, ks=...)`` with its default engine (all blocks,
+the last token). Both on the same model and prompt, each best of --repeats, alternating; the largest
+difference of their m_K over blocks 0..L-2 (the released last "block" includes the final norm) is reported.
+
+Usage: python scripts/bench_released.py [--seqs 16 64 256] [--model smollm2_135m] [--repeats 2]
+                                        [--markdown docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from benchlib import append_markdown, matmul_rate, zoo_model
+
+
+def released(model, ids: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+    """``{K: m_K [L, L]}`` by the released pipeline (see the module docstring)."""
+    with torch.enable_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # weights frozen
+        hs = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        d = hs[0].shape[-1]
+        eye = torch.eye(d)
+        jac = []
+        for j in range(len(hs) - 1):
+            (rows,) = torch.autograd.grad(
+                hs[j + 1][0, -1], hs[j], grad_outputs=eye, retain_graph=True, is_grads_batched=True
+            )
+            jac.append(rows[:, 0, -1].detach() - eye)
+    svds = [torch.linalg.svd(j) for j in jac]
+    out = {}
+    for k in ks:
+        m = torch.zeros(len(jac), len(jac))
+        for i in range(len(jac)):
+            s_i = svds[i].S[:k]
+            for j in range(len(jac)):
+                u, v = svds[j].U[:, :k], svds[j].Vh[:k].T
+                m[i, j] = torch.linalg.norm((u.T @ jac[i] @ v).abs() - torch.diag(s_i)) / s_i.norm()
+        out[k] = m
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 30, 50])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+
+    from alignscope import probe
+    from alignscope.models.capture import probe_mode
+
+    model, _ = zoo_model(args.model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rate = matmul_rate() / 1e9
+    header = "| T | released pipeline (s) | alignscope probe() (s) | speed-up | max abs diff of m_K (blocks 0..L-2) |"
+    lines = [header, "|---|---|---|---|---|"]
+    print(header, flush=True)
+    for seq in args.seqs:
+        ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
+        best = {"released": float("inf"), "probe": float("inf")}
+        for _ in range(args.repeats):
+            with probe_mode(model):
+                start = time.perf_counter()
+                ref = released(model, ids, args.ks)
+                best["released"] = min(best["released"], time.perf_counter() - start)
+            start = time.perf_counter()
+            res = probe(model, ids, ks=tuple(args.ks))
+            best["probe"] = min(best["probe"], time.perf_counter() - start)
+        diff = max(float((res.coupling[k][0, :-1, :-1] - ref[k][:-1, :-1]).abs().max()) for k in args.ks)
+        row = (
+            f"| {seq} | {best['released']:.1f} | {best['probe']:.1f} | "
+            f"{best['released'] / best['probe']:.1f}x | {diff:.1e} |"
+        )
+        lines.append(row)
+        print(row, flush=True)
+    intro = (
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"float32 matmul {rate:.0f} GFLOP/s. Model: {args.model}, all blocks, last token, K in {args.ks}, "
+        f"best of {args.repeats}. Command: `python scripts/bench_released.py --seqs "
+        f"{' '.join(map(str, args.seqs))}`."
+    )
+    if args.markdown:
+        append_markdown(args.markdown, "probe() against the released pipeline", intro, lines)
+
+
+if __name__ == "__main__":
+    main()
