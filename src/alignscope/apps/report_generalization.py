@@ -126,6 +126,7 @@ def scatter(points: Sequence[dict[str, Any]], reg: Regression) -> Any:
 
     fig = plots.regression_scatter(points_with(points, reg.x_name, reg.y_name), reg, "label")
     ax = fig.axes[0]
+    ax.margins(x=0.3)  # room for the labels right of the points
     ax.set_xlabel(AXIS_LABELS.get(reg.x_name, f"final {reg.x_name}"))
     ax.set_ylabel(AXIS_LABELS.get(reg.y_name, reg.y_name))
     ax.set_title(f"{reg.y_name} against {reg.x_name}: one point per job (n = {reg.n})", fontsize=9)
