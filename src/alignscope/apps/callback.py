@@ -4,8 +4,9 @@ Probes at step 0 before the first optimizer step (the random-init point), at log
 (1, 2, 4, 8, ... up to ``every_n_steps``) when asked, every ``every_n_steps`` steps, when a checkpoint is saved (option), and at the
 end of fit. The prompts are a fixed, seeded sample of validation sequences, the same at every probe.
 Every probe goes to disk as soon as it is computed (``probes/step_<N>/`` and one line of ``probes.jsonl``),
-every scalar is logged to all the trainer's loggers at ``trainer.global_step``, and at the end of fit
-``summary.json`` and figures are written to the run folder.
+every scalar is logged to all the trainer's loggers at ``trainer.global_step``; when validation runs at a
+probed step, its ``val/loss`` joins that probe's record. At the end of fit ``summary.json`` and figures are
+written to the run folder.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ __all__ = ["MONITOR_RESULTS", "AlignmentMonitor", "MonitorConfigError", "format_
 
 MONITOR_RESULTS = ("probes", "probes.jsonl", "summary.json", "figures")
 """The monitor's entries in its run folder."""
+VAL_LOSS = "val/loss"
+"""The validation loss (the LightningModule's logged name), added to the record of a probe taken at a step
+where validation also ran."""
 CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype")
 """Model-config keys left out of the monitor's fingerprint: they name or annotate, they do not set numbers."""
 
@@ -257,6 +261,14 @@ class AlignmentMonitor(pl.Callback):
         val = recorded_losses(trainer.callback_metrics, ("val/loss",))
         if val and not trainer.sanity_checking:
             self.val_losses.append({"step": trainer.global_step, **val})
+        # Lightning validates after the step's train-batch hook: a probe of this step is already recorded
+        loss = trainer.callback_metrics.get(VAL_LOSS)
+        last = self.history[-1] if self.history else {}
+        if trainer.sanity_checking or loss is None or last.get("step") != trainer.global_step:
+            return
+        if trainer.is_global_zero and len(last) > 1:
+            last[VAL_LOSS] = float(loss)
+            write_records(self._run_dir(trainer) / "probes.jsonl", [h for h in self.history if len(h) > 1])
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict

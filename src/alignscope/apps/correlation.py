@@ -59,3 +59,26 @@ def correlations(points: list[dict[str, Any]], x_names: Sequence[str], y_name: s
         pts = points_with(points, name, y_name)
         out.append(regress([p[name] for p in pts], [p[y_name] for p in pts], name, y_name))
     return out
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r of ``x`` and ``y`` (numpy); NaN with fewer than 3 points or a constant series."""
+    import numpy as np
+
+    if len(x) != len(y):
+        raise ValueError("x and y must have the same length")
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def regression_dict(reg: Regression) -> dict[str, Any]:
+    """``reg`` as JSON-ready values (``r`` signed, from the slope's sign); non-finite numbers become None."""
+    r = math.copysign(math.sqrt(reg.r2), reg.slope) if finite(reg.r2) and finite(reg.slope) else None
+    values = {"slope": reg.slope, "intercept": reg.intercept, "r": r, "r2": reg.r2, "p_value": reg.p_value}
+    return {"x": reg.x_name, "y": reg.y_name, "n": reg.n, **{k: json_number(v) for k, v in values.items()}}
+
+
+def json_number(v: Any) -> float | None:
+    """``v`` as a float, or None when it is not a finite number (JSON has no NaN)."""
+    return float(v) if finite(v) else None

@@ -265,6 +265,8 @@ class CausalLMDataModule(pl.LightningDataModule):
         tokenizer: ``BPETokenizer`` (trained on the training split, cached) or ``HubTokenizer``.
         seq_len: tokens per training sequence.
         batch_size / val_batch_size: loader batch sizes; ``max_val_sequences`` caps the validation set.
+        max_train_sequences: train on a seeded subset of this many training sequences (None: all); the
+            tokenizer, validation set and unigram baseline stay those of the whole corpus.
         cache_dir: where tokenizers and packed arrays are cached (``$ALIGNSCOPE_CACHE`` or ~/.cache/alignscope).
         name: a label for run names and tags.
     """
@@ -277,6 +279,7 @@ class CausalLMDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         val_batch_size: int | None = None,
         max_val_sequences: int | None = 256,
+        max_train_sequences: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 0,
@@ -288,12 +291,19 @@ class CausalLMDataModule(pl.LightningDataModule):
             raise DataConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DataConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_train_sequences is not None and (
+            not isinstance(max_train_sequences, int) or max_train_sequences < 1
+        ):
+            raise DataConfigError(
+                f"max_train_sequences must be a positive integer or null, got {max_train_sequences!r}"
+            )
         self.corpus = corpus if corpus is not None else StdlibCorpus()
         self.tokenizer_spec = tokenizer if tokenizer is not None else BPETokenizer()
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.max_val_sequences = max_val_sequences
+        self.max_train_sequences = max_train_sequences
         self.num_workers = num_workers
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else cache_root()
         self.seed = seed
@@ -355,6 +365,11 @@ class CausalLMDataModule(pl.LightningDataModule):
             )
             self.val_tokens = self.val_tokens[np.sort(idx)]
         self.unigram_loss = unigram_loss(self.train_tokens, self.val_tokens, len(self.tokenizer))
+        if self.max_train_sequences is not None and len(self.train_tokens) > self.max_train_sequences:
+            idx = np.random.default_rng(self.seed).choice(
+                len(self.train_tokens), self.max_train_sequences, replace=False
+            )
+            self.train_tokens = self.train_tokens[np.sort(idx)]
 
     def prepare_data(self) -> None:
         self.prepare()

@@ -241,7 +241,9 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     for part, items in ((_probe_section, runs), (training_section, training)):
         if items:
-            lines, info = part(items, out, k) if part is _probe_section else part(items, out)
+            # with --scores, correlation.md is the score correlation: the training one takes another name
+            name = "training_generalization" if scores else "correlation"
+            lines, info = part(items, out, k) if part is _probe_section else part(items, out, name)
             sections += lines
             written.update(info)
     if scores:

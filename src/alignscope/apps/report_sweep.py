@@ -1,7 +1,8 @@
 """The training-sweep part of a report: a table per job, seeds aggregated as replicates, the metrics
 against step, and the correlation of each metric's final value with the final validation loss across jobs.
 
-Files (in the report folder): ``training_jobs.csv`` / ``.md``, ``training_replicates.csv`` / ``.md``,
+Files (in the report folder): ``correlation.md`` / ``.json`` (coupling against generalization, across and
+within jobs: :mod:`alignscope.apps.report_generalization`), ``training_jobs.csv`` / ``.md``, ``training_replicates.csv`` / ``.md``,
 ``training_correlation.csv`` / ``.md``, ``figures/training_metrics_vs_step.png`` and
 ``figures/training_<metric>_vs_val_loss.png``.
 """
@@ -165,13 +166,19 @@ def steps_figure(runs: Sequence[TrainingRun], out: Path) -> Path:
     return plots.save(sweep_metrics_vs_step(jobs, HEADLINE), out / "figures" / "training_metrics_vs_step.png")
 
 
-def training_section(runs: Sequence[TrainingRun], out: Path) -> tuple[list[str], dict[str, Any]]:
-    """Write every training table and figure; returns the report's Markdown lines and what was written."""
+def training_section(
+    runs: Sequence[TrainingRun], out: Path, correlation_name: str = "correlation"
+) -> tuple[list[str], dict[str, Any]]:
+    """Write every training table and figure; returns the report's Markdown lines and what was written.
+    ``correlation_name``: the stem of the generalization files (:mod:`alignscope.apps.report_generalization`)."""
+    from alignscope.apps.report_generalization import write_generalization
+
     out.mkdir(parents=True, exist_ok=True)
     jobs_md = write_job_tables(runs, out)
     reps_md = write_replicates(runs, out)
+    gen_md, gen, gen_figs = write_generalization(runs, out, correlation_name)
     corr_md, regs, scatter = write_val_loss_correlation(runs, out)
-    figs = [steps_figure(runs, out), *scatter]
+    figs = [steps_figure(runs, out), *gen_figs, *scatter]
     seeds = {s: len(g) for s, g in replicate_groups(runs).items()}
     lines = [
         f"## Training runs ({len(runs)} jobs, {len(seeds)} settings)",
@@ -182,6 +189,11 @@ def training_section(runs: Sequence[TrainingRun], out: Path) -> tuple[list[str],
         "Mean ± sample std over the jobs that differ only in seed.",
         "",
         reps_md,
+        f"### Coupling and generalization ([{correlation_name}.md]({correlation_name}.md), "
+        f"[{correlation_name}.json]({correlation_name}.json))",
+        "",
+        gen_md,
+        "",
         "### Final validation loss against each metric's final value, across jobs "
         "([training_correlation.md](training_correlation.md), [training_correlation.csv](training_correlation.csv))",
         "",
@@ -194,4 +206,5 @@ def training_section(runs: Sequence[TrainingRun], out: Path) -> tuple[list[str],
         *[f"![{p.stem}](figures/{p.name})" for p in figs],
         "",
     ]
-    return lines, {"training_runs": list(runs), "regressions_val_loss": regs, "training_figures": figs}
+    written = {"training_runs": list(runs), "regressions_val_loss": regs, "training_figures": figs}
+    return lines, {**written, "generalization": gen}

@@ -1,7 +1,8 @@
 """Training run folders for a report: finding them, naming their jobs, and grouping seeds as replicates.
 
 A training run folder (``alignscope-train``) holds ``summary.json`` (init, final and change of each headline
-metric), ``probes.jsonl`` (a line of scalars per probe) and ``metrics.json`` (final ``val/loss``). Hydra's
+metric), ``probes.jsonl`` (a line of scalars per probe, with ``val/loss`` where validation ran at the probe's
+step), ``probes/step_<N>/meta.json`` (parameter count, blocks, width) and ``metrics.json`` (final ``val/loss``). Hydra's
 ``.hydra/overrides.yaml`` names the job; jobs whose overrides differ only in ``seed`` are replicates of one
 setting.
 """
@@ -9,16 +10,18 @@ setting.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignscope.apps.correlation import finite
 from alignscope.apps.report_table import RunContext
 from alignscope.apps.run_folder import read_records
 
 VAL_LOSS = "val/loss"
-"""The validation loss in ``metrics.json``."""
+"""The validation loss in ``metrics.json`` (final) and in the probe records (at the probe's step)."""
 
 
 @dataclass
@@ -52,6 +55,26 @@ class TrainingRun:
         return float(value) if isinstance(value, (int, float)) else None
 
     @property
+    def size(self) -> dict[str, float]:
+        """The baselines of the last probe's ``meta.json``: ``log10_params``, ``depth`` (blocks), ``width`` (d)."""
+        meta = _last_probe_meta(self.folder, self.records)
+        out: dict[str, float] = {}
+        if isinstance(meta.get("num_params"), int) and meta["num_params"] > 0:
+            out["log10_params"] = math.log10(meta["num_params"])
+        for key, name in (("num_blocks", "depth"), ("d_model", "width")):
+            if isinstance(meta.get(key), int):
+                out[name] = meta[key]
+        return out
+
+    def over_steps(self, x_name: str) -> list[dict[str, float]]:
+        """The probe records holding both ``x_name`` and ``val/loss`` (validation at the probe's step)."""
+        return [
+            {"step": r["step"], x_name: r[x_name], VAL_LOSS: r[VAL_LOSS]}
+            for r in self.records
+            if finite(r.get(x_name)) and finite(r.get(VAL_LOSS))
+        ]
+
+    @property
     def context(self) -> RunContext:
         """The last probe's scalars, the width and the number of probed blocks (for the table's notes)."""
         return RunContext.from_scalars(self.records[-1] if self.records else {}, self.d)
@@ -70,6 +93,16 @@ def _hydra(folder: Path) -> tuple[list[str], int | None]:
         value = (yaml.safe_load(cfg_path.read_text()) or {}).get("seed")
         seed = value if isinstance(value, int) else None
     return overrides, seed
+
+
+def _last_probe_meta(folder: Path, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``meta.json`` of the last recorded probe's saved result (``{}`` when it is not there)."""
+    from alignscope.apps.resumed_probes import probe_folder
+
+    if not records:
+        return {}
+    path = probe_folder(folder, int(records[-1]["step"])) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _width(folder: Path) -> int | None:
