@@ -96,7 +96,7 @@ def test_schedule():
     [
         (dict(every_n_steps=0), "every_n_steps must be a positive integer"),
         (dict(num_prompts=-1), "num_prompts"),
-        (dict(ks=[10, 0]), "every K in ks"),
+        (dict(ks=[10, 0]), "0 is neither"),
         (dict(tokens="middle"), "tokens must be"),
         (dict(layers=[]), "layers is empty"),
         (dict(chunk_size=0), "chunk_size must be a positive integer"),

@@ -66,8 +66,6 @@ def test_short_fit_with_csv_logger(tmp_path, cache_dir, caplog):
     records = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
     assert "train/loss" not in records[0]  # the loss at each probe after step 0
     assert all("train/loss" in r for r in records[1:])
-    # val/loss only in the record of a probed step where validation ran (every 6 steps: 12, not 6)
-    assert [r["step"] for r in records if "val/loss" in r] == [12]
     import torch
 
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
