@@ -184,6 +184,27 @@ def main() -> None:
             )
         model.eval()
     agreement(model, ids, min(args.blocks, args.exact_blocks))
+    if torch.cuda.device_count() > 1:
+        split_across_devices(model, ids)
+
+
+def split_across_devices(model, ids) -> None:
+    """With more than one GPU: the model's blocks dispatched round-robin over the GPUs (accelerate device
+    map), each engine's probe against the probe on one GPU (largest metric difference)."""
+    from accelerate import dispatch_model
+
+    from alignscope import probe
+
+    engines = ("single_token", "exact", "randomized")
+    before = {e: probe(model, ids, ks=(10,), engine=e).scalars() for e in engines}
+    n, layers = torch.cuda.device_count(), len(model.model.layers)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": n - 1, "lm_head": n - 1}
+    device_map.update({f"model.layers.{i}": i * n // layers for i in range(layers)})
+    model = dispatch_model(model, device_map=device_map)
+    for engine in engines:
+        after = probe(model, ids, ks=(10,), engine=engine).scalars()
+        diff = max(abs(after[k] - v) for k, v in before[engine].items() if v == v)
+        print(f"split over {n} GPUs, {engine}: max |d metric| against one GPU {diff:.2e}", flush=True)
 
 
 def agreement(model, ids, blocks: int) -> None:

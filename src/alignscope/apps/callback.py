@@ -52,6 +52,7 @@ from alignscope.apps.run_folder import (
     write_json,
     write_records,
 )
+from alignscope.apps.shared_probe import shared_probe
 from alignscope.apps.validation_prompts import fit_start_prompts, tokenize_prompts
 from alignscope.core.randomized import RandomizedSVD
 from alignscope.probing.result import HEADLINE, ProbeResult
@@ -293,20 +294,22 @@ class AlignmentMonitor(pl.Callback):
         step = trainer.global_step
         if step in self.probed_steps:
             return
-        if trainer.is_global_zero:
-            self._probe(trainer, pl_module, step)
-        else:
-            self.history.append({"step": step})  # keep the schedule in step on other ranks
+        self._probe(trainer, pl_module, step)  # every rank probes its share of the prompts
         trainer.strategy.barrier("alignment_monitor")
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        from alignscope.probing.probe import probe
-
         start = time.perf_counter()
         model = self._model(pl_module)
-        # a bar within the probe, under Lightning's (rank 0 only: this runs on rank 0); cleared when done
-        progress = self.settings.progress or (self.verbose and trainer.progress_bar_callback is not None)
-        result = probe(model, self.prompts, settings=replace(self.settings, progress=progress))
+        # a bar within the probe, under Lightning's (rank 0 only); cleared when done
+        progress = self.settings.progress or (
+            self.verbose and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        )
+        settings = replace(self.settings, progress=progress)
+        ranks = trainer.world_size
+        result = shared_probe(model, prompt_lists(self.prompts), settings, trainer.global_rank, ranks)
+        if result is None:  # not rank 0: its share went to rank 0, which writes
+            self.history.append({"step": step})  # keep the schedule in step on other ranks
+            return
         result.meta["step"] = step
         scalars = result.scalars()
         run_dir = self._run_dir(trainer)
@@ -314,6 +317,8 @@ class AlignmentMonitor(pl.Callback):
         # the train loss of this step (the validation loss is kept apart: a resumed run cannot redo a
         # validation that ran after its checkpoint, so a stale value would differ from the uninterrupted run)
         entry = {"step": step, **scalars, **recorded_losses(trainer.callback_metrics, ("train/loss",))}
+        if ranks > 1:
+            entry.update(world_size=ranks, prompts_per_rank=result.meta["prompts_per_rank"])
         append_record(run_dir / "probes.jsonl", entry)
         self.history.append(entry)
         if self._first is None and step == self.history[0]["step"]:

@@ -216,6 +216,16 @@ def capture_tokens_calls(
         yield t, _calls(records)
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device an accelerate hook (a model loaded with ``device_map``) runs ``module`` on, else None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return None
+
+
 def _record_input(record: dict[str, Any]):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kw = dict(kwargs)
@@ -223,7 +233,9 @@ def _record_input(record: dict[str, Any]):
             hidden, rest, by_keyword = args[0], tuple(args[1:]), False
         else:
             hidden, rest, by_keyword = kw.pop("hidden_states"), (), True
-        record.update(input=hidden.detach(), args=rest, kwargs=kw, hidden_keyword=by_keyword)
+        device = execution_device(module)  # the block's own device, where its Jacobian is taken
+        hidden = hidden.detach() if device is None else hidden.detach().to(device)
+        record.update(input=hidden, args=rest, kwargs=kw, hidden_keyword=by_keyword)
 
     return hook
 

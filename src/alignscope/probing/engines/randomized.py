@@ -17,6 +17,7 @@ residuals ``||J v_k - s_k u_k||``, and propagated to a first-order bound on each
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -78,12 +79,13 @@ def sketch_token(
     d = calls[0].input.shape[-1]
     kmax = min(max(ks), d)
     sketches: list[LowRank] = []
+    home = calls[0].input.device  # with a device map each block runs on its own device; results go here
     z = calls[0].input[0, 0 if t is None else t].to(dtype) if chain is not None else None
     for layer in probed:
-        op = operator(layer)
-        sketches.append(engine(op, kmax))
+        op, device = operator(layer), calls[layer].input.device
+        sketches.append(_moved(engine(op, kmax), home))
         if z is not None and chain is not None and layer < chain:
-            z = z + op.jvp(z[None])[0]
+            z = z + op.jvp(z[None].to(device))[0].to(home)
         del op
     U = torch.stack([s.U for s in sketches])  # [L', d, r]
     V = torch.stack([s.V for s in sketches])
@@ -94,9 +96,9 @@ def sketch_token(
     stacked_v = right_v.permute(0, 2, 1).reshape(n * kmax, d)  # rows v_{j,k}
     stacked_u = right_u.permute(0, 2, 1).reshape(n * kmax, d)
     for i, layer in enumerate(probed):
-        op = operator(layer)
-        jv = op.jvp(stacked_v).reshape(n, kmax, d)  # [j, l, a] = (J_i v_{j,l})_a
-        ju = op.jvp(stacked_u).reshape(n, kmax, d)
+        op, device = operator(layer), calls[layer].input.device
+        jv = op.jvp(stacked_v.to(device)).to(home).reshape(n, kmax, d)  # [j, l, a] = (J_i v_{j,l})_a
+        ju = op.jvp(stacked_u.to(device)).to(home).reshape(n, kmax, d)
         ujv[i] = torch.einsum("jak,jla->jkl", right_u, jv)  # U_j^T J_i V_j
         vju[i] = torch.einsum("jak,jla->jkl", right_v, ju)  # V_j^T J_i U_j
         del op
@@ -112,6 +114,11 @@ def sketch_token(
         "vju": vju,
         "chain": z,
     }
+
+
+def _moved(sketch: LowRank, device: torch.device) -> LowRank:
+    """``sketch`` with every tensor on ``device``."""
+    return LowRank(*(getattr(sketch, f.name).to(device) for f in fields(sketch)))
 
 
 class RandomizedEngine(ProbeEngine):

@@ -1,0 +1,65 @@
+"""``probe()`` on a model loaded with an accelerate device map: every metric as on the plain model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignscope import probe
+from alignscope.models import get_adapter
+from alignscope.models.capture import execution_device
+from alignscope.models.tiny import tiny_model
+from alignscope.probing.result import ProbeResult, tensor_fields
+from conftest import prompt_ids
+
+accelerate = pytest.importorskip("accelerate")
+
+
+def _mapped(tmp_path, family: str):
+    """The tiny model saved and reloaded twice: plain, and dispatched block by block with a dict of "cpu"."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(family).save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    base = model.base_model_prefix
+    device_map = {f"{base}.{name}": "cpu" for name, _ in getattr(model, base).named_children()}
+    device_map.update({name: "cpu" for name, _ in model.named_children() if name != base})
+    blocks = get_adapter(model).blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    device_map.pop(prefix)
+    device_map.update({f"{prefix}.{i}": "cpu" for i in range(len(blocks))})
+    mapped = accelerate.dispatch_model(model, device_map=device_map, main_device="cpu", force_hooks=True)
+    return plain, mapped
+
+
+@pytest.mark.parametrize(("family", "engine"), [("llama", "single_token"), ("gpt2", "randomized")])
+def test_device_map_probe_matches_plain_model(tmp_path, family, engine):
+    plain, mapped = _mapped(tmp_path, family)
+    blocks = get_adapter(mapped).blocks(mapped)
+    assert all(execution_device(b) == torch.device("cpu") for b in blocks)  # accelerate's hooks are on
+    assert not any(p.device.type == "meta" for p in mapped.parameters())
+    ids = prompt_ids(batch=1, length=5)
+    a = probe(plain, ids, tokens="all", engine=engine)
+    b = probe(mapped, ids, tokens="all", engine=engine)
+    sa, sb = a.scalars(), b.scalars()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert math.isnan(sa[name]) == math.isnan(sb[name]), name
+        if not math.isnan(sa[name]):
+            assert sb[name] == pytest.approx(sa[name], abs=1e-6), name
+    for name, kind in tensor_fields(ProbeResult):
+        va, vb = getattr(a, name), getattr(b, name)
+        for x, y in zip(*(v.values() if kind == "keyed" else [v] for v in (va, vb)), strict=True):
+            if x is not None:
+                assert y.device.type == "cpu"
+                torch.testing.assert_close(y, x, atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_execution_device_reads_accelerate_hook():
+    model = tiny_model("gpt2")
+    assert execution_device(get_adapter(model).blocks(model)[0]) is None
+    mapped = accelerate.dispatch_model(model, device_map={"": "cpu"}, main_device="cpu", force_hooks=True)
+    assert execution_device(get_adapter(mapped).blocks(mapped)[0]) == torch.device("cpu")
