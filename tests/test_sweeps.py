@@ -47,11 +47,17 @@ def probe_args(tmp_path_factory) -> list[str]:
     return ["model=local", f"model.path={local}", "model.init=pretrained,random", "prompts.num=2"]
 
 
-def test_probe_sweep_reruns_skip_finished_jobs(tmp_path, probe_args):
+@pytest.mark.slow
+def test_probe_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, probe_args):
+    local = tmp_path / "local"
+    _cli("probe_app", [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={local}",
+                       "hydra/launcher=submitit_local"], {})  # fmt: skip
+    assert (local / ".submitit").is_dir()
     sweep = tmp_path / "sweep"
     args = [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={sweep}"]
     _cli("probe_app", args, {})
     first, stamps = _results(sweep, "scalars.json"), _stamps(sweep)
+    assert _results(local, "scalars.json") == first
     assert all((sweep / job / "complete.json").is_file() for job in ("0", "1"))
     out = _cli("probe_app", args, {})
     assert _logs(sweep, "probe.log").count(SKIPPED) == 2 and (out.stdout + out.stderr).count(SKIPPED) == 2
@@ -69,17 +75,7 @@ def test_probe_sweep_reruns_skip_finished_jobs(tmp_path, probe_args):
     assert _results(sweep, "scalars.json") == first
 
 
-def test_submitit_local_probe_sweep_equals_the_basic_launcher(tmp_path, probe_args):
-    runs = {}
-    for launcher in ("basic", "submitit_local"):
-        sweep = tmp_path / launcher
-        _cli("probe_app", [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={sweep}",
-                           f"hydra/launcher={launcher}"], {})  # fmt: skip
-        runs[launcher] = _results(sweep, "scalars.json")
-    assert runs["submitit_local"] == runs["basic"]
-    assert (tmp_path / "submitit_local" / ".submitit").is_dir()
-
-
+@pytest.mark.slow
 def test_training_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, tmp_path_factory):
     env = {"ALIGNSCOPE_CACHE": str(tmp_path_factory.mktemp("sweep-cache"))}
     runs = {}
