@@ -78,12 +78,22 @@ def test_probe_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, probe
 @pytest.mark.slow
 def test_training_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, tmp_path_factory):
     env = {"ALIGNSCOPE_CACHE": str(tmp_path_factory.mktemp("sweep-cache"))}
+    fake = tmp_path / "bin" / "nvidia-smi"  # a machine with 2 GPUs, as far as the launcher and jobs can tell
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: fake (UUID: GPU-0)'\necho 'GPU 1: fake (UUID: GPU-1)'\n")
+    fake.chmod(0o755)
     runs = {}
     for launcher in ("basic", "submitit_local"):
         sweep = tmp_path / launcher
-        _cli("train", [*SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}", f"hydra/launcher={launcher}"], env)
+        path = {"PATH": f"{fake.parent}:{os.environ['PATH']}"} if launcher == "submitit_local" else {}
+        args = [*SMOKE, "seed=0,1", f"hydra.sweep.dir={sweep}", f"hydra/launcher={launcher}"]
+        _cli("train", args, {**env, **path})
         runs[launcher] = _results(sweep, "summary.json")
         assert {m["global_step"] for m in _results(sweep, "metrics.json").values()} == {4}
+    for job in ("0", "1"):  # submitit gave each job both GPUs (gpus_per_node: all); each kept one
+        log = (tmp_path / "submitit_local" / job / "train.log").read_text()
+        assert f"job {job}: CUDA_VISIBLE_DEVICES={job} (one GPU per job)" in log
+        assert "CUDA_VISIBLE_DEVICES" not in (tmp_path / "basic" / job / "train.log").read_text()
     for job in ("0", "1"):
         basic, other = runs["basic"][job], runs["submitit_local"][job]
         assert other["coupling/k10"]["final"] == pytest.approx(basic["coupling/k10"]["final"], rel=1e-6)
