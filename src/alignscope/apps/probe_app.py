@@ -332,8 +332,8 @@ sweeps.register_gpu_resolver()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")
 def main(cfg: DictConfig) -> None:
-    setup_app_logging()
-    sweeps.assign_gpu()  # before anything initializes CUDA  # Lightning's lines are routed once the loggers have imported it
+    setup_app_logging()  # Lightning's lines are routed once the loggers have imported it
+    sweeps.assign_gpu()  # before anything initializes CUDA
     run(cfg)
 
 
