@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from alignscope.apps.report import find_runs
 from alignscope.apps.sweeps import SKIPPED, gpu_for_job, job_gpus
 from conftest import save_tiny_local_model
 
@@ -53,6 +54,7 @@ def test_probe_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, probe
     _cli("probe_app", [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={local}",
                        "hydra/launcher=submitit_local"], {})  # fmt: skip
     assert (local / ".submitit").is_dir()
+    assert sorted(r.init for r in find_runs([local])) == ["pretrained", "random"]  # what the report reads
     sweep = tmp_path / "sweep"
     args = [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={sweep}"]
     _cli("probe_app", args, {})
