@@ -9,6 +9,7 @@ to ``result/`` with ``scalars.json``, ``run.json`` (what was probed) and figures
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -21,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import loggers as app_loggers
-from alignscope.apps import plots
+from alignscope.apps import plots, sweeps
 from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
 from alignscope.apps.logs import log_block, route_lightning_logs, setup_app_logging
@@ -57,6 +58,7 @@ PROBE_APP_RESULTS = (
     "figures",
     "csv",
     "wandb",
+    sweeps.COMPLETE,
 )
 """The probe app's entries in its run folder (what an overwrite deletes)."""
 
@@ -164,8 +166,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_local_tokenizer(cfg.model)
     with RunFolder(cfg.paths.run_dir, PROBE_APP_RESULTS, app="alignscope-probe") as folder:
         fp = fingerprint(cfg, texts, settings)
+        done = sweeps.probe_done(folder.path, folder.stored_fingerprint, fp)
+        if sweeps.should_skip(folder.path, "alignscope-probe", cfg, done):  # a rerun sweep: nothing to do
+            return json.loads((folder.path / "scalars.json").read_text())
         folder.check(fp, overwrite=cfg.get("overwrite", False))  # before the (maybe slow) model load
-        return _run(cfg, settings, folder, fp, texts)
+        sweeps.unmark(folder.path)
+        scalars = _run(cfg, settings, folder, fp, texts)
+        sweeps.mark_complete(folder.path, "alignscope-probe", cfg)
+        return scalars
 
 
 def _run(
@@ -319,11 +327,13 @@ def figure_builders(cfg: DictConfig, result: Any, info: dict[str, Any]) -> dict[
 
 
 register_help_resolver()
+sweeps.register_gpu_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="probe_app")
 def main(cfg: DictConfig) -> None:
     setup_app_logging()  # Lightning's lines are routed once the loggers have imported it
+    sweeps.assign_gpu()  # before anything initializes CUDA
     run(cfg)
 
 

@@ -15,12 +15,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignscope.apps import loggers as app_loggers
+from alignscope.apps import sweeps
 from alignscope.apps.app_help import register_help_resolver
 from alignscope.apps.config import config_dir
 from alignscope.apps.logs import setup_app_logging
 from alignscope.apps.runtime import build, probe_settings
 
 log = logging.getLogger(__name__)
+
+APP = "alignscope-train"
 
 LOGGER_CALLBACKS = ("LearningRateMonitor", "DeviceStatsMonitor")
 """Lightning callbacks that refuse to run without a logger (class names)."""
@@ -76,10 +79,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"data.seq_len={datamodule.seq_len} is beyond the model's context of {limit} positions: "
             f"lower data.seq_len or raise the model's position limit (e.g. model.config.n_positions)"
         )
+    if sweeps.should_skip(run_dir, APP, cfg, sweeps.training_done(run_dir, cfg.trainer.max_steps, model)):
+        return json.loads((run_dir / "metrics.json").read_text())  # a rerun sweep: nothing to do
+    sweeps.unmark(run_dir)
     module = CausalLMModule(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     loggers = build_loggers(cfg)
     try:
-        config = {"app": "alignscope-train", **OmegaConf.to_container(cfg, resolve=True)}
+        config = {"app": APP, **OmegaConf.to_container(cfg, resolve=True)}
         config |= {
             "init": cfg.model.init,
             "data/unigram_loss": datamodule.unigram_loss,
@@ -106,6 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 run_dir,
             )
         app_loggers.finish(loggers, exit_code=0)
+        sweeps.mark_complete(run_dir, APP, cfg)
         return final
     except BaseException:
         app_loggers.finish(loggers, exit_code=1)
@@ -113,11 +120,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 register_help_resolver()
+sweeps.register_gpu_resolver()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
     setup_app_logging(lightning=True)
+    sweeps.assign_gpu()  # before anything initializes CUDA
     train(cfg)
 
 
