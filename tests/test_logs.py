@@ -224,7 +224,12 @@ def test_monitor_shows_a_bar_within_a_probe_while_lightning_shows_its_own(tmp_pa
         prompts=torch.randint(0, 128, (1, 6)), ks=(4,), dirpath=str(tmp_path), layers=[0, 1]
     )
     trainer = SimpleNamespace(
-        progress_bar_callback=object() if bar else None, loggers=[], callback_metrics={}
+        progress_bar_callback=object() if bar else None,
+        loggers=[],
+        callback_metrics={},
+        is_global_zero=True,
+        global_rank=0,
+        world_size=1,
     )
     module = torch.nn.Module()
     module.model = tiny_model("gpt2")

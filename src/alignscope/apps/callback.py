@@ -328,7 +328,7 @@ class AlignmentMonitor(pl.Callback):
         metrics[f"{self.prefix}probe_seconds"] = time.perf_counter() - start
         log_metrics(trainer.loggers, metrics, step)
         if self.figures:
-            log_probe_figures(trainer.loggers, result, self.settings.ks, self.prefix, step)
+            log_probe_figures(trainer.loggers, result, self.prefix, step)
         for name in HEADLINE:
             if name in scalars:
                 trainer.callback_metrics[f"{self.prefix}{name}"] = torch.tensor(scalars[name])

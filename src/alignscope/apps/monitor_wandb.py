@@ -51,10 +51,8 @@ def log_images(loggers: Iterable[Any], paths: Mapping[str, Path], prefix: str, s
                 logger.log_image(key=f"{prefix}{name}", images=[str(path)], step=step)
 
 
-def log_probe_figures(
-    loggers: Sequence[Any], result: ProbeResult, ks: Sequence[int], prefix: str, step: int
-) -> None:
-    """This probe's coupling heat maps (one per K) and trajectory PCA as W&B images at ``step`` (keys
+def log_probe_figures(loggers: Sequence[Any], result: ProbeResult, prefix: str, step: int) -> None:
+    """This probe's coupling heat maps (one per probed K, ``result.ks``) and trajectory PCA as W&B images at ``step`` (keys
     ``<prefix>figures/coupling_k<K>``, ``<prefix>figures/trajectories_pca``), so that W&B's image slider
     shows them over training. Nothing is drawn without a W&B logger."""
     if not any(is_wandb(lg) for lg in loggers):
@@ -62,7 +60,9 @@ def log_probe_figures(
     from alignscope.apps import plots
 
     labelled = {f"step {step}": result}
-    builders: dict[str, Any] = {f"coupling_k{k}": partial(plots.coupling_heatmaps, labelled, k) for k in ks}
+    builders: dict[str, Any] = {
+        f"coupling_k{k}": partial(plots.coupling_heatmaps, labelled, k) for k in result.ks
+    }
     builders["trajectories_pca"] = partial(plots.trajectory_pca, labelled)
     with tempfile.TemporaryDirectory() as tmp:  # W&B copies each image into the run when it is logged
         log_images(loggers, plots.save_all(builders, tmp), f"{prefix}figures/", step)
