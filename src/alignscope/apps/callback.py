@@ -259,15 +259,13 @@ class AlignmentMonitor(pl.Callback):
             self._maybe_probe(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        val = recorded_losses(trainer.callback_metrics, ("val/loss",))
-        if val and not trainer.sanity_checking:
-            self.val_losses.append({"step": trainer.global_step, **val})
-        # Lightning validates after the step's train-batch hook: a probe of this step is already recorded
         loss = trainer.callback_metrics.get(VAL_LOSS)
-        last = self.history[-1] if self.history else {}
-        if trainer.sanity_checking or loss is None or last.get("step") != trainer.global_step:
+        if trainer.sanity_checking or loss is None:
             return
-        if trainer.is_global_zero and len(last) > 1:
+        self.val_losses.append({"step": trainer.global_step, VAL_LOSS: float(loss)})
+        # Lightning validates after the step's train-batch hook: a probe of this step is already recorded
+        last = self.history[-1] if self.history else {}
+        if trainer.is_global_zero and last.get("step") == trainer.global_step and len(last) > 1:
             last[VAL_LOSS] = float(loss)
             write_records(self._run_dir(trainer) / "probes.jsonl", [h for h in self.history if len(h) > 1])
 
