@@ -9,7 +9,7 @@ settings changes a number beyond float rounding, only where the time and memory 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -74,10 +74,6 @@ class Plan:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Plan.{name} must be a positive integer, got {value!r}")
         object.__setattr__(self, "copies_devices", tuple(self.copies_devices))
-
-    def replace(self, **changes) -> Plan:
-        """A copy with ``changes`` (field name -> value)."""
-        return replace(self, **changes)
 
     def token_chunk(self, context: int, device: torch.device | str = "cpu", d: int = 0) -> int:
         """Rows per VJP for a single-token call with ``context`` cached tokens: CPUs keep ``rows x (context +
