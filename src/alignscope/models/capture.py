@@ -73,8 +73,13 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments of a capturing forward: ``use_cache=False`` where the model takes it, and
+    ``logits_to_keep=1`` where it takes that (the logits of every position are never read here)."""
     params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}
+    out: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+    if "logits_to_keep" in params:
+        out["logits_to_keep"] = 1
+    return out
 
 
 def capture_block_calls(
@@ -197,12 +202,13 @@ def capture_tokens_calls(
 
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
+    forward_kw = {**_forward_kwargs(model), "use_cache": True}
     cache, filled = None, 0
     for t in positions:
         with torch.no_grad():
             if t > filled:
                 kwargs = {cache_kw: cache} if cache is not None else {}
-                out = model(input_ids=input_ids[:, filled:t], use_cache=True, **kwargs)
+                out = model(input_ids=input_ids[:, filled:t], **forward_kw, **kwargs)
                 cache = getattr(out, "cache", None) or out.past_key_values
                 filled = t
             if cache is None:
@@ -210,7 +216,7 @@ def capture_tokens_calls(
             snapshot = _snapshot(cache)
             try:
                 with _recording(blocks, adapter) as records:
-                    model(input_ids=input_ids[:, t : t + 1], use_cache=True, **{cache_kw: cache})
+                    model(input_ids=input_ids[:, t : t + 1], **forward_kw, **{cache_kw: cache})
             finally:
                 _restore(cache, snapshot)
         yield t, _calls(records)
