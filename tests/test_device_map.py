@@ -63,3 +63,25 @@ def test_execution_device_reads_accelerate_hook():
     assert execution_device(get_adapter(model).blocks(model)[0]) is None
     mapped = accelerate.dispatch_model(model, device_map={"": "cpu"}, main_device="cpu", force_hooks=True)
     assert execution_device(get_adapter(mapped).blocks(mapped)[0]) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("family", "engine"), [("llama", "single_token"), ("llama", "exact"), ("gpt2", "randomized")]
+)
+def test_offloaded_blocks_probe_like_the_plain_model(family, engine):
+    """Blocks offloaded by accelerate (weights on "meta" between calls, loaded by the hook for each call, as
+    a device map's "cpu" or "disk" entries do beside a GPU) give the plain model's numbers."""
+    import copy
+
+    model = tiny_model(family)
+    plain = copy.deepcopy(model)
+    blocks = get_adapter(model).blocks(model)
+    for i in (0, len(blocks) - 1):
+        accelerate.cpu_offload(blocks[i], execution_device="cpu")
+    assert all(p.device.type == "meta" for p in blocks[0].parameters())
+    ids = prompt_ids(batch=1, length=6)
+    a = probe(plain, ids, tokens="all", engine=engine)
+    b = probe(model, ids, tokens="all", engine=engine)
+    torch.testing.assert_close(b.coupling[10], a.coupling[10], atol=1e-6, rtol=0, equal_nan=True)
+    torch.testing.assert_close(b.singular_values, a.singular_values, atol=1e-6, rtol=0, equal_nan=True)
+    assert all(p.device.type == "meta" for p in blocks[0].parameters())  # still offloaded afterwards
