@@ -52,6 +52,7 @@ from alignscope.apps.run_folder import (
     write_json,
     write_records,
 )
+from alignscope.apps.sharded_params import full_params, is_sharded, unwrapped
 from alignscope.apps.shared_probe import shared_probe
 from alignscope.apps.validation_prompts import fit_start_prompts, tokenize_prompts
 from alignscope.core.randomized import RandomizedSVD
@@ -210,9 +211,12 @@ class AlignmentMonitor(pl.Callback):
             self.prompts = fit_start_prompts(
                 trainer, self.texts, self.tokenizer, self.num_prompts, self.prompt_length, self.seed
             )
+        # a fresh run hashes its weights (a resume restores the hash from the checkpoint); under FSDP every
+        # rank gathers the full parameters for it (a collective), otherwise rank 0 alone hashes
+        if self.init_weights is None and (trainer.is_global_zero or is_sharded(trainer.model)):
+            with full_params(trainer.model, model) as full:
+                self.init_weights = weights_digest(full)
         if trainer.is_global_zero:  # only rank 0 writes the folder (and saves the checkpoint's state)
-            if self.init_weights is None:  # a fresh run (a resume restores the hash from the checkpoint)
-                self.init_weights = weights_digest(model)
             run_dir = self._run_dir(trainer)
             self._folder = RunFolder(
                 run_dir, MONITOR_RESULTS, app="AlignmentMonitor", overwrite_hint="overwrite=True"
@@ -226,6 +230,7 @@ class AlignmentMonitor(pl.Callback):
     def fingerprint(self, model: nn.Module) -> dict[str, Any]:
         """What sets the monitor's numbers: model class and config, weights at the first probe, prompts, probe
         settings, package version (see :mod:`alignscope.apps.run_folder`)."""
+        model = unwrapped(model)  # the model class, not an FSDP wrapper's
         config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_KEYS_IGNORED}
         config = {k: v for k, v in config.items() if not k.startswith("alignscope_")}
         return {
@@ -304,7 +309,9 @@ class AlignmentMonitor(pl.Callback):
         )
         settings = replace(self.settings, progress=progress)
         ranks = trainer.world_size
-        result = shared_probe(model, prompt_lists(self.prompts), settings, trainer.global_rank, ranks)
+        # under FSDP every rank gathers the full parameters for the probe and frees them after it
+        with full_params(trainer.model, model) as full:
+            result = shared_probe(full, prompt_lists(self.prompts), settings, trainer.global_rank, ranks)
         if result is None:  # not rank 0: its share went to rank 0, which writes
             self.history.append({"step": step})  # keep the schedule in step on other ranks
             return

@@ -42,7 +42,8 @@ def weights_digest(model: nn.Module) -> str:
         t = tensor.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+            # a copy: numpy() would share (and pin the size of) the storage, which FSDP frees after gathering
+            h.update(t.reshape(-1).view(torch.uint8).cpu().clone().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,67 @@
+"""The AlignmentMonitor under FSDP: every rank gathers the full parameters for the probe and frees them after."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignscope import probe
+from alignscope.apps.resumed_probes import probe_folder
+from alignscope.apps.run_folder import weights_digest
+from alignscope.apps.sharded_params import full_params, is_sharded, unwrapped
+from alignscope.models.tiny import tiny_model
+from alignscope.probing.result import ProbeResult, tensor_fields
+
+
+def test_an_unsharded_model_is_probed_as_it_is():
+    model = tiny_model("llama")
+    assert not is_sharded(model) and not is_sharded(None) and unwrapped(model) is model
+    with full_params(model, model) as full:
+        assert full is model
+
+
+def test_lightning_fsdp_probe_is_the_unsharded_probe(tmp_path):
+    script = Path(__file__).parent / "fsdp_probe_fit.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    full = tiny_model("llama")  # the step-0 weights: the seeded init
+    numel = sum(p.numel() for p in full.parameters())
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["steps"] == [0, 1]
+        # the step-0 probe left each rank's shards as they were: same values, still half the model each
+        assert r["unchanged"] and r["same_names"] and r["training"] and all(r["grads"])
+        assert r["numel"] == numel // 2
+        assert r["init_weights"] == weights_digest(full)  # hashed from the gathered, unsharded weights
+
+    records = [json.loads(x) for x in (tmp_path / "probes.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]  # written once, by rank 0
+    assert all(r["world_size"] == 2 and r["prompts_per_rank"] == [1, 2] for r in records)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fsdp_probe_fit import PROMPTS
+
+    sharded = ProbeResult.load(probe_folder(tmp_path, 0))
+    alone = probe(full, PROMPTS)
+    assert sharded.meta["prompt_lengths"] == alone.meta["prompt_lengths"] == [5, 7, 4]
+    torch.testing.assert_close(sharded.tokens, alone.tokens)
+    for name, kind in tensor_fields(ProbeResult):
+        a, b = getattr(alone, name), getattr(sharded, name)
+        for x, y in zip(*(v.values() if kind == "keyed" else [v] for v in (a, b)), strict=True):
+            if x is not None:
+                torch.testing.assert_close(y, x, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_lightning_refuses_fsdp_on_the_cpu():
+    """Why the fit above subclasses the strategy: Lightning's FSDPStrategy itself needs a GPU accelerator."""
+    import lightning.pytorch as pl
+
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="fsdp", logger=False)
