@@ -49,8 +49,30 @@ class Snapshot(pl.Callback):
         self.training = [m.training for m in model.modules()]
 
 
+def count_fsdp_forwards_in_probes() -> list[int]:
+    """Patch FSDP's forward and the monitor's probe: the returned list gets, per probe, how many FSDP
+    forwards ran inside it (0: the probe bypassed every unit)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    counts, per_probe = [0], []
+    fsdp_forward, monitor_probe = FullyShardedDataParallel.forward, AlignmentMonitor._probe
+
+    def forward(self, *args, **kwargs):
+        counts[0] += 1
+        return fsdp_forward(self, *args, **kwargs)
+
+    def probe(self, *args, **kwargs):
+        start = counts[0]
+        monitor_probe(self, *args, **kwargs)
+        per_probe.append(counts[0] - start)
+
+    FullyShardedDataParallel.forward, AlignmentMonitor._probe = forward, probe
+    return per_probe
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    fsdp_forwards = count_fsdp_forwards_in_probes()
     g = torch.Generator().manual_seed(0)
     train = DataLoader(TensorDataset(torch.randint(0, 128, (16, 12), generator=g)), batch_size=4)
     monitor = AlignmentMonitor(
@@ -73,5 +95,6 @@ if __name__ == "__main__":
         "grads": [g is None for g in after.grads],
         "training": before.training == after.training,
         "init_weights": monitor.init_weights,
+        "fsdp_forwards_in_probes": fsdp_forwards,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

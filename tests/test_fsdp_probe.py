@@ -40,6 +40,7 @@ def test_lightning_fsdp_probe_is_the_unsharded_probe(tmp_path):
         assert r["unchanged"] and r["same_names"] and r["training"] and all(r["grads"])
         assert r["numel"] == numel // 2
         assert r["init_weights"] == weights_digest(full)  # hashed from the gathered, unsharded weights
+        assert r["fsdp_forwards_in_probes"] == [0, 0]  # the probes ran the wrapped modules, not FSDP units
 
     records = [json.loads(x) for x in (tmp_path / "probes.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]  # written once, by rank 0
@@ -65,3 +66,26 @@ def test_lightning_refuses_fsdp_on_the_cpu():
 
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
         pl.Trainer(accelerator="cpu", devices=2, strategy="fsdp", logger=False)
+
+
+FSDP2_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from alignscope.apps.sharded_params import full_params
+from alignscope.models.tiny import tiny_model
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+model = tiny_model("llama")
+fully_shard(model, mesh=dist.device_mesh.init_device_mesh("cpu", (1,)))
+try:
+    with full_params(model, model):
+        pass
+except RuntimeError as err:
+    print(err)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_parameters_are_refused_with_a_clear_error():
+    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "parameters are DTensors" in out.stdout and "FSDPStrategy (FSDP1)" in out.stdout

@@ -6,10 +6,15 @@ outside FSDP's forward, so :func:`full_params` gathers the full parameters first
 
 - FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``):
   ``FullyShardedDataParallel.summon_full_params(scope, recurse=True, writeback=False)``, a collective every
-  rank enters; the probed module is the model with its FSDP wrappers looked through
-  (``FullyShardedDataParallel.module``). On exit the full parameters are freed and every rank holds its
-  shard again, unchanged (no writeback); gradients and optimizer state are not touched.
-- Models without FSDP1 modules: nothing is gathered, the model itself is probed.
+  rank enters. The probed module is the model with every FSDP unit bypassed: each unit inside it (one per
+  decoder layer under an auto-wrap policy) is replaced in its parent by the module it wraps while the
+  context is open, so the probe's forwards and backwards are plain module calls on the gathered
+  parameters and FSDP runs no forward, gather or gradient hook during the probe (FSDP allows no forward
+  inside ``summon_full_params``). On exit the units are put back, the full parameters are freed and every
+  rank holds its shard again, unchanged (no writeback); gradients and optimizer state are not touched.
+- Parameters that are ``DTensor`` s (FSDP2's ``fully_shard``, Lightning's ``ModelParallelStrategy``, tensor
+  parallelism) are refused with an error that says so: the probe would read shards as if they were weights.
+- Models without either: nothing is gathered, the model itself is probed.
 
 While the context is open every rank holds the full parameters of the whole model (the memory of one
 unsharded copy, in the parameters' dtype, on the parameters' device) on top of its shards.
@@ -47,6 +52,23 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def refuse_dtensor_parameters(module: nn.Module) -> None:
+    """Raise when ``module`` has ``DTensor`` parameters (FSDP2 or tensor parallelism), which the probe
+    cannot read."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    names = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+    if names:
+        raise RuntimeError(
+            f"the model's parameters are DTensors ({len(names)}, e.g. {names[0]!r}): FSDP2 (fully_shard, "
+            "Lightning's ModelParallelStrategy) and tensor parallelism are not supported by the "
+            "AlignmentMonitor, which would read each rank's shard as if it were the weights; train with "
+            "Lightning's FSDPStrategy (FSDP1) or DDP, or probe a checkpoint of the full model with alignscope.probe()"
+        )
+
+
 @contextlib.contextmanager
 def full_params(scope: nn.Module | None, model: nn.Module) -> Iterator[nn.Module]:
     """Yield the module to probe for ``model`` with its full parameters while the context is open.
@@ -56,10 +78,34 @@ def full_params(scope: nn.Module | None, model: nn.Module) -> Iterator[nn.Module
     parameters are gathered with ``summon_full_params(recurse=True, writeback=False)`` and released on exit;
     otherwise ``model`` is yielded as it is.
     """
+    refuse_dtensor_parameters(scope if scope is not None else model)
     if not is_sharded(scope):
         yield model
         return
     fsdp = _fsdp_class()
     assert fsdp is not None and scope is not None
     with fsdp.summon_full_params(scope, recurse=True, writeback=False):
-        yield unwrapped(model)
+        root = unwrapped(model)
+        with _units_bypassed(root, fsdp):
+            yield root
+
+
+@contextlib.contextmanager
+def _units_bypassed(root: nn.Module, fsdp: type) -> Iterator[None]:
+    """Every FSDP unit inside ``root`` replaced in its parent by the module it wraps; put back on exit."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        stack = [root]
+        while stack:
+            parent = stack.pop()
+            for name, child in list(parent.named_children()):
+                if isinstance(child, fsdp):
+                    inner = unwrapped(child)
+                    setattr(parent, name, inner)
+                    swapped.append((parent, name, child))
+                    child = inner
+                stack.append(child)
+        yield
+    finally:
+        for parent, name, unit in reversed(swapped):
+            setattr(parent, name, unit)
