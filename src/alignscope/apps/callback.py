@@ -52,7 +52,7 @@ from alignscope.apps.run_folder import (
     write_json,
     write_records,
 )
-from alignscope.apps.sharded_params import full_params, is_sharded, unwrapped
+from alignscope.apps.sharded_params import full_params, is_sharded, refuse_dtensor_parameters, unwrapped
 from alignscope.apps.shared_probe import shared_probe
 from alignscope.apps.validation_prompts import fit_start_prompts, tokenize_prompts
 from alignscope.core.randomized import RandomizedSVD
@@ -207,6 +207,7 @@ class AlignmentMonitor(pl.Callback):
     # ----------------------------------------------------------------- lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)  # fail early if there is no Hugging Face model
+        refuse_dtensor_parameters(trainer.model or model)  # on every rank, before any collective
         if self.prompts is None:
             self.prompts = fit_start_prompts(
                 trainer, self.texts, self.tokenizer, self.num_prompts, self.prompt_length, self.seed
