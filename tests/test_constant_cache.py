@@ -186,3 +186,24 @@ def test_single_token_calls_of_every_causal_family_give_the_cache_no_gradient(mo
     family = "llama"
     probe(tiny_model(family), prompt_ids(1, 6), layers=[0], ks=(4,), engine="single_token", progress=False)
     assert hits
+
+
+def test_single_token_products_fold_rows_into_matrix_products():
+    """In a single-token Jacobian no product runs once per identity row: the cached part is one 2-D product
+    per head over all rows, the token's own key and value act elementwise (no ``bmm`` whose batch holds
+    a matrix-vector or outer product per row)."""
+    from alignscope import probe
+    from conftest import prompt_ids, tiny_model
+
+    model = tiny_model("llama")
+    rows = model.config.hidden_size
+    with torch.profiler.profile(record_shapes=True) as prof:
+        probe(model, prompt_ids(1, 12), layers=[0], ks=(4,), engine="single_token", progress=False)
+    per_row = [
+        shapes
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::bmm"
+        for shapes in [e.input_shapes]
+        if shapes and len(shapes[0]) == 3 and shapes[0][0] >= rows and 1 in shapes[0][1:]
+    ]
+    assert not per_row, per_row

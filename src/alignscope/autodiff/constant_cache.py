@@ -18,7 +18,8 @@ While :func:`alignscope.autodiff.batching.batchable_backward` is active:
 - a matrix product with one such operand is computed part by part: ``q [c; n]^T = [q c^T, q n^T]`` and
   ``p [c; n] = p_c c + p_n n``, the constant part as one 2-D product per head
   (:func:`per_matrix_matmul`), whose batched backward is one ``[rows, T] x [T, head_dim]`` product per head
-  instead of per-row matrix-vector products against copies of the cache.
+  instead of per-row matrix-vector products against copies of the cache; the token's own part (one
+  position long) as elementwise products (:func:`new_part_matmul`), whose batched backward is elementwise.
 
 The values equal those of the joined computation up to float rounding (sums in another order). A part
 record is used only while the tensor and both parts are unmodified (their version counters); any other
@@ -177,18 +178,31 @@ def split_matmul(a: object, b: object) -> Tensor | None:
     if pb is not None:
         where = pb.dim - b.dim()
         if where == -1:  # columns: [a c, a n]
-            return torch.cat([per_matrix_matmul(a, pb.constant, True), torch.matmul(a, pb.new)], -1)
+            return torch.cat([per_matrix_matmul(a, pb.constant, True), new_part_matmul(a, pb.new)], -1)
         if where == -2:  # the contracted dimension: a[:, :m] c + a[:, m:] n
             m = pb.constant.shape[-2]
-            return per_matrix_matmul(a[..., :m], pb.constant, True) + torch.matmul(a[..., m:], pb.new)
+            return per_matrix_matmul(a[..., :m], pb.constant, True) + new_part_matmul(a[..., m:], pb.new)
         return None
     where = pa.dim - a.dim()
     if where == -2:  # rows: [c b; n b]
-        return torch.cat([per_matrix_matmul(b, pa.constant, False), torch.matmul(pa.new, b)], -2)
+        return torch.cat([per_matrix_matmul(b, pa.constant, False), new_part_matmul(pa.new, b)], -2)
     if where == -1:
         m = pa.constant.shape[-1]
-        return per_matrix_matmul(b[..., :m, :], pa.constant, False) + torch.matmul(pa.new, b[..., m:, :])
+        return per_matrix_matmul(b[..., :m, :], pa.constant, False) + new_part_matmul(pa.new, b[..., m:, :])
     return None
+
+
+def new_part_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for the part that depends on the input (the token's own key or value, one position long):
+    elementwise when the contracted size is 1 (an outer product, ``[..., M, 1] x [..., 1, N]``) or ``b`` has
+    one column (a dot product per row of ``a``), else a matrix product. The batched backward of the
+    elementwise forms is elementwise too, where a product's would be one tiny matrix product per cotangent
+    row and head."""
+    if a.shape[-1] == 1:
+        return a * b
+    if b.shape[-1] == 1:
+        return (a * b.transpose(-1, -2)).sum(-1, keepdim=True)
+    return torch.matmul(a, b)
 
 
 def per_matrix_matmul(x: Tensor, c: Tensor, right: bool) -> Tensor:
@@ -204,5 +218,8 @@ def per_matrix_matmul(x: Tensor, c: Tensor, right: bool) -> Tensor:
     batch = torch.broadcast_shapes(x.shape[:-2], c.shape[:-2])
     xs = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:]).unbind(0)
     cs = c.expand(*batch, *c.shape[-2:]).reshape(-1, *c.shape[-2:]).unbind(0)
-    out = [torch.matmul(a, b) if right else torch.matmul(b, a) for a, b in zip(xs, cs, strict=True)]
+    # "* 1": its backward hands each product a freshly laid-out cotangent, which torch's matmul folds into
+    # one 2-D product over all rows; the slice of the stacked heads' cotangent cannot be viewed as a matrix,
+    # and would run as one matrix-vector product per row
+    out = [(torch.matmul(a, b) if right else torch.matmul(b, a)) * 1 for a, b in zip(xs, cs, strict=True)]
     return torch.stack(out).reshape(*batch, *out[0].shape)
