@@ -14,6 +14,7 @@ import pytest
 from alignscope.apps.report import find_runs
 from alignscope.apps.sweeps import SKIPPED, gpu_for_job, job_gpus
 from conftest import save_tiny_local_model
+from fake_slurm import install as install_fake_slurm
 
 SMOKE = ["experiment=smoke", "trainer.max_steps=4", "logger=csv"]
 
@@ -60,6 +61,21 @@ def test_probe_sweep_submitit_local_equals_basic_and_reruns_skip(tmp_path, probe
     _cli("probe_app", args, {})
     first, stamps = _results(sweep, "scalars.json"), _stamps(sweep)
     assert _results(local, "scalars.json") == first
+    # the SLURM recipe of docs/apps.md, through submitit's sbatch script, srun and sacct (a stand-in SLURM)
+    slurm = tmp_path / "slurm"
+    env = install_fake_slurm(tmp_path / "fake-slurm-bin", tmp_path / "fake-slurm-state")
+    setup = f'hydra.launcher.setup=["touch {tmp_path}/setup-$SLURM_ARRAY_TASK_ID"]'
+    _cli("probe_app", [*probe_args, "probe.ks=[4]", "logger=csv", f"hydra.sweep.dir={slurm}",
+                       "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+                       "hydra.launcher.array_parallelism=1", "hydra.launcher.timeout_min=5", setup], env)  # fmt: skip
+    (script,) = (tmp_path / "fake-slurm-state").glob("job_*.sh")
+    sbatch = script.read_text()
+    for line in ("--array=0-1%1", "--partition=debug", "--time=5", "--gpus-per-node=1", "srun --unbuffered"):
+        assert line in sbatch, sbatch
+    assert (tmp_path / "setup-0").is_file() and (tmp_path / "setup-1").is_file()
+    assert len(list((slurm / ".submitit").glob("*_0/*_0_log.out"))) == 1  # srun's output files
+    assert _results(slurm, "scalars.json") == first
+    assert sorted(r.init for r in find_runs([slurm])) == ["pretrained", "random"]
     assert all((sweep / job / "complete.json").is_file() for job in ("0", "1"))
     out = _cli("probe_app", args, {})
     assert _logs(sweep, "probe.log").count(SKIPPED) == 2 and (out.stdout + out.stderr).count(SKIPPED) == 2
