@@ -25,33 +25,7 @@ import time
 
 import torch
 
-from benchlib import append_markdown, matmul_rate, matrix_params, zoo_model
-
-
-def released(model, ids: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
-    """``{K: m_K [L, L]}`` by the released pipeline (see the module docstring)."""
-    with torch.enable_grad():
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # weights frozen
-        hs = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-        d = hs[0].shape[-1]
-        eye = torch.eye(d)
-        jac = []
-        for j in range(len(hs) - 1):
-            (rows,) = torch.autograd.grad(
-                hs[j + 1][0, -1], hs[j], grad_outputs=eye, retain_graph=True, is_grads_batched=True
-            )
-            jac.append(rows[:, 0, -1].detach() - eye)
-    svds = [torch.linalg.svd(j) for j in jac]
-    out = {}
-    for k in ks:
-        m = torch.zeros(len(jac), len(jac))
-        for i in range(len(jac)):
-            s_i = svds[i].S[:k]
-            for j in range(len(jac)):
-                u, v = svds[j].U[:, :k], svds[j].Vh[:k].T
-                m[i, j] = torch.linalg.norm((u.T @ jac[i] @ v).abs() - torch.diag(s_i)) / s_i.norm()
-        out[k] = m
-    return out
+from benchlib import append_markdown, matmul_rate, matrix_params, released_pipeline, zoo_model
 
 
 def main() -> None:
@@ -95,7 +69,7 @@ def main() -> None:
             if repeat == 0 or best["released"] < args.repeat_under:
                 with probe_mode(model):
                     start = time.perf_counter()
-                    ref = released(model, ids, args.ks)
+                    ref = released_pipeline(model, ids, args.ks)
                     best["released"] = min(best["released"], time.perf_counter() - start)
             start = time.perf_counter()
             res = probe(model, ids, ks=tuple(args.ks))

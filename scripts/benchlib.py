@@ -126,3 +126,43 @@ def append_markdown(path: str, title: str, *paragraphs: str | list[str]) -> None
         text += ["", *([paragraph] if isinstance(paragraph, str) else paragraph)]
     with open(path, "a") as fh:
         fh.write("\n".join(text) + "\n")
+
+
+def released_pipeline(
+    model, ids: torch.Tensor, ks: list[int], blocks: int | None = None, rows_per_call: int | None = None
+) -> dict[int, torch.Tensor]:
+    """``{K: m_K [L, L]}`` by the paper's released method: one forward with ``output_hidden_states``, block
+    ``j`` taken as ``hidden_states[j] -> hidden_states[j+1]`` at the last token, each block's Jacobian by
+    batched VJPs through the full-sequence graph (identity rows, ``is_grads_batched``; ``rows_per_call`` rows
+    at a time, all by default), minus I; full SVDs; ``m_K`` for every ordered block pair in a Python loop.
+    ``blocks``: only the first that many blocks (all by default). Call inside ``probe_mode(model)``."""
+    with torch.enable_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # weights frozen
+        hs = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+        d = hs[0].shape[-1]
+        eye = torch.eye(d, dtype=hs[0].dtype, device=hs[0].device)
+        rows = rows_per_call or d
+        jac = []
+        for j in range(len(hs) - 1 if blocks is None else blocks):
+            parts = []
+            for start in range(0, d, rows):
+                (part,) = torch.autograd.grad(
+                    hs[j + 1][0, -1],
+                    hs[j],
+                    grad_outputs=eye[start : start + rows],
+                    retain_graph=True,
+                    is_grads_batched=True,
+                )
+                parts.append(part[:, 0, -1].detach())
+            jac.append((torch.cat(parts) - eye).float())
+    svds = [torch.linalg.svd(j) for j in jac]
+    out = {}
+    for k in ks:
+        m = torch.zeros(len(jac), len(jac))
+        for i in range(len(jac)):
+            s_i = svds[i].S[:k]
+            for j in range(len(jac)):
+                u, v = svds[j].U[:, :k], svds[j].Vh[:k].T
+                m[i, j] = torch.linalg.norm((u.T @ jac[i] @ v).abs() - torch.diag(s_i)) / s_i.norm()
+        out[k] = m
+    return out

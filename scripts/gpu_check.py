@@ -8,6 +8,9 @@ minutes on one H100; the target is under 10 s per prompt with the single-token e
 The randomized engine runs with K = 10 only (the coupling projections cost 2 x blocks x K products per
 block-token, so K = 50 would cost more than the exact engines at d = 4096 and 32 blocks).
 
+Last, the paper's released pipeline against ``probe()`` on the first ``--released-blocks`` blocks at T = 64 and
+512 (``--released-seqs``).
+
 Usage (on the GPU machine): python scripts/gpu_check.py [--engines single_token randomized exact] [--blocks 32]
 ``--smoke`` runs the same code on a tiny Llama on the CPU (for the tests).
 """
@@ -20,7 +23,7 @@ from functools import partial
 
 import torch
 
-from benchlib import LLAMA3_8B, block_token, matmul_rate, matrix_params
+from benchlib import LLAMA3_8B, block_token, matmul_rate, matrix_params, released_pipeline
 
 
 def _timed(label: str, fn, sync) -> None:
@@ -106,6 +109,10 @@ def main() -> None:
         help="weights of the model on which the engines are compared (bf16 caches differ by bf16 rounding)",
     )
     parser.add_argument("--exact-blocks", type=int, default=4, help="blocks for the (slow) exact engine")
+    parser.add_argument(
+        "--released-seqs", type=int, nargs="*", default=None, help="T for the released pipeline (64 512)"
+    )
+    parser.add_argument("--released-blocks", type=int, default=4, help="blocks for the released pipeline")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit(
@@ -184,8 +191,44 @@ def main() -> None:
             )
         model.eval()
     agreement(model, ids, min(args.blocks, args.exact_blocks))
+    seqs = args.released_seqs if args.released_seqs is not None else ([8, 16] if args.smoke else [64, 512])
+    against_released(model, seqs, min(args.released_blocks, len(model.model.layers)), sync)
     if torch.cuda.device_count() > 1:
         split_across_devices(model, ids)
+
+
+def against_released(model, seqs: list[int], blocks: int, sync) -> None:
+    """The paper's released pipeline (:func:`benchlib.released_pipeline`, 512 identity rows per VJP call)
+    and ``probe()`` (default engine) on the first ``blocks`` blocks, one random prompt of each length:
+    seconds, the speed-up and the largest difference of their m_K (without the model's last block, which the
+    released pipeline takes with the final norm)."""
+    from alignscope import probe
+    from alignscope.models.capture import probe_mode
+
+    ks = (10, 30, 50)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    for seq in seqs:
+        ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seq)).to(device)
+        sync()
+        start = time.perf_counter()
+        with probe_mode(model):
+            ref = released_pipeline(model, ids, list(ks), blocks=blocks, rows_per_call=512)
+        sync()
+        released = time.perf_counter() - start
+        start = time.perf_counter()
+        res = probe(model, ids, layers=list(range(blocks)), ks=ks)
+        sync()
+        ours = time.perf_counter() - start
+        n = (
+            blocks - 1 if blocks == len(model.model.layers) else blocks
+        )  # the released last block has the norm
+        diff = max(float((res.coupling[k][0, :n, :n].cpu() - ref[k][:n, :n]).abs().max()) for k in ks)
+        print(
+            f"released pipeline vs probe(), T = {seq}, {blocks} blocks: {released:.1f} s vs {ours:.1f} s = "
+            f"{released / ours:.1f}x; max |d m_K| {diff:.1e}",
+            flush=True,
+        )
 
 
 def split_across_devices(model, ids) -> None:

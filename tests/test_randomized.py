@@ -215,6 +215,10 @@ def test_gpu_check_script_runs_its_smoke_version():
         assert f"{engine}: 2 blocks" in out.stdout
     assert "T=16 copies, 256 per pass" in out.stdout and "metrics.top_svd" in out.stdout
     assert "agreement on 2 blocks" in out.stdout
+    import re
+
+    released = re.findall(r"released pipeline vs probe\(\), T = (\d+).*max \|d m_K\| (\S+)", out.stdout)
+    assert [t for t, _ in released] == ["8", "16"] and all(float(d) < 1e-5 for _, d in released), released
 
 
 def test_randomized_engine_on_a_bfloat16_model_matches_the_exact_engine():
