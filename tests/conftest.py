@@ -95,6 +95,18 @@ __all__ = [
 ]
 
 
+def assert_results_close(actual, expected, atol: float) -> None:
+    """Every tensor field of two :class:`ProbeResult` s equal to ``atol`` (NaN where NaN); ``actual`` on the CPU."""
+    from alignscope.probing.result import tensor_fields
+
+    for name, kind in tensor_fields(type(expected)):
+        a, b = getattr(expected, name), getattr(actual, name)
+        for x, y in zip(*(v.values() if kind == "keyed" else [v] for v in (a, b)), strict=True):
+            if x is not None:
+                assert y.device.type == "cpu", name
+                torch.testing.assert_close(y, x, atol=atol, rtol=0, equal_nan=True, msg=name)
+
+
 def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):
     """A tiny model plus a small byte-level BPE tokenizer saved with save_pretrained (a 'local' zoo model)."""
     from tokenizers import ByteLevelBPETokenizer

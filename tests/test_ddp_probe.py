@@ -13,8 +13,9 @@ from alignscope import probe
 from alignscope.apps.resumed_probes import probe_folder
 from alignscope.apps.shared_probe import shared_probe, shares
 from alignscope.models.tiny import tiny_model
-from alignscope.probing.result import ProbeResult, tensor_fields
+from alignscope.probing.result import ProbeResult
 from alignscope.probing.settings import ProbeSettings
+from conftest import assert_results_close
 
 
 def test_shares_are_contiguous_and_cover_every_prompt():
@@ -50,8 +51,4 @@ def test_ddp_ranks_share_the_probe_and_rank0_writes_it(tmp_path):
     alone = probe(tiny_model("llama"), PROMPTS)  # the step-0 weights: the seeded init
     assert shared.meta["prompt_lengths"] == alone.meta["prompt_lengths"] == [5, 7, 4]
     torch.testing.assert_close(shared.tokens, alone.tokens)
-    for name, kind in tensor_fields(ProbeResult):
-        a, b = getattr(alone, name), getattr(shared, name)
-        for x, y in zip(*(v.values() if kind == "keyed" else [v] for v in (a, b)), strict=True):
-            if x is not None:
-                torch.testing.assert_close(y, x, atol=1e-5, rtol=0, equal_nan=True)
+    assert_results_close(shared, alone, atol=1e-5)

@@ -15,7 +15,8 @@ from alignscope.apps.resumed_probes import probe_folder
 from alignscope.apps.run_folder import weights_digest
 from alignscope.apps.sharded_params import full_params, is_sharded, unwrapped
 from alignscope.models.tiny import tiny_model
-from alignscope.probing.result import ProbeResult, tensor_fields
+from alignscope.probing.result import ProbeResult
+from conftest import assert_results_close
 
 
 def test_an_unsharded_model_is_probed_as_it_is():
@@ -53,11 +54,7 @@ def test_lightning_fsdp_probe_is_the_unsharded_probe(tmp_path):
     alone = probe(full, PROMPTS)
     assert sharded.meta["prompt_lengths"] == alone.meta["prompt_lengths"] == [5, 7, 4]
     torch.testing.assert_close(sharded.tokens, alone.tokens)
-    for name, kind in tensor_fields(ProbeResult):
-        a, b = getattr(alone, name), getattr(sharded, name)
-        for x, y in zip(*(v.values() if kind == "keyed" else [v] for v in (a, b)), strict=True):
-            if x is not None:
-                torch.testing.assert_close(y, x, atol=1e-5, rtol=0, equal_nan=True)
+    assert_results_close(sharded, alone, atol=1e-5)
 
 
 def test_lightning_refuses_fsdp_on_the_cpu():

@@ -230,6 +230,7 @@ def test_monitor_shows_a_bar_within_a_probe_while_lightning_shows_its_own(tmp_pa
         is_global_zero=True,
         global_rank=0,
         world_size=1,
+        model=None,
     )
     module = torch.nn.Module()
     module.model = tiny_model("gpt2")
