@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/alignscope-demo
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: venv
 	$(VENV)/bin/ruff check src tests scripts
