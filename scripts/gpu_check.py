@@ -41,8 +41,8 @@ def _timed(label: str, fn, sync) -> None:
 def svd_timings(d: int, device: torch.device, sync) -> None:
     """The analysis needs every singular value and the top-K singular vectors of one d x d matrix per
     block-token; time the options once on a residual-like matrix (I + noise): torch's default SVD, the
-    approximate gesvda driver, eigh of J^T J in float64, and what the probe runs (``metrics.top_svd``)."""
-    from alignscope.core.metrics import top_svd
+    approximate gesvda driver, eigh of J^T J in float64, and what the probe runs (``factorization.top_svd``)."""
+    from alignscope.core.factorization import top_svd
 
     torch.manual_seed(0)
     a = torch.eye(d, device=device) + 0.3 * torch.randn(d, d, device=device) / d**0.5
@@ -50,7 +50,7 @@ def svd_timings(d: int, device: torch.device, sync) -> None:
     if device.type == "cuda":
         _timed(f"svd {d}x{d} float32, driver gesvda", lambda: torch.linalg.svd(a, driver="gesvda"), sync)
     _timed(f"eigh of J^T J {d}x{d} float64", lambda: torch.linalg.eigh(a.double().T @ a.double()), sync)
-    _timed(f"metrics.top_svd {d}x{d}, K 50 (what the probe runs)", lambda: top_svd(a, 50), sync)
+    _timed(f"factorization.top_svd {d}x{d}, K 50 (what the probe runs)", lambda: top_svd(a, 50), sync)
 
 
 def chunk_sweep(model, seqs: list[int], device: torch.device, sync) -> None:

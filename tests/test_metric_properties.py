@@ -12,14 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignscope.core import metrics
+from alignscope.core import factorization, metrics
 
 FAST = settings(max_examples=60, deadline=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny matrices: one intra-op thread (metrics.svd's thread pool would cost more than the SVDs)."""
+    """Tiny matrices: one intra-op thread (factorization.svd's thread pool would cost more than the SVDs)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -96,7 +96,7 @@ def reference_coupling(J: torch.Tensor, k: int, form: str) -> torch.Tensor:
 @given(jacobian_stacks(), st.sampled_from(["svd", "gram"]), st.integers(1, 12))
 def test_factors_are_defined_exactly_where_the_matrix_allows(stack, method, k):
     J, kinds = stack
-    U, S, V = metrics.top_svd(J, k, method)
+    U, S, V = factorization.top_svd(J, k, method)
     kk = min(k, J.shape[-1])
     assert U.shape == (*J.shape[:-1], kk) and S.shape == J.shape[:-1]
     for i, kind in enumerate(kinds):
@@ -120,10 +120,10 @@ def test_factors_are_defined_exactly_where_the_matrix_allows(stack, method, k):
 @given(jacobian_stacks(kinds=("gauss", "nan", "inf", "zero")))
 def test_a_bad_matrix_does_not_change_its_neighbours(stack):
     J, kinds = stack
-    whole = metrics.svd(J)
+    whole = factorization.svd(J)
     for i, kind in enumerate(kinds):
         if kind == "gauss":
-            alone = metrics.svd(J[i : i + 1])
+            alone = factorization.svd(J[i : i + 1])
             assert torch.allclose(whole.S[i], alone.S[0], atol=1e-12 * float(alone.S[0, 0]))
 
 
@@ -200,7 +200,9 @@ def test_coupling_and_stable_rank_are_scale_free_in_float32(stack, k, exponent):
     scaled = J * 10.0**exponent
     assert torch.isfinite(scaled).all()
     assert torch.allclose(metrics.coupling_matrix(scaled, k), metrics.coupling_matrix(J, k), atol=1e-4)
-    assert torch.allclose(metrics.stable_rank(metrics.svd(scaled).S), metrics.stable_rank(metrics.svd(J).S))
+    assert torch.allclose(
+        metrics.stable_rank(factorization.svd(scaled).S), metrics.stable_rank(factorization.svd(J).S)
+    )
 
 
 @FAST
@@ -224,7 +226,7 @@ def test_coupling_summaries_are_means_of_the_off_diagonal(n, seed):
 @given(jacobian_stacks(), st.integers(1, 12))
 def test_alignment_range_reference_and_nan_exactly_at_undefined_blocks(stack, k):
     J, kinds = stack
-    U, _, V = metrics.svd(J)
+    U, _, V = factorization.svd(J)
     a = metrics.alignment_matrix(U, V, k)
     kk = min(k, J.shape[-1])
     defined = torch.tensor([kind in ("gauss", "low_rank") for kind in kinds])
@@ -247,12 +249,12 @@ def test_alignment_of_a_symmetric_matrix_is_zero_and_similarity_invariant(d, see
     Q = orthogonal(seed, d)
     signs = torch.where(gaussian(seed + 3, d) > 0, 1.0, -1.0).double()
     sym = Q @ torch.diag(signs * separated_spectrum(seed, d)) @ Q.T
-    U, _, V = metrics.svd(sym[None])
+    U, _, V = factorization.svd(sym[None])
     assert float(metrics.alignment_matrix(U, V, k)[0, 0]) < 1e-8
     J = torch.stack([with_spectrum(seed + 5, separated_spectrum(seed + 6, d)), gaussian(seed + 9, d, d)])
     R = orthogonal(seed + 11, d)
-    a = metrics.alignment_matrix(*metrics.svd(J)[::2], k)
-    b = metrics.alignment_matrix(*metrics.svd(R @ J @ R.T)[::2], k)
+    a = metrics.alignment_matrix(*factorization.svd(J)[::2], k)
+    b = metrics.alignment_matrix(*factorization.svd(R @ J @ R.T)[::2], k)
     assert torch.allclose(a, b, atol=1e-8)
 
 
@@ -263,7 +265,7 @@ def test_alignment_of_a_symmetric_matrix_is_zero_and_similarity_invariant(d, see
 @given(jacobian_stacks())
 def test_stable_rank_is_fro_over_spectral_norm_within_one_and_the_rank(stack):
     J, kinds = stack
-    r = metrics.stable_rank(metrics.svd(J).S)
+    r = metrics.stable_rank(factorization.svd(J).S)
     for i, kind in enumerate(kinds):
         if kind not in ("gauss", "low_rank"):
             assert math.isnan(float(r[i]))  # non-finite: NaN; zero: 0/0

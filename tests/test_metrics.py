@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignscope.core import metrics
+from alignscope.core import factorization, metrics
 
 
 def random_orthogonal(d: int, seed: int) -> torch.Tensor:
@@ -22,7 +22,7 @@ def matrix_with(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tens
 
 def test_svd_reconstructs_and_sorts():
     J = torch.randn(3, 6, 6, dtype=torch.float64)
-    U, S, V = metrics.svd(J)
+    U, S, V = factorization.svd(J)
     assert torch.allclose(U @ torch.diag_embed(S) @ V.transpose(-2, -1), J, atol=1e-12)
     assert (S[..., :-1] >= S[..., 1:]).all()
 
@@ -30,7 +30,7 @@ def test_svd_reconstructs_and_sorts():
 def test_svd_nonfinite_gives_nan_not_error():
     J = torch.randn(2, 4, 4)
     J[1, 0, 0] = float("inf")
-    U, S, _V = metrics.svd(J)
+    U, S, _V = factorization.svd(J)
     assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all() and torch.isnan(U[1]).all()
 
 
@@ -46,9 +46,9 @@ def test_coupling_invariant_under_singular_vector_sign_flips():
     U, V = random_orthogonal(d, 0), random_orthogonal(d, 1)
     s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
     J = torch.stack([matrix_with(U, s, V), torch.randn(d, d, dtype=torch.float64)])
-    factors = metrics.svd(J)
+    factors = factorization.svd(J)
     flip = torch.tensor([1, -1, 1, -1, -1, 1, 1], dtype=torch.float64)
-    flipped = metrics.SVD(factors.U * flip, factors.S, factors.V * flip)  # u_k, v_k flipped together
+    flipped = factorization.SVD(factors.U * flip, factors.S, factors.V * flip)  # u_k, v_k flipped together
     a = metrics.coupling_matrix(J, k, factors=factors)
     b = metrics.coupling_matrix(J, k, factors=flipped)
     assert torch.allclose(a, b, atol=1e-12)
@@ -70,7 +70,7 @@ def test_coupling_known_case_by_hand():
     expect = math.sqrt((1 - s1) ** 2 + 1 + (1 - s2) ** 2) / math.sqrt(s1**2 + s2**2)
     assert m2[0, 1] == pytest.approx(expect, abs=1e-12)
     # reverse pair: J_j projected on J_i's bases
-    Ui, _Si, Vi = metrics.svd(J_i[None])
+    Ui, _Si, Vi = factorization.svd(J_i[None])
     proj = (Ui[0, :, :1].T @ J_j @ Vi[0, :, :1]).abs()
     assert m[1, 0] == pytest.approx(float(abs(proj[0, 0] - 2.0) / 2.0), abs=1e-12)
 
@@ -81,7 +81,7 @@ def test_coupling_vju_form_by_hand():
     s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
     Ji, Jj = torch.randn(d, d, dtype=torch.float64), matrix_with(U, s, V)
     k = 3
-    Uj, _, Vj = metrics.svd(Jj[None])
+    Uj, _, Vj = factorization.svd(Jj[None])
     si = torch.linalg.svdvals(Ji)[:k]
     expect = torch.linalg.norm(
         (Vj[0, :, :k].T @ Ji @ Uj[0, :, :k]).abs() - torch.diag(si)
@@ -116,14 +116,14 @@ def test_coupling_k_is_clipped_to_d():
 def test_alignment_symmetric_psd_is_zero_and_rotation_known():
     A = torch.randn(6, 6, dtype=torch.float64)
     sym = A @ A.T + torch.eye(6, dtype=torch.float64)  # U = V
-    U, _S, V = metrics.svd(sym[None])
+    U, _S, V = factorization.svd(sym[None])
     assert metrics.alignment_matrix(U, V, 3)[0, 0] == pytest.approx(0.0, abs=1e-10)
     # A 90-degree rotation in each of 3 planes: J = R, U = R, V = I up to signs: |U^T V| is a permutation
     # with zeros on the diagonal -> ||P - I||_F^2 = 2K -> a = sqrt(2)
     R = torch.zeros(6, 6, dtype=torch.float64)
     for p in range(3):
         R[2 * p, 2 * p + 1], R[2 * p + 1, 2 * p] = -1.0, 1.0
-    U, _S, V = metrics.svd(R[None])
+    U, _S, V = factorization.svd(R[None])
     a = metrics.alignment_matrix(U, V, 6)[0, 0]
     assert a == pytest.approx(math.sqrt(2.0), abs=1e-10)
 
@@ -187,7 +187,7 @@ def test_stable_rank_of_known_matrix():
     s = torch.tensor([[3.0, 2.0, 1.0]])
     assert float(metrics.stable_rank(s)[0]) == pytest.approx((9 + 4 + 1) / 9)
     J = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
-    assert float(metrics.stable_rank(metrics.svd(J).S)) == pytest.approx(14 / 9, rel=1e-6)
+    assert float(metrics.stable_rank(factorization.svd(J).S)) == pytest.approx(14 / 9, rel=1e-6)
 
 
 def test_inverse_top_singular_fit_exact():
@@ -246,7 +246,7 @@ def test_top_svd_gram_matches_known_spectrum():
     s0 = torch.logspace(0.5, -5.5, d, dtype=torch.float64)
     J = matrix_with(U0, s0, V0).float()
     exact = torch.linalg.svdvals(J.double())  # of the float32-rounded matrix
-    U, S, V = metrics.top_svd(J, k, method="gram")
+    U, S, V = factorization.top_svd(J, k, method="gram")
     assert U.shape == (d, k) and V.shape == (d, k) and S.shape == (d,) and S.dtype == torch.float32
     assert torch.allclose(S.double(), exact, rtol=0, atol=1e-6 * float(exact[0]))
     assert torch.allclose(
@@ -260,12 +260,12 @@ def test_top_svd_gram_matches_known_spectrum():
 
 def test_top_svd_methods_agree_and_feed_the_metrics():
     J = torch.eye(32) + 0.3 * torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(3))
-    svd_f, gram_f = metrics.top_svd(J, 8, method="svd"), metrics.top_svd(J, 8, method="gram")
+    svd_f, gram_f = factorization.top_svd(J, 8, method="svd"), factorization.top_svd(J, 8, method="gram")
     assert torch.allclose(gram_f.S, svd_f.S, rtol=1e-5)
     for name in ("U", "V"):
         overlap = torch.einsum("lak,lak->lk", getattr(gram_f, name), getattr(svd_f, name)).abs()
         assert torch.allclose(overlap, torch.ones_like(overlap), atol=1e-4)
-    full = metrics.svd(J)
+    full = factorization.svd(J)
     for form in ("ujv", "vju"):
         want = metrics.coupling_matrices(J, [3, 8], form, full)
         got = metrics.coupling_matrices(J, [3, 8], form, gram_f)
@@ -285,8 +285,8 @@ def test_top_svd_gram_rank_deficient_and_nonfinite():
         [a @ a.T + b @ b.T, torch.zeros(16, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)]
     )
     J[2, 0, 0] = float("nan")
-    U, S, V = metrics.top_svd(J, 5, method="gram")
-    want = metrics.top_svd(J[:2], 5, method="svd")
+    U, S, V = factorization.top_svd(J, 5, method="gram")
+    want = factorization.top_svd(J[:2], 5, method="svd")
     assert torch.allclose(S[:2], want.S, atol=1e-12)
     assert torch.allclose(U[0] @ torch.diag(S[0, :5]) @ V[0].T, J[0], atol=1e-10)  # rank 2: top-5 rebuilds J
     assert torch.isfinite(U[0]).all() and torch.isnan(U[1]).all() and torch.isnan(V[1]).all()
@@ -295,16 +295,16 @@ def test_top_svd_gram_rank_deficient_and_nonfinite():
 
 def test_top_svd_rejects_unknown_method():
     with pytest.raises(ValueError, match="method must be"):
-        metrics.top_svd(torch.eye(3), 2, method="qr")
+        factorization.top_svd(torch.eye(3), 2, method="qr")
 
 
 def test_top_svd_gram_in_groups_equals_one_batch(monkeypatch):
     """Large batches go through the Gram route in groups (bounded float64 temporaries): same factors."""
     J = torch.eye(12) + 0.5 * torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
     J[1, 2, 0, 0] = float("inf")
-    whole = metrics.top_svd(J, 4, method="gram")
-    monkeypatch.setattr(metrics, "GRAM_GROUP_VALUES", 2 * 12 * 12)  # groups of two matrices
-    grouped = metrics.top_svd(J, 4, method="gram")
+    whole = factorization.top_svd(J, 4, method="gram")
+    monkeypatch.setattr(factorization, "GRAM_GROUP_VALUES", 2 * 12 * 12)  # groups of two matrices
+    grouped = factorization.top_svd(J, 4, method="gram")
     assert grouped.U.shape == (2, 3, 12, 4) and grouped.S.shape == (2, 3, 12)
     for a, b in zip(grouped, whole, strict=True):
         assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-6)
@@ -312,11 +312,11 @@ def test_top_svd_gram_in_groups_equals_one_batch(monkeypatch):
 
 
 def test_svd_in_threads_matches_one_call_and_restores_the_thread_count(monkeypatch):
-    """On CPUs metrics.svd splits a batch among threads of one intra-op thread each: the same factors as
+    """On CPUs factorization.svd splits a batch among threads of one intra-op thread each: the same factors as
     torch.linalg.svd of the whole batch, any batch shape, and torch's thread count as before."""
     import threading
 
-    from alignscope.core import metrics
+    from alignscope.core import factorization
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
@@ -333,7 +333,7 @@ def test_svd_in_threads_matches_one_call_and_restores_the_thread_count(monkeypat
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        U, S, V = metrics.svd(x)
+        U, S, V = factorization.svd(x)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -10,7 +10,7 @@ import torch
 
 from alignscope.apps import plots
 from alignscope.apps.correlation import Regression
-from alignscope.core import metrics
+from alignscope.core import factorization
 
 
 def test_block_grid_diagonal_holds_each_blocks_singular_values():
@@ -18,7 +18,7 @@ def test_block_grid_diagonal_holds_each_blocks_singular_values():
     grid = plots.block_grid(SimpleNamespace(extras={"block_jacobians": J}), k=4)
     assert grid.shape == (2, 2, 4, 4)
     for i in range(2):
-        s = torch.stack([metrics.svd(J[p, i])[1][:4] for p in range(3)]).mean(0)
+        s = torch.stack([factorization.svd(J[p, i])[1][:4] for p in range(3)]).mean(0)
         torch.testing.assert_close(grid[i, i], torch.diag(s))  # U_i^T J_i V_i = diag(s)
     assert plots.block_grid(SimpleNamespace(extras={"block_jacobians": J}), k=50).shape[-1] == 6
 

@@ -213,7 +213,7 @@ def test_gpu_check_script_runs_its_smoke_version():
     assert out.returncode == 0, out.stderr[-2000:]
     for engine in ("single_token", "randomized", "exact"):
         assert f"{engine}: 2 blocks" in out.stdout
-    assert "T=16 copies, 256 per pass" in out.stdout and "metrics.top_svd" in out.stdout
+    assert "T=16 copies, 256 per pass" in out.stdout and "factorization.top_svd" in out.stdout
     assert "agreement on 2 blocks" in out.stdout
     import re
 

@@ -9,141 +9,12 @@ norms are taken in units of the largest entry, so finite inputs far from 1 (floa
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-
-class SVD(NamedTuple):
-    """``J = U diag(S) V^T``; singular values descending. Shapes ``[..., d, d]``, ``[..., d]``, ``[..., d, d]``."""
-
-    U: Tensor
-    S: Tensor
-    V: Tensor
-
-
-def svd(jacobians: Tensor) -> SVD:
-    """Full SVD of ``[..., d, d]`` matrices. Matrices with a non-finite entry give all-NaN factors, zero
-    matrices NaN singular vectors (:func:`undefined_as_nan`)."""
-    safe, finite = finite_part(jacobians)
-    U, S, Vh = _linalg_svd(safe)
-    return undefined_as_nan(SVD(U, S, Vh.transpose(-2, -1)), finite)
-
-
-def _linalg_svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd`` of ``[..., m, n]``. On CPUs with ``p >= 2`` intra-op threads the matrices go to
-    ``p`` Python threads in parts, each part's SVD with one intra-op thread (torch's thread count is set to 1
-    meanwhile, then restored): LAPACK's SVD uses extra threads poorly, independent matrices use them fully
-    (docs/benchmarks.md)."""
-    threads = torch.get_num_threads()
-    flat = matrices.reshape(-1, *matrices.shape[-2:])
-    if matrices.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
-        return torch.linalg.svd(matrices)
-
-    def one_thread_svd(part: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        torch.set_num_threads(1)
-        return torch.linalg.svd(part)
-
-    workers = min(threads, flat.shape[0])
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(one_thread_svd, flat.tensor_split(workers)))
-    finally:
-        torch.set_num_threads(threads)
-    batch = matrices.shape[:-2]
-    return tuple(torch.cat(f).reshape(*batch, *f[0].shape[1:]) for f in zip(*parts, strict=True))
-
-
-def finite_part(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """``(the [..., m, n] matrices with every non-finite one zeroed, [...] bool: which were finite)``."""
-    finite = torch.isfinite(matrices).all(dim=(-2, -1))
-    return (matrices if bool(finite.all()) else torch.where(finite[..., None, None], matrices, 0.0)), finite
-
-
-def undefined_as_nan(factors: SVD, finite: Tensor) -> SVD:
-    """NaN for what a factorization cannot define: every factor of a matrix that was not ``finite``
-    (``[...]`` bool), and the singular vectors of a zero matrix (``s_1 = 0``: every orthonormal basis fits,
-    so what an SVD routine returns there is arbitrary). ``U``, ``V``: ``[..., m, k]``, ``S``: ``[..., n]``."""
-    U, S, V = factors
-    defined = finite & (S[..., 0] > 0)
-    if bool(defined.all()):
-        return factors
-    nan = torch.tensor(float("nan"), dtype=S.dtype, device=S.device)
-    return SVD(
-        torch.where(defined[..., None, None], U, nan),
-        torch.where(finite[..., None], S, nan),
-        torch.where(defined[..., None, None], V, nan),
-    )
-
-
-GRAM_MIN_RATIO = 1e-6
-""":func:`top_svd` with ``method="gram"`` forms ``U_K = J V_K / S_K`` only where ``s_K >= GRAM_MIN_RATIO s_1``;
-a matrix with a smaller top-K singular value (rank-deficient within K) takes the full SVD instead."""
-
-
-def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
-    """Every singular value and the top-``k`` singular vectors of ``[..., d, d]`` matrices: ``U``, ``V``
-    ``[..., d, k]``, ``S`` ``[..., d]`` (descending). Non-finite matrices give NaN factors and zero matrices
-    NaN vectors, as :func:`svd`.
-
-    ``method="svd"``: the full SVD, truncated. ``method="gram"``: ``J^T J = V diag(S^2) V^T`` by a symmetric
-    eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
-    singular value has absolute error about ``1e-8 s_1``, below a float32 SVD's ``~1e-7 s_1``), then
-    ``U_k = J V_k / S_k``. On a GPU that is several times faster than cuSOLVER's SVD at large ``d``
-    (docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
-    """
-    method = top_svd_method(method, jacobians.device)
-    k = _check_k(k, jacobians.shape[-1])
-    if method == "svd":
-        U, S, V = svd(jacobians)
-        return SVD(U[..., :k], S, V[..., :k])
-    d = jacobians.shape[-1]
-    flat = jacobians.reshape(-1, d, d)
-    group = max(1, GRAM_GROUP_VALUES // (d * d))  # bounds the float64 temporaries (J, J^T J, eigenvectors)
-    if flat.shape[0] > group:
-        parts = [_gram_top_svd(flat[i : i + group], k) for i in range(0, flat.shape[0], group)]
-        U, S, V = (torch.cat(factor) for factor in zip(*parts, strict=True))
-        batch = jacobians.shape[:-2]
-        return SVD(U.reshape(*batch, d, k), S.reshape(*batch, d), V.reshape(*batch, d, k))
-    return _gram_top_svd(jacobians, k)
-
-
-def top_svd_method(method: str, device: torch.device | str) -> str:
-    """The method :func:`top_svd` runs on ``device``: ``"auto"`` is ``"gram"`` on CUDA, ``"svd"`` elsewhere."""
-    if method not in ("auto", "svd", "gram"):
-        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
-    if method != "auto":
-        return method
-    return "gram" if torch.device(device).type == "cuda" else "svd"
-
-
-GRAM_GROUP_VALUES = 2**28
-"""Matrix entries per group of :func:`top_svd`'s Gram route (each float64 temporary at most 2 GiB)."""
-
-
-def _gram_top_svd(jacobians: Tensor, k: int) -> SVD:
-    safe, finite = finite_part(jacobians)
-    j64 = safe.double()
-    eigenvalues, vectors = torch.linalg.eigh(j64.transpose(-2, -1) @ j64)
-    S = eigenvalues.flip(-1).clamp_min(0).sqrt()
-    V = vectors[..., -k:].flip(-1)
-    top = S[..., :k]
-    U = (j64 @ V) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
-    deficient = (top[..., -1] < GRAM_MIN_RATIO * top[..., 0]) & finite
-    if bool(deficient.any()):  # U_K undefined by J V_K / S_K: take those matrices' full SVDs
-        full = svd(j64[deficient])
-        U[deficient], V[deficient], S[deficient] = full.U[..., :k], full.V[..., :k], full.S
-    dtype = jacobians.dtype
-    return undefined_as_nan(SVD(U.to(dtype), S.to(dtype), V.to(dtype)), finite)
-
-
-def _check_k(k: int, d: int) -> int:
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"K must be a positive integer, got {k!r}")
-    return min(k, d)
+from alignscope.core.factorization import SVD, check_k, svd
 
 
 def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD | None = None) -> Tensor:
@@ -171,7 +42,7 @@ def coupling_matrices(
     if jacobians.ndim != 3 or jacobians.shape[-1] != jacobians.shape[-2]:
         raise ValueError(f"jacobians must be [L, d, d], got shape {tuple(jacobians.shape)}")
     d = jacobians.shape[-1]
-    clipped = {k: _check_k(k, d) for k in ks}
+    clipped = {k: check_k(k, d) for k in ks}
     factors = factors if factors is not None else svd(jacobians)
     projected = coupling_projections(jacobians, factors, max(clipped.values()), form)
     return coupling_from_projections(projected, factors.S, clipped)
@@ -264,7 +135,7 @@ def alignment_matrices(U: Tensor, V: Tensor, ks: list[int]) -> dict[int, Tensor]
     ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)`` for any two stacks of orthonormal columns:
     ``(U, U)`` gives the left/left alignment ``|| |U_{j,K}^T U_{i,K}| - I ||_F / sqrt(K)`` and ``(V, V)``
     the right/right one (:func:`same_side_alignment_matrices`)."""
-    clipped = {k: _check_k(k, U.shape[-2]) for k in ks}
+    clipped = {k: check_k(k, U.shape[-2]) for k in ks}
     kmax = max(clipped.values())
     overlap = torch.einsum("jak,ial->ijkl", U[..., :kmax], V[..., :kmax]).abs()
     out = {}

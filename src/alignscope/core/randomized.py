@@ -13,7 +13,7 @@ triplets ``J ~ U diag(S) V^T`` and an a-posteriori error estimate:
   ``probes`` Gaussian vectors, and ``fro2 = ||Q^T J||_F^2 + tail_fro^2``, an estimate of ``||J||_F^2``.
 
 A non-finite ``J`` gives all-NaN triplets and estimates, a zero ``J`` zero singular values and NaN vectors
-(as :func:`alignscope.core.metrics.svd`), never an error.
+(as :func:`alignscope.core.factorization.svd`), never an error.
 
 Cost: ``r (2 power_iters + 2) + K + probes`` products, against ``d`` for an exact Jacobian.
 """
@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from alignscope.core.metrics import SVD, finite_part, undefined_as_nan
+from alignscope.core.factorization import SVD, finite_part, undefined_as_nan
 
 
 class LinearOperator(Protocol):

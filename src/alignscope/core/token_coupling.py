@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignscope.core import metrics
+from alignscope.core import factorization, metrics
 
 
 def coupling_across(
@@ -21,7 +21,7 @@ def coupling_across(
     normalization: str = "norm",
     p: float = 2.0,
     method: str = "auto",
-    factors: metrics.SVD | None = None,
+    factors: factorization.SVD | None = None,
 ) -> dict[int, Tensor]:
     """``m_K`` between every ordered pair of matrices along the first axis: ``[n, d, d] -> {K: [n, n]}``.
 
@@ -34,7 +34,7 @@ def coupling_across(
     d = jacobians.shape[-1]
     clipped = {k: min(k, d) for k in ks}
     kmax = max(clipped.values())
-    factors = factors if factors is not None else metrics.top_svd(jacobians, kmax, method)
+    factors = factors if factors is not None else factorization.top_svd(jacobians, kmax, method)
     projected = metrics.coupling_projections(jacobians, factors, kmax, "ujv")
     return metrics.coupling_from_projections(projected, factors.S, clipped, normalization, p)
 
@@ -45,7 +45,7 @@ def token_coupling(
     normalization: str = "norm",
     p: float = 2.0,
     method: str = "auto",
-    factors: metrics.SVD | None = None,
+    factors: factorization.SVD | None = None,
 ) -> dict[int, Tensor]:
     """Self-coupling across tokens, per block: residual Jacobians ``[T, L', d, d]`` of one prompt's probed
     tokens -> ``{K: [L', T, T]}`` with ``out[K][l, t, t'] = m_K(J^l_t, J^l_{t'})``. ``factors``: ``U``, ``V``
@@ -54,7 +54,7 @@ def token_coupling(
         raise ValueError(f"jacobians must be [T, L', d, d], got shape {tuple(jacobians.shape)}")
     per_block = []
     for i in range(jacobians.shape[1]):
-        block = None if factors is None else metrics.SVD(*(f[:, i] for f in factors))
+        block = None if factors is None else factorization.SVD(*(f[:, i] for f in factors))
         per_block.append(coupling_across(jacobians[:, i], ks, normalization, p, method, block))
     return {k: torch.stack([m[k] for m in per_block]) for k in ks}
 

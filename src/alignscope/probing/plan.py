@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignscope.core import metrics
+from alignscope.core import factorization
 from alignscope.core.randomized import RandomizedSVD
 
 
@@ -22,7 +22,7 @@ class Plan:
     """Tuning of the engines (rows per product, copies, analysis SVD, the ``"auto"`` rule).
 
     Attributes:
-        analysis_svd: how the exact engines factor each Jacobian (:func:`alignscope.core.metrics.top_svd`):
+        analysis_svd: how the exact engines factor each Jacobian (:func:`alignscope.core.factorization.top_svd`):
             ``"auto"`` is the Gram eigendecomposition in float64 on CUDA (several times faster than
             cuSOLVER's SVD at large d) and the SVD on CPUs; or ``"svd"`` / ``"gram"`` everywhere.
         sequence_chunk: identity rows per VJP through a full-sequence call (memory grows with chunk x T).
@@ -68,7 +68,7 @@ class Plan:
     auto_large_d: int = 1024
 
     def __post_init__(self) -> None:
-        metrics.top_svd_method(self.analysis_svd, "cpu")  # raises on an unknown method
+        factorization.top_svd_method(self.analysis_svd, "cpu")  # raises on an unknown method
         for name in ("sequence_chunk", "token_chunk_max", "cuda_token_chunk_max", "copies_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -96,7 +96,7 @@ class Plan:
 
     def analysis_method(self, device: torch.device | str) -> str:
         """The factorization the exact engines run on ``device``: ``"svd"`` or ``"gram"``."""
-        return metrics.top_svd_method(self.analysis_svd, device)
+        return factorization.top_svd_method(self.analysis_svd, device)
 
     def auto_product_budget(self, d: int, device: torch.device | str = "cpu") -> float:
         """Products per block-token up to which ``engine="auto"`` picks the randomized engine on ``device``."""

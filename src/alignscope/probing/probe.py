@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from alignscope.autodiff.jacobian import JacobianEngine, make_engine
-from alignscope.core.metrics import SVD
+from alignscope.core.factorization import SVD
 from alignscope.core.token_coupling import token_coupling
 from alignscope.models import context_length, get_adapter, resolve_layers
 from alignscope.models.capture import block_function, capture_block_calls, probe_mode

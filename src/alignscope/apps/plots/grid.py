@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from alignscope.apps.plots.base import _plt, thinned
-from alignscope.core import metrics
+from alignscope.core import factorization
 from alignscope.probing.result import ProbeResult
 
 
@@ -16,7 +16,7 @@ def block_grid(result: ProbeResult, k: int) -> torch.Tensor:
     k = min(k, J.shape[-1])
     grids = []
     for Jp in J:
-        U, _, V = metrics.svd(Jp)
+        U, _, V = factorization.svd(Jp)
         grids.append(torch.einsum("jak,iab,jbl->ijkl", U[..., :k], Jp, V[..., :k]).abs())
     return torch.stack(grids).mean(0)
 

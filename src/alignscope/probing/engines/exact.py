@@ -23,7 +23,7 @@ from alignscope.autodiff.jacobian import (
     make_engine,
     residual_jacobian,
 )
-from alignscope.core import metrics
+from alignscope.core import factorization, metrics
 from alignscope.models.capture import (
     block_function,
     capture_block_calls,
@@ -54,7 +54,7 @@ class ExactEngine(ProbeEngine):
             torch.cuda.synchronize(jac.device)
         start = time.perf_counter()
         kmax = min(target.kmax, jac.shape[-1])
-        svd = metrics.top_svd(jac, kmax, self.plan.analysis_method(jac.device))
+        svd = factorization.top_svd(jac, kmax, self.plan.analysis_method(jac.device))
         factors = TokenFactors(
             position=t,
             trajectory=traj,
