@@ -154,7 +154,7 @@ def released_pipeline(
                     is_grads_batched=True,
                 )
                 parts.append(part[:, 0, -1].detach())
-            jac.append((torch.cat(parts) - eye).float())
+            jac.append(torch.cat(parts).float() - eye.float())
     svds = [torch.linalg.svd(j) for j in jac]
     out = {}
     for k in ks:

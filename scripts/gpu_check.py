@@ -140,7 +140,7 @@ def main() -> None:
         else dict(LLAMA3_8B, vocab_size=128256)
     )
     config = transformers.LlamaConfig(
-        **shape, num_hidden_layers=2 if args.smoke else 32, max_position_embeddings=8192, rope_theta=500000.0
+        **shape, num_hidden_layers=3 if args.smoke else 32, max_position_embeddings=8192, rope_theta=500000.0
     )
     args.blocks = min(args.blocks, config.num_hidden_layers)
     start = time.perf_counter()

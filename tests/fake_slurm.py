@@ -22,6 +22,13 @@ from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
 
 
+def record(name, value):
+    # atomically: sacct never reads a half-written state
+    tmp = state / f".state_{name}.tmp"
+    tmp.write_text(value)
+    os.replace(tmp, state / f"state_{name}")
+
+
 def tasks(text):
     array = re.search(r"^#SBATCH --array=(\d+)-(\d+)", text, re.M)
     return list(range(int(array[1]), int(array[2]) + 1)) if array else [None]
@@ -38,14 +45,17 @@ def run(job, script):
             if pickle.is_file():
                 break
             time.sleep(0.1)
+        else:
+            record(name, "FAILED")  # submitit never wrote the task's pickle
+            continue
         env = dict(os.environ, SLURM_JOB_ID=job if task is None else f"{job}{task:03d}", SLURM_NTASKS="1",
                    SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
                    SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_ARRAY_JOB_ID=job)
         if task is not None:
             env["SLURM_ARRAY_TASK_ID"] = str(task)
-        (state / f"state_{name}").write_text("RUNNING")
+        record(name, "RUNNING")
         code = subprocess.run(["bash", script], env=env).returncode
-        (state / f"state_{name}").write_text("COMPLETED" if code == 0 else "FAILED")
+        record(name, "COMPLETED" if code == 0 else "FAILED")
 
 
 if sys.argv[1] == "--run":
@@ -56,7 +66,7 @@ job = str(1000 + len(list(state.glob("job_*.sh"))))
 copy = state / f"job_{job}.sh"
 copy.write_text(text)
 for task in tasks(text):
-    (state / f"state_{job if task is None else f'{job}_{task}'}").write_text("PENDING")
+    record(job if task is None else f"{job}_{task}", "PENDING")
 subprocess.Popen([sys.executable, __file__, "--run", job, str(copy)], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=open(state / f"job_{job}.err", "w"))
 print(f"Submitted batch job {job}")

@@ -92,7 +92,7 @@ if __name__ == "__main__":
         "numel": sum(p.numel() for p in before.params.values()),  # this rank's shards
         "unchanged": all(torch.equal(before.params[k], after.params[k]) for k in before.params),
         "same_names": list(before.params) == list(after.params),
-        "grads": [g is None for g in after.grads],
+        "no_grads": [g is None for g in after.grads],
         "training": before.training == after.training,
         "init_weights": monitor.init_weights,
         "fsdp_forwards_in_probes": fsdp_forwards,

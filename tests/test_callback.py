@@ -154,3 +154,39 @@ def test_ddp_two_ranks_probe_once_and_stay_in_step(tmp_path):
     assert lines == [0, 2, 4, 5]  # written once, by rank 0
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] == {"steps": [0, 2, 4, 5], "global_step": 5}
+
+
+def test_resume_under_a_strategy_that_restores_after_setup(tmp_path):
+    """FSDP restores a checkpoint (callback state included) after setup, so after on_fit_start: the monitor
+    sets its run folder up once the state is in, and a resumed run in a new folder brings the earlier
+    probes along, with the run's weights hash."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from alignscope.apps.resumed_probes import probe_folder
+
+    class RestoreAfterSetup(SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    train, val = loaders()
+    old, new = tmp_path / "old", tmp_path / "new"
+    first = AlignmentMonitor(
+        every_n_steps=None, log_spaced=False, num_prompts=2, prompt_length=6, dirpath=str(old)
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    quiet_trainer(max_steps=2, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        PlainLM(), train, val
+    )
+    assert first.probed_steps == [0, 2]
+    resumed = AlignmentMonitor(
+        every_n_steps=None, log_spaced=False, num_prompts=2, prompt_length=6, dirpath=str(new)
+    )
+    trainer = quiet_trainer(max_steps=4, callbacks=[resumed], strategy=RestoreAfterSetup(device="cpu"))
+    trainer.fit(PlainLM(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    # the checkpoint at step 2 was written before the end-of-fit probe of step 2: it holds the probe of step 0
+    assert resumed.probed_steps == [0, 4] and resumed.init_weights == first.init_weights
+    records = [json.loads(x) for x in (new / "probes.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4]
+    assert probe_folder(new, 0).is_dir()  # brought along from the first run's folder

@@ -225,3 +225,34 @@ def test_a_new_engine_is_one_class(monkeypatch):
         assert torch.allclose(new.alignment[k], exact.alignment[k], atol=1e-4)
     assert torch.allclose(new.linearization_cosine, exact.linearization_cosine, atol=1e-5)
     assert torch.allclose(new.stable_rank, exact.stable_rank, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "takes_it"), [("llama", True), ("bert", False)])
+def test_capture_passes_ask_for_the_last_logits_only_where_the_model_takes_it(family, takes_it):
+    """Capturing forwards never read the logits: ``logits_to_keep=1`` where the model's forward takes it
+    (no ``[T, vocab]`` head product over the prompt), nothing where it does not."""
+    import functools
+    import inspect
+
+    from alignscope.models import get_adapter
+    from alignscope.models.capture import capture_block_calls, capture_tokens_calls
+
+    model = tiny_model(family)
+    assert ("logits_to_keep" in inspect.signature(model.forward).parameters) == takes_it
+    seen: list[dict] = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    ids = prompt_ids(1, 6)
+    capture_block_calls(model, adapter, blocks, ids)
+    if takes_it:
+        list(capture_tokens_calls(model, adapter, blocks, ids, [3, 5]))
+    assert seen and all(("logits_to_keep" in kw) == takes_it for kw in seen)
+    assert all(kw["logits_to_keep"] == 1 for kw in seen if takes_it)

@@ -37,15 +37,16 @@ def test_lightning_fsdp_probe_is_the_unsharded_probe(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["steps"] == [0, 1]
-        # the step-0 probe left each rank's shards as they were: same values, still half the model each
-        assert r["unchanged"] and r["same_names"] and r["training"] and all(r["grads"])
-        assert r["numel"] == numel // 2
+        # the step-0 probe left each rank's shards as they were: same values, each a part of the model
+        assert r["unchanged"] and r["same_names"] and r["training"] and all(r["no_grads"])
+        assert r["numel"] < numel
         assert r["init_weights"] == weights_digest(full)  # hashed from the gathered, unsharded weights
         assert r["fsdp_forwards_in_probes"] == [0, 0]  # the probes ran the wrapped modules, not FSDP units
 
     records = [json.loads(x) for x in (tmp_path / "probes.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]  # written once, by rank 0
     assert all(r["world_size"] == 2 and r["prompts_per_rank"] == [1, 2] for r in records)
+    assert sum(r["numel"] for r in ranks) >= numel  # the shards together hold the model
 
     sys.path.insert(0, str(Path(__file__).parent))
     from fsdp_probe_fit import PROMPTS
@@ -86,3 +87,23 @@ def test_fsdp2_parameters_are_refused_with_a_clear_error():
     out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters are DTensors" in out.stdout and "FSDPStrategy (FSDP1)" in out.stdout
+
+
+def test_bypassed_units_are_put_back_even_when_the_probe_fails():
+    """The units swapped out for the probe return to their parents when the probe raises."""
+    from alignscope.apps.sharded_params import _units_bypassed
+
+    class Unit(torch.nn.Module):  # stands for FullyShardedDataParallel: wraps a module as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    units = [Unit(layer) for layer in layers]
+    for i, unit in enumerate(units):
+        layers[i] = unit
+    with pytest.raises(RuntimeError, match="probe failed"), _units_bypassed(model, Unit):
+        assert not any(isinstance(m, Unit) for m in model.modules())  # plain modules while open
+        raise RuntimeError("probe failed")
+    assert list(layers) == units

@@ -212,9 +212,9 @@ def test_gpu_check_script_runs_its_smoke_version():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     for engine in ("single_token", "randomized", "exact"):
-        assert f"{engine}: 2 blocks" in out.stdout
+        assert f"{engine}: 3 blocks" in out.stdout
     assert "T=16 copies, 256 per pass" in out.stdout and "factorization.top_svd" in out.stdout
-    assert "agreement on 2 blocks" in out.stdout
+    assert "agreement on 3 blocks" in out.stdout
     import re
 
     released = re.findall(r"released pipeline vs probe\(\), T = (\d+).*max \|d m_K\| (\S+)", out.stdout)

@@ -166,6 +166,7 @@ class AlignmentMonitor(pl.Callback):
         self.init_weights: str | None = None
         self.source_dir: str | None = None
         self._folder: RunFolder | None = None
+        self._started = False  # the fit's prompts, weights hash and run folder are set up
         self.seconds = 0.0
         self.val_losses: list[dict[str, float]] = []  # {"step", "val/loss"} at each validation (checkpointed)
         self._first: ProbeResult | None = None
@@ -207,7 +208,21 @@ class AlignmentMonitor(pl.Callback):
     # ----------------------------------------------------------------- lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)  # fail early if there is no Hugging Face model
-        refuse_dtensor_parameters(trainer.model or model)  # on every rank, before any collective
+        # on every rank, before any collective
+        refuse_dtensor_parameters(trainer.model if trainer.model is not None else model)
+        self._started = False
+        # strategies that restore a checkpoint after setup (FSDP) hand this callback its saved state only after
+        # on_fit_start: the run folder is then set up once the state is in (first train start or probe)
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prompts, the weights hash and (rank 0) the run folder, once per fit, with the restored state of a
+        resumed run in place; a collective under FSDP (every rank calls it at the same hook)."""
+        if self._started:
+            return
+        self._started = True
+        model = self._model(pl_module)
         if self.prompts is None:
             self.prompts = fit_start_prompts(
                 trainer, self.texts, self.tokenizer, self.num_prompts, self.prompt_length, self.seed
@@ -257,6 +272,7 @@ class AlignmentMonitor(pl.Callback):
         self._release()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
         if self.scheduled(trainer.global_step):
             self._maybe_probe(trainer, pl_module)
 
@@ -286,6 +302,7 @@ class AlignmentMonitor(pl.Callback):
                     checkpoint["callbacks"][key] = self.state_dict()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)  # no train start when no step is taken
         # also runs when no training step is taken (max_steps=0: load and probe only)
         if self.at_end or not self.history:
             self._maybe_probe(trainer, pl_module)
@@ -295,6 +312,7 @@ class AlignmentMonitor(pl.Callback):
 
     # ----------------------------------------------------------------- probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
         step = trainer.global_step
         if step in self.probed_steps:
             return

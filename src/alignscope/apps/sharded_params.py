@@ -57,7 +57,10 @@ def refuse_dtensor_parameters(module: nn.Module) -> None:
     cannot read."""
     if not torch.distributed.is_available():
         return
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
 
     names = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
     if names:
@@ -100,7 +103,9 @@ def _units_bypassed(root: nn.Module, fsdp: type) -> Iterator[None]:
             parent = stack.pop()
             for name, child in list(parent.named_children()):
                 if isinstance(child, fsdp):
-                    inner = unwrapped(child)
+                    inner = child
+                    while isinstance(inner, fsdp):
+                        inner = inner.module
                     setattr(parent, name, inner)
                     swapped.append((parent, name, child))
                     child = inner

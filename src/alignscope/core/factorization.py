@@ -12,6 +12,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+__all__ = [
+    "GRAM_GROUP_VALUES",
+    "GRAM_MIN_RATIO",
+    "SVD",
+    "check_k",
+    "finite_part",
+    "svd",
+    "top_svd",
+    "top_svd_method",
+    "undefined_as_nan",
+]
+
 
 class SVD(NamedTuple):
     """``J = U diag(S) V^T``; singular values descending. Shapes ``[..., d, d]``, ``[..., d]``, ``[..., d, d]``."""

@@ -16,6 +16,33 @@ from torch import Tensor
 
 from alignscope.core.factorization import SVD, check_k, svd
 
+__all__ = [
+    "Expodistance",
+    "LinearFit",
+    "alignment_matrices",
+    "alignment_matrix",
+    "chain_cosine",
+    "coupling_from_projections",
+    "coupling_matrices",
+    "coupling_matrix",
+    "coupling_norm",
+    "coupling_per_block",
+    "coupling_projections",
+    "coupling_summary",
+    "expodistance",
+    "inverse_top_singular_fit",
+    "line_shape_score",
+    "linear_fit",
+    "linearization_cosine",
+    "linearized_chain",
+    "log_norm",
+    "off_diagonal_mean",
+    "same_side_alignment_matrices",
+    "scaled_norm",
+    "stable_rank",
+    "trajectory_pca",
+]
+
 
 def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD | None = None) -> Tensor:
     """Coupling ``m_K`` for every ordered block pair: ``[L, d, d] -> [L, L]``.
@@ -25,7 +52,7 @@ def coupling_matrix(jacobians: Tensor, k: int, form: str = "ujv", factors: SVD |
     ``U_{j,K}, V_{j,K}`` are the top-K singular vectors of ``J_j``, ``s_i`` the singular values of ``J_i``,
     ``|.|`` elementwise. ``K`` is clipped to ``d``. ``m_K(J, J) = 0`` in the ujv form. NaN in row and column
     ``l`` when ``J_l`` is not finite, or zero (row: ``m_K`` is 0/0; column: a zero matrix has no singular
-    vectors, :func:`undefined_as_nan`).
+    vectors, :func:`~alignscope.core.factorization.undefined_as_nan`).
     """
     return coupling_matrices(jacobians, [k], form, factors)[k]
 
@@ -124,7 +151,7 @@ def alignment_matrix(U: Tensor, V: Tensor, k: int) -> Tensor:
     ``out[i, j] = || |U_{j,K}^T V_{i,K}| - I ||_F / sqrt(K)``. The diagonal is the within-block alignment
     ``a_K(J_i) = || |U_{i,K}^T V_{i,K}| - I ||_F / sqrt(K)`` (0 for a symmetric PSD Jacobian).
     Only the first ``K`` columns of ``U`` and ``V`` are read (``[L, d, >= K]`` is enough). NaN vectors (a
-    non-finite or zero Jacobian, :func:`undefined_as_nan`) give NaN in that block's row and column.
+    non-finite or zero Jacobian, :func:`~alignscope.core.factorization.undefined_as_nan`) give NaN in that block's row and column.
     """
     return alignment_matrices(U, V, [k])[k]
 
