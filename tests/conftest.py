@@ -107,6 +107,19 @@ def assert_results_close(actual, expected, atol: float) -> None:
                 torch.testing.assert_close(y, x, atol=atol, rtol=0, equal_nan=True, msg=name)
 
 
+def wandb_probe_config(tmp_path, *overrides: str):
+    """The probe app's config with W&B on (offline in the tests) for a tiny local model saved in
+    ``tmp_path/model`` (seed 5), writing the run folder ``tmp_path/run``; ``overrides`` follow."""
+    from hydra import compose, initialize_config_dir
+
+    from alignscope.apps.config import config_dir
+
+    local = save_tiny_local_model(tmp_path / "model", seed=5)
+    base = [f"paths.run_dir={tmp_path / 'run'}", "logger=wandb", "model=local", f"model.path={local}"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("probe_app", overrides=[*base, *overrides])
+
+
 def save_tiny_local_model(folder, family: str = "llama", seed: int = 0):
     """A tiny model plus a small byte-level BPE tokenizer saved with save_pretrained (a 'local' zoo model)."""
     from tokenizers import ByteLevelBPETokenizer

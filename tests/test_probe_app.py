@@ -18,7 +18,7 @@ from alignscope.apps.config import config_dir
 from alignscope.apps.report import build_report, find_runs, regress
 from alignscope.apps.report import main as report_main
 from alignscope.models import ModelLoadError, errors, hub, load_model, memory, pypi_models, zoo
-from conftest import save_tiny_local_model, wandb_history_bytes
+from conftest import save_tiny_local_model, wandb_history_bytes, wandb_probe_config
 
 PAPER_SCORES = Path(__file__).resolve().parents[1] / "examples" / "paper_fig1a_scores.csv"
 
@@ -320,24 +320,16 @@ def test_offline_gemma3_probes_its_sliding_and_global_blocks():
 def test_probe_app_wandb_group_per_model_and_prompt_file(tmp_path):
     from alignscope.apps.probe_app import run
 
-    local = save_tiny_local_model(tmp_path / "model", seed=5)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt here\n\nsecond prompt here\nthird prompt here\n")
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "probe_app",
-            overrides=[
-                f"paths.run_dir={tmp_path / 'run'}",
-                "logger=wandb",
-                "model=local",
-                f"model.path={local}",
-                "model.init=random",
-                "prompts=file",
-                f"prompts.path={prompts}",
-                "prompts.num=2",
-                "prompts.seed=3",
-            ],
-        )
+    cfg = wandb_probe_config(
+        tmp_path,
+        "model.init=random",
+        "prompts=file",
+        f"prompts.path={prompts}",
+        "prompts.num=2",
+        "prompts.seed=3",
+    )
     run(cfg)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(info["prompts"]) == 2 and set(info["prompts"]) <= {

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from alignscope.apps.config import config_dir
 from alignscope.apps.loggers import Job, run_group, run_name, wandb_settings
-from conftest import save_tiny_local_model
+from conftest import wandb_probe_config
 from test_train import SMOKE, cache_dir  # noqa: F401 (the session's data cache)
 from wandb_records import read_run
 
@@ -98,22 +98,8 @@ def test_multirun_not_over_seed_names_groups_history_summary(tmp_path, cache_dir
 def test_probe_app_honours_overrides(tmp_path):
     from alignscope.apps.probe_app import run
 
-    local = save_tiny_local_model(tmp_path / "model", seed=5)
     overrides = ["run_name=mine", "group=my-group", "job_type=eval", "logger.wandb.tags=[a,b]"]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "probe_app",
-            overrides=[
-                f"paths.run_dir={tmp_path / 'run'}",
-                "logger=wandb",
-                "model=local",
-                f"model.path={local}",
-                "model.init=random",
-                "prompts.num=1",
-                "probe.ks=[4]",
-                *overrides,
-            ],
-        )
+    cfg = wandb_probe_config(tmp_path, "model.init=random", "prompts.num=1", "probe.ks=[4]", *overrides)
     run(cfg)
     got = offline_run(tmp_path / "run")
     assert (got.name, got.group, got.job_type, got.tags) == ("mine", "my-group", "eval", ["a", "b"])
@@ -129,20 +115,7 @@ def test_probe_app_default_tags_and_env_project_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     (tmp_path / "wandb-dir").mkdir()
-    local = save_tiny_local_model(tmp_path / "model", seed=5)
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "probe_app",
-            overrides=[
-                f"paths.run_dir={tmp_path / 'run'}",
-                "logger=wandb",
-                "model=local",
-                f"model.path={local}",
-                "model.init=pretrained",
-                "prompts.num=1",
-                "probe.ks=[4]",
-            ],
-        )
+    cfg = wandb_probe_config(tmp_path, "model.init=pretrained", "prompts.num=1", "probe.ks=[4]")
     run(cfg)
     assert not (tmp_path / "run" / "wandb").exists()
     got = offline_run(tmp_path / "wandb-dir")
