@@ -142,7 +142,7 @@ def test_cuda_plan_equals_exact_on_the_cpu(family, monkeypatch):
         model, ids, tokens="all", ks=ks, keep_jacobians=True, engine="single_token", plan=cuda_like_plan
     )
     assert cuda_like.meta["copies_min_context"] == 0 and cuda_like.meta["analysis_svd"] == "gram"
-    assert exact.meta["analysis_svd"] == "svd"  # CPUs: the SVD
+    assert exact.meta["analysis_svd"] == "lapack"  # CPUs: the top-K route through SciPy's LAPACK
     # every token and block ran on copies, 24 per pass (MPT, GPT-Neo: batched VJPs, as on CPUs)
     assert calls == ([] if family in ("mpt", "gpt_neo") else [24] * (9 * len(cuda_like.layers)))
     assert torch.allclose(cuda_like.jacobians, exact.jacobians, atol=1e-5), float(

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from alignscope.core import lapack_svd
+
 __all__ = [
     "GRAM_GROUP_VALUES",
     "GRAM_MIN_RATIO",
@@ -102,10 +104,20 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     eigendecomposition in float64 (squares of float32 entries and their sums are exact to ~1e-16, so every
     singular value has absolute error about ``1e-8 s_1``, below a float32 SVD's ``~1e-7 s_1``), then
     ``U_k = J V_k / S_k``. On a GPU that is several times faster than cuSOLVER's SVD at large ``d``
-    (docs/benchmarks.md); on CPUs the two cost the same. ``"auto"``: gram on CUDA, else svd.
+    (docs/benchmarks.md); on CPUs the two cost the same. ``method="lapack"`` (CPU tensors, float32 or float64):
+    the reduction to bidiagonal form, every singular value, and the top-``k`` vectors alone
+    (:mod:`alignscope.core.lapack_svd`), without back-transforming the other ``d - k`` vectors as a full SVD
+    does. ``"auto"``: gram on CUDA, lapack on CPUs where SciPy provides it, else svd.
     """
     method = top_svd_method(method, jacobians.device)
     k = check_k(k, jacobians.shape[-1])
+    if method == "lapack" and jacobians.dtype not in (torch.float32, torch.float64):
+        method = "svd"
+    if method == "lapack":
+        if jacobians.device.type != "cpu":
+            raise ValueError(f"method='lapack' factors CPU tensors; these are on {jacobians.device}")
+        safe, finite = finite_part(jacobians)
+        return undefined_as_nan(SVD(*lapack_svd.top_svd(safe, k)), finite)
     if method == "svd":
         U, S, V = svd(jacobians)
         return SVD(U[..., :k], S, V[..., :k])
@@ -121,12 +133,15 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
 
 
 def top_svd_method(method: str, device: torch.device | str) -> str:
-    """The method :func:`top_svd` runs on ``device``: ``"auto"`` is ``"gram"`` on CUDA, ``"svd"`` elsewhere."""
-    if method not in ("auto", "svd", "gram"):
-        raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
+    """The method :func:`top_svd` runs on ``device``: ``"auto"`` is ``"gram"`` on CUDA, ``"lapack"`` on CPUs
+    where :func:`alignscope.core.lapack_svd.available`, else ``"svd"``."""
+    if method not in ("auto", "svd", "gram", "lapack"):
+        raise ValueError(f"method must be 'auto', 'svd', 'gram' or 'lapack', got {method!r}")
     if method != "auto":
         return method
-    return "gram" if torch.device(device).type == "cuda" else "svd"
+    if torch.device(device).type == "cuda":
+        return "gram"
+    return "lapack" if lapack_svd.available() else "svd"
 
 
 GRAM_GROUP_VALUES = 2**28
