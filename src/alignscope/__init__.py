@@ -23,7 +23,7 @@ from alignscope.probing.settings import ProbeSettings
 if TYPE_CHECKING:
     from alignscope.apps.named_models import load_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "BlockAdapter",
     "ContextCoupling",
