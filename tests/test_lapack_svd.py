@@ -96,3 +96,21 @@ def test_auto_picks_lapack_on_cpus_where_scipy_has_it(monkeypatch):
     assert factorization.top_svd_method("auto", "cuda") == "gram"
     monkeypatch.setattr(lapack_svd, "available", lambda: False)
     assert factorization.top_svd_method("auto", "cpu") == "svd"
+
+
+@pytest.mark.parametrize("spectrum", ["uniform", "log"])
+def test_float32_vectors_are_orthonormal_to_float32_accuracy(spectrum):
+    """Close but distinct singular values (inverse iteration in float32 would leave the vectors orthogonal only
+    to ~1e-5): orthonormal and ``J v = s u`` to the accuracy of torch's float32 SVD."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 150, 50
+    s = (
+        torch.rand(n, generator=g, dtype=torch.float64)
+        if spectrum == "uniform"
+        else torch.logspace(0, -7, n).double()
+    )
+    J = matrix_with(random_orthogonal(n, 8), s.sort(descending=True).values, random_orthogonal(n, 9)).float()
+    U, S, V = factorization.top_svd(J, k, method="lapack")
+    eye = torch.eye(k)
+    assert float((U.T @ U - eye).abs().max()) < 3e-6 and float((V.T @ V - eye).abs().max()) < 3e-6
+    assert float((J @ V - U * S[:k]).abs().max()) < 1e-6 * float(S[0])

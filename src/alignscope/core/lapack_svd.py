@@ -3,7 +3,7 @@
 
 For each ``[n, n]`` matrix ``A``: ``?gebrd`` reduces it to upper bidiagonal form ``A = Q B P^T``; ``?bdsdc``
 gives every singular value of ``B`` (those of ``A``); bisection and inverse iteration (``?stebz``,
-``?stein``) on the Golub-Kahan tridiagonal of ``B`` (zero diagonal, off-diagonal ``d_1, e_1, d_2, ..., d_n``,
+``?stein``, in float64) on the Golub-Kahan tridiagonal of ``B`` (zero diagonal, off-diagonal ``d_1, e_1, d_2, ..., d_n``,
 whose eigenvector of ``s`` is ``(v_1, u_1, v_2, u_2, ...) / sqrt(2)``) give ``B``'s top-K singular vectors;
 ``?ormbr`` applies ``Q`` and ``P`` to those K columns only. A full SVD also back-transforms the other ``n - K``
 vectors, most of its cost after the reduction.
@@ -121,7 +121,7 @@ def top_triplets(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     _workspace(gebrd, query)
     if info.value != 0:
         return None
-    left, right = _bidiagonal_top(lapack, d, e, k)  # a^T's: B's top vectors, transformed below
+    left, right = _bidiagonal_top(d, e, k)  # a^T's: B's top vectors, transformed below
     if left is None or not _unit_rows(left) or not _unit_rows(right):
         return None
     values, none, iwork = d.copy(), np.empty(1, dtype), np.empty(8 * n, np.int32)
@@ -149,29 +149,33 @@ def _unit_rows(vectors: np.ndarray) -> bool:
     return bool(np.all(np.abs(np.linalg.norm(vectors, axis=1) - 1) < 1e-3))
 
 
-def _bidiagonal_top(lapack: dict[str, Any], d: np.ndarray, e: np.ndarray, k: int):
+def _bidiagonal_top(d: np.ndarray, e: np.ndarray, k: int):
     """The top-k left and right singular vectors of the upper bidiagonal ``B`` (diagonal ``d``,
-    superdiagonal ``e``) as ``[k, n]`` arrays (rows: vectors, descending), or ``(None, None)``."""
-    n, dtype = d.shape[0], d.dtype
+    superdiagonal ``e``) as ``[k, n]`` arrays (rows: vectors, descending) in ``d``'s dtype, or ``(None,
+    None)``. Bisection and inverse iteration run in float64 (O(n k) work): in float32, vectors of close but
+    unclustered values would be orthogonal only to ~1e-5."""
+    lapack = _routines("d")
+    assert lapack is not None
+    n = d.shape[0]
     m = 2 * n
-    off = np.empty(m - 1, dtype)
+    off = np.empty(m - 1, np.float64)
     off[0::2], off[1::2] = d, e[: n - 1]
-    diag, zero = np.zeros(m, dtype), np.zeros(1, dtype)
-    w, iblock, isplit = np.empty(m, dtype), np.empty(m, np.int32), np.empty(m, np.int32)
-    work, iwork = np.empty(5 * m, dtype), np.empty(3 * m, np.int32)
+    diag, zero = np.zeros(m), np.zeros(1)
+    w, iblock, isplit = np.empty(m), np.empty(m, np.int32), np.empty(m, np.int32)
+    work, iwork = np.empty(5 * m), np.empty(3 * m, np.int32)
     found, blocks, info = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
     lapack["stebz"](b"I", b"B", _ref(m), _ptr(zero), _ptr(zero), _ref(m - k + 1), _ref(m), _ptr(zero), _ptr(diag),
                     _ptr(off), ctypes.byref(found), ctypes.byref(blocks), _ptr(w), _ptr(iblock), _ptr(isplit),
                     _ptr(work), _ptr(iwork), ctypes.byref(info))  # fmt: skip
     if info.value != 0 or found.value != k:
         return None, None
-    z, ifail = np.empty((k, m), dtype), np.empty(k, np.int32)  # column-major m x k
+    z, ifail = np.empty((k, m)), np.empty(k, np.int32)  # column-major m x k
     lapack["stein"](_ref(m), _ptr(diag), _ptr(off), _ref(k), _ptr(w), _ptr(iblock), _ptr(isplit), _ptr(z), _ref(m),
                     _ptr(work), _ptr(iwork), _ptr(ifail), ctypes.byref(info))  # fmt: skip
     if info.value != 0:
         return None, None
-    z = z[np.argsort(-w[:k], kind="stable")] * dtype.type(np.sqrt(2.0))
-    return np.ascontiguousarray(z[:, 1::2]), np.ascontiguousarray(z[:, 0::2])
+    z = z[np.argsort(-w[:k], kind="stable")] * np.sqrt(2.0)
+    return np.ascontiguousarray(z[:, 1::2], d.dtype), np.ascontiguousarray(z[:, 0::2], d.dtype)
 
 
 def top_svd(matrices: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
