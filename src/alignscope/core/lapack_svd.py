@@ -3,7 +3,7 @@
 
 For each ``[n, n]`` matrix ``A``: ``?gebrd`` reduces it to upper bidiagonal form ``A = Q B P^T``; ``?bdsdc``
 gives every singular value of ``B`` (those of ``A``); bisection and inverse iteration (``?stebz``,
-``?stein``, in float64) on the Golub-Kahan tridiagonal of ``B`` (zero diagonal, off-diagonal ``d_1, e_1, d_2, ..., d_n``,
+``?stein``) on the Golub-Kahan tridiagonal of ``B`` (zero diagonal, off-diagonal ``d_1, e_1, d_2, ..., d_n``,
 whose eigenvector of ``s`` is ``(v_1, u_1, v_2, u_2, ...) / sqrt(2)``) give ``B``'s top-K singular vectors;
 ``?ormbr`` applies ``Q`` and ``P`` to those K columns only. A full SVD also back-transforms the other ``n - K``
 vectors, most of its cost after the reduction.
@@ -151,37 +151,35 @@ def _unit_rows(vectors: np.ndarray) -> bool:
 
 def _bidiagonal_top(d: np.ndarray, e: np.ndarray, k: int):
     """The top-k left and right singular vectors of the upper bidiagonal ``B`` (diagonal ``d``,
-    superdiagonal ``e``) as ``[k, n]`` arrays (rows: vectors, descending) in ``d``'s dtype, or ``(None,
-    None)``. Bisection and inverse iteration run in float64 (O(n k) work): in float32, vectors of close but
-    unclustered values would be orthogonal only to ~1e-5."""
-    lapack = _routines("d")
+    superdiagonal ``e``) as ``[k, n]`` arrays (rows: vectors, descending), or ``(None, None)``."""
+    lapack = _routines("s" if d.dtype == np.float32 else "d")
     assert lapack is not None
-    n = d.shape[0]
+    n, dtype = d.shape[0], d.dtype
     m = 2 * n
-    off = np.empty(m - 1, np.float64)
+    off = np.empty(m - 1, dtype)
     off[0::2], off[1::2] = d, e[: n - 1]
-    diag, zero = np.zeros(m), np.zeros(1)
-    w, iblock, isplit = np.empty(m), np.empty(m, np.int32), np.empty(m, np.int32)
-    work, iwork = np.empty(5 * m), np.empty(3 * m, np.int32)
+    diag, zero = np.zeros(m, dtype), np.zeros(1, dtype)
+    w, iblock, isplit = np.empty(m, dtype), np.empty(m, np.int32), np.empty(m, np.int32)
+    work, iwork = np.empty(5 * m, dtype), np.empty(3 * m, np.int32)
     found, blocks, info = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
     lapack["stebz"](b"I", b"B", _ref(m), _ptr(zero), _ptr(zero), _ref(m - k + 1), _ref(m), _ptr(zero), _ptr(diag),
                     _ptr(off), ctypes.byref(found), ctypes.byref(blocks), _ptr(w), _ptr(iblock), _ptr(isplit),
                     _ptr(work), _ptr(iwork), ctypes.byref(info))  # fmt: skip
     if info.value != 0 or found.value != k:
         return None, None
-    z, ifail = np.empty((k, m)), np.empty(k, np.int32)  # column-major m x k
+    z, ifail = np.empty((k, m), dtype), np.empty(k, np.int32)  # column-major m x k
     lapack["stein"](_ref(m), _ptr(diag), _ptr(off), _ref(k), _ptr(w), _ptr(iblock), _ptr(isplit), _ptr(z), _ref(m),
                     _ptr(work), _ptr(iwork), _ptr(ifail), ctypes.byref(info))  # fmt: skip
     if info.value != 0:
         return None, None
-    z = z[np.argsort(-w[:k], kind="stable")] * np.sqrt(2.0)
-    return np.ascontiguousarray(z[:, 1::2], d.dtype), np.ascontiguousarray(z[:, 0::2], d.dtype)
+    z = z[np.argsort(-w[:k], kind="stable")] * dtype.type(np.sqrt(2.0))
+    return np.ascontiguousarray(z[:, 1::2]), np.ascontiguousarray(z[:, 0::2])
 
 
 def top_svd(matrices: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(U [..., n, k], S [..., n], V [..., n, k])`` of finite ``[..., n, n]`` CPU matrices (float32 or
-    float64), one thread per matrix on ``torch.get_num_threads()`` threads; a matrix LAPACK does not
-    converge on takes ``torch.linalg.svd``."""
+    float64), one thread per matrix on ``torch.get_num_threads()`` threads (a matrix this route cannot
+    factor takes ``torch.linalg.svd``), the vectors then cleaned up together (:func:`rayleigh_ritz`)."""
     batch, n = matrices.shape[:-2], matrices.shape[-1]
     flat = matrices.detach().reshape(-1, n, n).numpy()
     setter = _thread_setter()
@@ -201,4 +199,16 @@ def top_svd(matrices: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     with ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(one, flat))
     U, S, V = (torch.from_numpy(np.stack(f)) for f in zip(*parts, strict=True))
+    U, V = rayleigh_ritz(torch.from_numpy(flat), U, V)
     return U.reshape(*batch, n, k), S.reshape(*batch, n), V.reshape(*batch, n, k)
+
+
+def rayleigh_ritz(matrices: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """The top-k singular vectors of ``matrices`` ``[b, n, n]`` within the spans of ``U`` and ``V``
+    (``[b, n, k]``): orthonormal bases of both (Householder QR), then the SVD of each matrix projected on them
+    (``k x k``, in float64). Inverse iteration leaves the vectors of close (not clustered) singular values
+    orthogonal only to ~1e-5 in float32; their spans are accurate, and this makes them orthonormal to the
+    matrices' precision."""
+    Qu, Qv = torch.linalg.qr(U).Q, torch.linalg.qr(V).Q
+    Um, _, Vmh = torch.linalg.svd((Qu.mT @ (matrices @ Qv)).double())
+    return Qu @ Um.to(U.dtype), Qv @ Vmh.mT.to(V.dtype)
