@@ -205,10 +205,17 @@ def top_svd(matrices: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def rayleigh_ritz(matrices: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     """The top-k singular vectors of ``matrices`` ``[b, n, n]`` within the spans of ``U`` and ``V``
-    (``[b, n, k]``): orthonormal bases of both (Householder QR), then the SVD of each matrix projected on them
-    (``k x k``, in float64). Inverse iteration leaves the vectors of close (not clustered) singular values
-    orthogonal only to ~1e-5 in float32; their spans are accurate, and this makes them orthonormal to the
-    matrices' precision."""
-    Qu, Qv = torch.linalg.qr(U).Q, torch.linalg.qr(V).Q
+    (``[b, n, k]``): orthonormal bases of both, then the SVD of each matrix projected on them (``k x k``, in
+    float64). Inverse iteration leaves the vectors of close (not clustered) singular values orthogonal only to
+    ~1e-5 in float32; their spans are accurate, and this makes them orthonormal to the matrices' precision."""
+    Qu, Qv = _orthonormal(U), _orthonormal(V)
     Um, _, Vmh = torch.linalg.svd((Qu.mT @ (matrices @ Qv)).double())
     return Qu @ Um.to(U.dtype), Qv @ Vmh.mT.to(V.dtype)
+
+
+def _orthonormal(X: Tensor) -> Tensor:
+    """An orthonormal basis of the span of nearly orthonormal columns ``X`` ``[b, n, k]`` (Cholesky QR in
+    float64: ``X^T X = L L^T``, ``Q = X L^{-T}``; exact to rounding for columns this close to orthonormal)."""
+    X64 = X.double()
+    L = torch.linalg.cholesky(X64.mT @ X64)
+    return torch.linalg.solve_triangular(L, X64.mT, upper=False).mT.to(X.dtype)
