@@ -5,7 +5,8 @@ For each ``[n, n]`` matrix ``A``: ``?gebrd`` reduces it to upper bidiagonal form
 gives every singular value of ``B`` (those of ``A``); bisection and inverse iteration (``?stebz``,
 ``?stein``) on the Golub-Kahan tridiagonal of ``B`` (zero diagonal, off-diagonal ``d_1, e_1, d_2, ..., d_n``,
 whose eigenvector of ``s`` is ``(v_1, u_1, v_2, u_2, ...) / sqrt(2)``) give ``B``'s top-K singular vectors;
-``?ormbr`` applies ``Q`` and ``P`` to those K columns only. A full SVD also back-transforms the other ``n - K``
+``?ormbr`` applies ``Q`` and ``P`` to those K columns only, and a Rayleigh-Ritz step on their spans
+(:func:`rayleigh_ritz`) makes them orthonormal to the matrix's precision. A full SVD also back-transforms the other ``n - K``
 vectors, most of its cost after the reduction.
 
 The routines come from ``scipy.linalg.cython_lapack`` through ctypes, which releases the GIL during each call,
