@@ -277,15 +277,21 @@ def test_top_svd_methods_agree_and_feed_the_metrics():
     assert torch.allclose(got[8], want[8], atol=1e-4)
 
 
-def test_top_svd_gram_rank_deficient_and_nonfinite():
-    """A rank-2 matrix asked for K = 5 takes the full SVD (U_K is not J V_K / S_K there); a zero matrix has
-    zero singular values and NaN (undefined) vectors; a non-finite matrix gives NaN factors."""
+@pytest.mark.parametrize("method", ["gram", "lapack"])
+def test_top_svd_rank_deficient_and_nonfinite(method):
+    """A rank-2 matrix asked for K = 5 takes the full SVD (gram: U_K is not J V_K / S_K there; lapack: inverse
+    iteration cannot separate zero singular values); a zero matrix has zero singular values and NaN
+    (undefined) vectors; a non-finite matrix gives NaN factors."""
+    from alignscope.core import lapack_svd
+
+    if method == "lapack" and not lapack_svd.available():
+        pytest.skip("this SciPy lacks the LAPACK routines")
     a, b = torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     J = torch.stack(
         [a @ a.T + b @ b.T, torch.zeros(16, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)]
     )
     J[2, 0, 0] = float("nan")
-    U, S, V = factorization.top_svd(J, 5, method="gram")
+    U, S, V = factorization.top_svd(J, 5, method=method)
     want = factorization.top_svd(J[:2], 5, method="svd")
     assert torch.allclose(S[:2], want.S, atol=1e-12)
     assert torch.allclose(U[0] @ torch.diag(S[0, :5]) @ V[0].T, J[0], atol=1e-10)  # rank 2: top-5 rebuilds J
