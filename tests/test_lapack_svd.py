@@ -96,3 +96,11 @@ def test_float32_vectors_are_orthonormal_to_float32_accuracy(spectrum):
     eye = torch.eye(k)
     assert float((U.T @ U - eye).abs().max()) < 3e-6 and float((V.T @ V - eye).abs().max()) < 3e-6
     assert float((J @ V - U * S[:k]).abs().max()) < 1e-6 * float(S[0])
+
+
+def test_lapack_where_it_cannot_run_says_what_to_use(monkeypatch):
+    with pytest.raises(ValueError, match="use 'gram' or 'svd'"):
+        factorization.top_svd_method("lapack", "cuda")
+    monkeypatch.setattr(lapack_svd, "available", lambda: False)
+    with pytest.raises(ValueError, match="this SciPy lacks.*use 'svd'"):
+        factorization.top_svd(torch.eye(4), 2, method="lapack")

@@ -114,8 +114,6 @@ def top_svd(jacobians: Tensor, k: int, method: str = "auto") -> SVD:
     if method == "lapack" and jacobians.dtype not in (torch.float32, torch.float64):
         method = "svd"
     if method == "lapack":
-        if jacobians.device.type != "cpu":
-            raise ValueError(f"method='lapack' factors CPU tensors; these are on {jacobians.device}")
         safe, finite = finite_part(jacobians)
         return undefined_as_nan(SVD(*lapack_svd.top_svd(safe, k)), finite)
     if method == "svd":
@@ -137,6 +135,14 @@ def top_svd_method(method: str, device: torch.device | str) -> str:
     where :func:`alignscope.core.lapack_svd.available`, else ``"svd"``."""
     if method not in ("auto", "svd", "gram", "lapack"):
         raise ValueError(f"method must be 'auto', 'svd', 'gram' or 'lapack', got {method!r}")
+    if method == "lapack" and torch.device(device).type != "cpu":
+        raise ValueError(f"method 'lapack' factors CPU tensors, not {device} ones: use 'gram' or 'svd' there")
+    if method == "lapack" and not lapack_svd.available():
+        raise ValueError(
+            "method 'lapack' needs SciPy's bundled OpenBLAS LAPACK (scipy.linalg.cython_lapack and "
+            "openblas_set_num_threads_local, in the PyPI wheels of recent SciPy), which this SciPy lacks: "
+            "use 'svd', or 'auto' (which picks it only where available)"
+        )
     if method != "auto":
         return method
     if torch.device(device).type == "cuda":
