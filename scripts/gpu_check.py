@@ -195,6 +195,7 @@ def main() -> None:
     against_released(model, seqs, min(args.released_blocks, len(model.model.layers)), sync)
     if torch.cuda.device_count() > 1:
         split_across_devices(model, ids)
+    quantized_and_moe(device)
 
 
 def against_released(model, seqs: list[int], blocks: int, sync) -> None:
@@ -229,6 +230,58 @@ def against_released(model, seqs: list[int], blocks: int, sync) -> None:
             f"{released / ours:.1f}x; max |d m_K| {diff:.1e}",
             flush=True,
         )
+
+
+def quantized_and_moe(device: torch.device) -> None:
+    """bitsandbytes 8-bit and 4-bit (NF4) weights, and a mixture-of-experts block (tiny Mixtral, the model's
+    own experts kernel outside the probe), on ``device``: each engine's block Jacobians against the
+    independent whole-model reference (largest error relative to max |J|). On the CPU, 4-bit is refused."""
+    import tempfile
+
+    import transformers
+
+    from alignscope import probe
+    from alignscope.models.reference import reference_jacobian
+    from alignscope.models.tiny import tiny_model, tiny_model_of_type
+
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def check(label: str, model) -> None:
+        d = model.config.hidden_size
+        for engine in ("single_token", "exact"):
+            try:
+                res = probe(model, ids, tokens=[3, 7], keep_jacobians=True, engine=engine)
+            except ValueError as err:
+                print(f"{label}, {engine}: refused ({str(err)[:90]}...)", flush=True)
+                return
+            worst = 0.0
+            for p, t in enumerate((3, 7)):
+                for layer in range(len(res.layers)):
+                    ref = reference_jacobian(model, ids, layer, t, t).cpu() - torch.eye(d)
+                    worst = max(worst, float((res.jacobians[p, layer] - ref).abs().max() / ref.abs().max()))
+            print(f"{label}, {engine}: max |dJ| / max |J| against the reference {worst:.1e}", flush=True)
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2).save_pretrained(
+            folder
+        )
+        for label, q in (
+            ("bitsandbytes 8-bit", dict(load_in_8bit=True)),
+            (
+                "bitsandbytes 4-bit nf4",
+                dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+            ),
+        ):
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, quantization_config=transformers.BitsAndBytesConfig(**q), device_map=str(device)
+                ).eval()
+            except Exception as err:  # bitsandbytes missing or without this device
+                print(f"{label}: cannot load ({type(err).__name__}: {str(err)[:90]})", flush=True)
+                continue
+            check(label, model)
+    moe = tiny_model_of_type("mixtral", "MixtralForCausalLM").to(device)
+    check(f"mixtral MoE ({moe.config._experts_implementation} outside the probe)", moe)
 
 
 def split_across_devices(model, ids) -> None:

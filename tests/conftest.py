@@ -13,7 +13,12 @@ os.environ["WANDB_MODE"] = (
     "offline"  # WANDB_MODE wins over the configs: a user's "online" must not reach the tests
 )
 
-from alignscope.models import get_adapter
+from alignscope.models.reference import reference_jacobian
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # one share of the cores per test process: OpenMP threads
+    # of two processes competing for two cores spin-wait and slow tiny-model tests down ~50x
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 from alignscope.models.tiny import TINY_CONFIGS, VISION_FAMILIES, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -42,46 +47,9 @@ def pixels(batch: int = 2, seed: int = 1, size: int = 12) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=g)
 
 
-def whole_model_jacobian(model, input_ids: torch.Tensor, layer: int, t_in, t_out: int) -> torch.Tensor:
-    """``d x^layer_{t_out} / d x^{layer-1}_{t_in}`` by autograd through the *whole model's* forward.
-
-    A forward pre-hook adds a perturbation ``delta`` to block ``layer``'s input at token(s) ``t_in`` (a list
-    means the same ``delta`` at each of them); a forward hook reads the block's output at ``t_out``.
-    Nothing of alignscope's capture/re-call machinery is used. ``input_ids``: ``[1, T]`` token ids, or
-    ``[1, C, H, W]`` pixels for a vision model (passed as the keyword its adapter names).
-    """
-    adapter = get_adapter(model)
-    block = adapter.blocks(model)[layer]
-    positions = [t_in] if isinstance(t_in, int) else list(t_in)
-
-    def run(delta: torch.Tensor) -> torch.Tensor:
-        seen = {}
-
-        def pre(module, args, kwargs):
-            if args:
-                h = args[0].clone()
-                h[:, positions] = h[:, positions] + delta
-                return (h, *args[1:]), kwargs
-            h = kwargs["hidden_states"].clone()
-            h[:, positions] = h[:, positions] + delta
-            return args, {**kwargs, "hidden_states": h}
-
-        def post(module, args, kwargs, output):
-            seen["y"] = adapter.hidden_from_output(output)[0, t_out]
-
-        handles = [
-            block.register_forward_pre_hook(pre, with_kwargs=True),
-            block.register_forward_hook(post, with_kwargs=True),
-        ]
-        try:
-            model(**{adapter.inputs: input_ids})
-        finally:
-            for h in handles:
-                h.remove()
-        return seen["y"]
-
-    d = model.config.hidden_size
-    return torch.autograd.functional.jacobian(run, torch.zeros(d))
+whole_model_jacobian = reference_jacobian
+"""``d x^layer_{t_out} / d x^{layer-1}_{t_in}`` by autograd through the whole model's forward
+(:func:`alignscope.models.reference.reference_jacobian`: two hooks and ``torch.autograd.functional``)."""
 
 
 __all__ = [

@@ -170,7 +170,7 @@ def test_help_lists_the_apps_own_groups():
         "probe",
         "trainer",
     }
-    assert set(probe) == {"logger", "model", "paths", "probe", "prompts"}
+    assert set(probe) == {"experiment", "logger", "model", "paths", "probe", "prompts"}
     assert set(demo) == {"model", "paths", "probe"}
     assert "tiny_gpt2*" in train["model"] and "smollm2_135m*" in probe["model"]
     for groups in (train, probe, demo):

@@ -5,10 +5,12 @@ random-init twins) and the cache root."""
 from alignscope.models.adapters import (
     CACHE_KWARGS,
     BlockAdapter,
+    config_attr,
     context_length,
     get_adapter,
     register_adapter,
     resolve_layers,
+    unwrap_peft,
 )
 from alignscope.models.build import ModelConfigError, check_config_keys, random_init_twin
 from alignscope.models.cache_build import cache_root
@@ -23,6 +25,7 @@ __all__ = [
     "ModelLoadError",
     "cache_root",
     "check_config_keys",
+    "config_attr",
     "context_length",
     "get_adapter",
     "load_model",
@@ -30,4 +33,5 @@ __all__ = [
     "random_init_twin",
     "register_adapter",
     "resolve_layers",
+    "unwrap_peft",
 ]

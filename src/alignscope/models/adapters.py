@@ -42,6 +42,10 @@ class BlockAdapter:
         prefix_tokens: vision models: the tokens the blocks see before the patch tokens (ViT's CLS token;
             DeiT's CLS and distillation tokens), so an image has ``prefix_tokens + patches`` tokens, the
             patches in row-major order. The default probed token of a vision model is the CLS token (0).
+        source: how the adapter was obtained: ``"registered"`` (the registry, :func:`register_adapter`) or
+            ``"discovered"`` (found from the model's structure and checked, :mod:`alignscope.models.discovery`);
+            recorded as ``meta["adapter"]``.
+        notes: what discovery turned off and why (e.g. the single-token engine), carried into ``meta["notes"]``.
     """
 
     block_paths: tuple[str, ...]
@@ -52,6 +56,8 @@ class BlockAdapter:
     final_norm_paths: tuple[str, ...] = ()
     inputs: str = "input_ids"
     prefix_tokens: int = 0
+    source: str = "registered"
+    notes: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
@@ -93,9 +99,24 @@ class BlockAdapter:
 
 
 def _roots(model: nn.Module) -> list[nn.Module]:
-    """The model, then its ``base_model`` when that is another module: where adapter paths start."""
-    base = getattr(model, "base_model", None)
-    return [model, base] if isinstance(base, nn.Module) and base is not model else [model]
+    """Where adapter paths start: the model, its ``base_model`` when that is another module, and for a PEFT
+    model the adapted Hugging Face model inside it (``get_base_model()``)."""
+    roots = [model]
+    for base in (getattr(model, "base_model", None), unwrap_peft(model)):
+        if isinstance(base, nn.Module) and all(base is not r for r in roots):
+            roots.append(base)
+    return roots
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT ``PeftModel`` (its adapter layers injected, so its forward is the
+    adapted model's), or ``model`` itself when it is not one."""
+    get_base = getattr(type(model), "get_base_model", None)
+    if callable(get_base) and type(model).__module__.startswith("peft."):
+        inner = model.get_base_model()
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
 
 
 def _get_path(root: nn.Module, path: str) -> Any:
@@ -159,7 +180,9 @@ def register_adapter(model_type: str, adapter: BlockAdapter) -> None:
 
 
 def get_adapter(model: nn.Module) -> BlockAdapter:
-    """The adapter for ``model.config.model_type``, or a clear error naming the registration hook."""
+    """The registered adapter for ``model.config.model_type``, else one discovered from the model's structure
+    and checked on a short forward (:func:`alignscope.models.discovery.discover_adapter`), else a clear error
+    naming the registration hook."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
@@ -167,13 +190,32 @@ def get_adapter(model: nn.Module) -> BlockAdapter:
             f"{type(model).__name__} has no Hugging Face config.model_type; alignscope probes Hugging Face "
             "transformers models (PreTrainedModel)"
         )
-    if model_type not in ADAPTERS:
-        raise NotImplementedError(
-            f"alignscope has no block adapter for model_type {model_type!r} ({type(model).__name__}). "
-            f"Supported: {', '.join(sorted(ADAPTERS))}. Register one with "
-            f"alignscope.models.register_adapter({model_type!r}, BlockAdapter(block_paths=('<path.to.blocks>',)))"
-        )
-    return ADAPTERS[model_type]
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    from alignscope.models.discovery import discover_adapter
+
+    return discover_adapter(unwrap_peft(model))
+
+
+def peft_types(model: nn.Module) -> list[str] | None:
+    """The PEFT types of a ``PeftModel``'s adapters (e.g. ``["LORA"]``, ``meta["peft"]``), else None."""
+    if unwrap_peft(model) is model:
+        return None
+    configs = getattr(model, "peft_config", {}) or {}
+    return sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs.values()})
+
+
+def config_attr(model: nn.Module, name: str) -> Any:
+    """``model.config.<name>``, or that of its text config for a composite model (e.g. a vision-language
+    model's ``hidden_size``); None when neither has it."""
+    config = getattr(model, "config", None)
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):
+        try:
+            value = getattr(config.get_text_config(), name, None)
+        except ValueError:  # several text configs
+            value = None
+    return value
 
 
 def resolve_layers(layers: Sequence[int] | int | None, num_blocks: int) -> list[int]:
@@ -200,9 +242,8 @@ def resolve_layers(layers: Sequence[int] | int | None, num_blocks: int) -> list[
 def context_length(model: nn.Module) -> int | None:
     """The longest sequence the model's position scheme supports, when its config says so. A position
     embedding with a padding row (RoBERTa) numbers positions from ``padding_idx + 1``: that many fewer fit."""
-    cfg = model.config
     for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "max_seq_len"):
-        value = getattr(cfg, attr, None)
+        value = config_attr(model, attr)
         if isinstance(value, int) and value > 0:
             embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
             positions = getattr(embeddings, "position_embeddings", None)

@@ -12,7 +12,8 @@ from torch import nn
 def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | None = None) -> nn.Module:
     """The same architecture at random init: built from the config with the library's own initializer.
 
-    ``model_or_config``: a ``PreTrainedModel`` (its class and config are reused) or a ``PretrainedConfig``
+    ``model_or_config``: a ``PreTrainedModel`` (its class and config are reused; of a PEFT ``PeftModel``, the
+    base model's, without adapters) or a ``PretrainedConfig``
     (then ``model_class`` or ``AutoModelForCausalLM`` is used; ``AutoModelForImageClassification`` for
     vision families such as ViT). The seed is recorded on the returned model's
     config as ``alignscope_init_seed``. The twin is in eval mode, float32, on the CPU.
@@ -21,10 +22,13 @@ def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | No
 
     from transformers import PretrainedConfig
 
+    from alignscope.models.adapters import unwrap_peft
+
     if isinstance(model_or_config, PretrainedConfig):
         config = copy.deepcopy(model_or_config)
         cls = model_class
     else:
+        model_or_config = unwrap_peft(model_or_config)  # a PEFT model's twin is its base architecture's
         config = copy.deepcopy(model_or_config.config)
         cls = model_class or type(model_or_config)
     if cls is None:

@@ -39,7 +39,7 @@ class BlockCall:
 @contextlib.contextmanager
 def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
     """Eval mode, ``attention`` implementation (``"eager"`` default, or ``"sdpa"`` with the math kernel),
-    no parameter gradients; the model's training flags, attention setting and ``requires_grad`` flags are
+    the eager (plain loop) experts implementation of a mixture-of-experts model, no parameter gradients; the model's training flags, attention setting and ``requires_grad`` flags are
     restored on exit, also after an error. Parameter values are never touched."""
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"attention must be 'eager' or 'sdpa' (math kernel), got {attention!r}")
@@ -47,6 +47,7 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     config = getattr(model, "config", None)
     previous_attn = getattr(config, "_attn_implementation", None)
+    previous_experts = _experts_implementation(model)
     switched = False
     try:
         model.eval()
@@ -59,6 +60,8 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
         ):
             model.set_attn_implementation(attention)  # some models (e.g. Falcon) keep theirs: math SDPA below
             switched = getattr(config, "_attn_implementation", None) != previous_attn
+        if previous_experts not in (None, "eager"):
+            model.set_experts_implementation("eager")  # the plain loop over experts: any dtype, any engine
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.MATH]), torch.inference_mode(False), torch.enable_grad():
@@ -66,10 +69,25 @@ def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
     finally:
         if switched:
             model.set_attn_implementation(previous_attn)
+        if previous_experts not in (None, "eager"):
+            model.set_experts_implementation(previous_experts)
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         for m, flag in training.items():
             m.training = flag
+
+
+def _experts_implementation(model: nn.Module) -> str | None:
+    """A mixture-of-experts model's experts implementation (transformers' ``grouped_mm``, ``batched_mm``,
+    ``eager``), or None for a model without one that can be switched."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    try:
+        if not callable(can_set) or not can_set():
+            return None
+    except Exception:
+        return None
+    value = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return value if isinstance(value, str) else None
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -151,9 +169,13 @@ def block_function(block: nn.Module, call: BlockCall, adapter: BlockAdapter, dty
 
 
 def _in_dtype(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``block`` itself, or a copy cast to ``dtype`` when its parameters are in another dtype."""
-    param = next(block.parameters(), None)
-    return copy.deepcopy(block).to(dtype) if param is not None and param.dtype != dtype else block
+    """``block`` itself, or a copy cast to ``dtype`` when its parameters are in another floating dtype. A
+    block with quantized (integer) weights, e.g. bitsandbytes layers, is never cast: it computes with its
+    own dequantized weights, in its compute dtype."""
+    params = list(block.parameters())
+    if not params or any(not p.is_floating_point() for p in params):
+        return block
+    return copy.deepcopy(block).to(dtype) if params[0].dtype != dtype else block
 
 
 def _call(

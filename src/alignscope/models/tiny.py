@@ -5,6 +5,7 @@ Used by the demo job and the tests; every model is seeded and small enough to pr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from torch import nn
@@ -113,3 +114,144 @@ def _draw_deit_embeddings(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in (emb.cls_token, emb.distillation_token, emb.position_embeddings):
             p.copy_(torch.randn(p.shape, generator=g) * model.config.initializer_range)
+
+
+# ------------------------------------------------------------------------- tiny models of any model type
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+_TINY_LAYERS = 2
+MAX_TINY_PARAMS = 10_000_000
+"""A shrunk config that still builds a larger model than this is refused (a size attribute not shrunk)."""
+
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1)
+TYPE_OVERRIDES: dict[str, dict[str, Any]] = {
+    # what the generic shrink cannot infer, by model type (set on the config and its sub-configs that have it)
+    "bamba": dict(_MAMBA, attn_layer_indices=[1]),
+    "deepseek_v2": dict(num_experts_per_tok=2),
+    "falcon_h1": dict(_MAMBA, mamba_d_ssm=64),
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+    "gemma4_assistant": dict(hidden_size_per_layer_input=0),
+    "granitemoehybrid": dict(_MAMBA, layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "longcat_flash": dict(qk_head_dim=16),
+    "mamba2": dict(head_dim=16, n_groups=1, state_size=16),
+    "nemotron": dict(num_key_value_heads=4),
+    "nemotron_h": dict(
+        num_hidden_layers=4, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16
+    ),
+    "recurrent_gemma": dict(lru_width=32, block_types=["recurrent", "attention"]),
+    "reformer": dict(is_decoder=True, axial_pos_shape=(8, 8), axial_pos_embds_dim=(16, 16)),
+    "zamba2": dict(mamba_headdim=16, n_mamba_heads=4, mamba_d_state=16, hybrid_layer_ids=[1]),
+}
+
+
+def _tiny_size(key: str) -> int | None:
+    """The tiny value of a config attribute by its name (None: leave it)."""
+    k = key.lower()
+    if "vocab_size" in k:
+        return 128
+    if "key_value_heads" in k or k in ("num_kv_heads", "n_kv_heads", "multi_query_group_num"):
+        return 2
+    if "heads" in k or k in ("n_head", "num_heads", "n_heads"):
+        return 4
+    if "experts_per_tok" in k or k in ("moe_topk", "top_k", "num_experts_per_token", "moe_k"):
+        return 2
+    if "shared_experts" in k:
+        return 1
+    if "experts" in k:
+        return 4
+    if k in ("n_group", "topk_group") or "first_k_dense" in k or k == "num_dense_layers":
+        return 1  # one dense block, then mixture-of-experts blocks
+    if "head_dim" in k or k == "kv_channels":
+        return 8
+    if "rope" in k or "rotary_dim" in k:
+        return 4
+    if "lora_rank" in k:
+        return 16
+    if "intermediate" in k or "ffn" in k or k in ("n_inner", "d_ff", "d_inner"):
+        return 32 if ("moe" in k or "expert" in k) else 64
+    if k.endswith(("hidden_size", "_dim", "embd", "embed", "d_model")) or k in (
+        "dim",
+        "n_embed",
+        "embed_dim",
+    ):
+        return 32
+    if k in ("max_position_embeddings", "n_positions", "n_ctx"):
+        return 64
+    return None
+
+
+def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, Any] | None = None) -> Any:
+    """``config`` (and its sub-configs) shrunk in place to a tiny model: ``layers`` blocks (more where the
+    config's ``layer_types`` has more kinds, one block of each), width 32, 4 heads of 8, 4 experts, 128 tokens.
+    Key-value heads stay equal to the heads where they were (multi-head latent attention), else 2."""
+    from transformers import PretrainedConfig
+
+    values = config.to_dict()
+    heads = values.get("num_attention_heads")
+    kv_equal = heads is not None and values.get("num_key_value_heads") in (heads, None)
+    for key, value in values.items():
+        if isinstance(value, bool) or not (isinstance(value, int) or (value is None and "head_dim" in key)):
+            continue
+        new = layers if key in _LAYER_KEYS else _tiny_size(key)
+        if key == "num_key_value_heads" and kv_equal:
+            new = 4
+        if key.endswith("_period"):
+            new = 2
+        if new is not None and (value is None or value > new or key in _LAYER_KEYS):
+            _set(config, key, new)
+    kinds = list(dict.fromkeys(getattr(config, "layer_types", None) or []))
+    if kinds and not isinstance(getattr(type(config), "layer_types", None), property):
+        count = max(layers, len(kinds))
+        for key in _LAYER_KEYS:
+            if key in values:
+                _set(config, key, count)
+        _set(config, "layer_types", (kinds * count)[:count])
+    for key, value in (overrides or {}).items():
+        if key in values or hasattr(config, key):
+            _set(config, key, value)
+    for sub in list(vars(config).values()):
+        if isinstance(sub, PretrainedConfig):
+            shrink_config(sub, layers, overrides)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= 128:
+            _set(config, key, 1)
+    return config
+
+
+def _set(config: Any, key: str, value: Any) -> None:
+    with contextlib.suppress(AttributeError, TypeError, ValueError):  # a derived property, a validated field
+        setattr(config, key, value)
+
+
+class TinyModelError(ValueError):
+    """A shrunk config that is still too large; ``meta_model`` is the model on the meta device."""
+
+    def __init__(self, message: str, meta_model: nn.Module) -> None:
+        super().__init__(message)
+        self.meta_model = meta_model
+
+
+def tiny_model_of_type(model_type: str, class_name: str, seed: int = 0) -> nn.Module:
+    """A tiny random-init ``transformers.<class_name>`` of ``model_type``, from ``AutoConfig.for_model``
+    shrunk by :func:`shrink_config`; eval mode, float32, seeded. Raises when the shrunk model does not build
+    or has more than :data:`MAX_TINY_PARAMS` parameters."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    cls = getattr(transformers, class_name)
+    config = shrink_config(AutoConfig.for_model(model_type), overrides=TYPE_OVERRIDES.get(model_type))
+    wanted = getattr(cls, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        config = config.get_text_config()
+    with torch.device("meta"):
+        skeleton = cls._from_config(config)
+    size = sum(p.numel() for p in skeleton.parameters())
+    if size > MAX_TINY_PARAMS:
+        raise TinyModelError(f"the shrunk {model_type} config still has {size:,} parameters", skeleton)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls._from_config(config)
+    model.config.alignscope_init_seed = seed
+    return model.to(torch.float32).eval()

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignscope.models import context_length
+from alignscope.models import config_attr, context_length
 from alignscope.models.adapters import BlockAdapter
+from alignscope.models.discovery import vision_attr
 
 TokenSpec = str | int | Sequence[int]
 """``"last"`` (each prompt's last real token), ``"all"``, or explicit positions (negative from the end)."""
@@ -42,7 +43,7 @@ def prompt_inputs(
         return pixel_prompts(pixel_values, model.config, adapter.prefix_tokens)
     if pixel_values is not None:
         raise ValueError(f"{name} takes token ids (input_ids), not pixel_values")
-    vocab = getattr(model.config, "vocab_size", None)
+    vocab = config_attr(model, "vocab_size")
     seqs = prompt_sequences(input_ids, attention_mask, tokenizer, vocab, context_length(model))
     return seqs, [len(s) for s in seqs]
 
@@ -60,8 +61,8 @@ def pixel_prompts(pixel_values: Tensor, config: Any, prefix_tokens: int) -> tupl
         )
     if not px.is_floating_point():
         raise TypeError(f"pixel_values must be floating point (normalised images), got dtype {px.dtype}")
-    size, patch = _pair(config.image_size), _pair(config.patch_size)
-    expected = (config.num_channels, *size)
+    size, patch = _pair(vision_attr(config, "image_size")), _pair(vision_attr(config, "patch_size"))
+    expected = (vision_attr(config, "num_channels") or 3, *size)
     if tuple(px.shape[1:]) != expected:
         raise ValueError(
             f"pixel_values have [C, H, W] = {list(px.shape[1:])}, the model takes {list(expected)} "

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from alignscope.autodiff.jacobian import JacobianEngine, make_engine
 from alignscope.core.factorization import SVD
 from alignscope.core.token_coupling import token_coupling
-from alignscope.models import context_length, get_adapter, resolve_layers
+from alignscope.models import config_attr, context_length, get_adapter, resolve_layers, unwrap_peft
+from alignscope.models.adapters import peft_types
 from alignscope.models.capture import block_function, capture_block_calls, probe_mode
+from alignscope.models.quantized import check_differentiable, quantization
 from alignscope.probing.analysis import analyze
 from alignscope.probing.degenerate import DegenerateResultWarning, explain
 from alignscope.probing.engines import ProbeEngine, Target, TokenFactors, input_device, select_engine
@@ -132,6 +134,8 @@ def probe(
         ValueError: a bad argument, or a prompt longer than the model's context
             (:func:`alignscope.models.context_length`).
     """
+    peft = peft_types(model)
+    model = unwrap_peft(model)  # the adapted Hugging Face model: its forward is the PeftModel's
     given = ProbeSettings(
         layers,
         tokens,
@@ -160,6 +164,7 @@ def probe(
     with probe_mode(model, run.settings.attention):
         loop = _probe_tokens(run, sequences, positions)
     meta = _meta(model, run, lengths, loop, time.perf_counter() - started)
+    meta["peft"] = peft
     per_token = loop.per_token
     result = ProbeResult.stack(
         per_token,
@@ -209,7 +214,8 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
     blocks = adapter.blocks(model)
     probed = resolve_layers(s.layers, len(blocks))
     device = input_device(model)
-    d = getattr(model.config, "hidden_size", None)
+    check_differentiable(model, device)
+    d = config_attr(model, "hidden_size")
     ks, dropped, notice = s.ks_for(d)
     if notice:
         log.info(notice)
@@ -233,7 +239,8 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
     final_norm = adapter.final_norm(model) if s.include_final_norm else None
     chain_blocks = len(blocks) - 1 if s.linearization == "drop_last" else None
     target = Target(model, adapter, blocks, probed, max(ks), s.dtype, final_norm, chain_blocks)
-    return _Run(s, ks, dropped, [notice] if notice else [], target, kept, engine, device)
+    notes = [*([notice] if notice else []), *adapter.notes]
+    return _Run(s, ks, dropped, notes, target, kept, engine, device)
 
 
 def _probe_tokens(run: _Run, sequences: list[Tensor], positions: list[list[int]]) -> _Loop:
@@ -311,6 +318,8 @@ def _meta(model: nn.Module, run: _Run, lengths: list[int], loop: _Loop, seconds:
         "kept_blocks": run.kept,
         "d_model": d,
         "residual_form": target.adapter.residual_form,
+        "adapter": target.adapter.source,
+        "quantization": quantization(model),
         "dtype": str(s.dtype).removeprefix("torch."),
         **run.engine.meta(target, d, run.device),
         "attention": s.attention,
@@ -356,6 +365,7 @@ def token_jacobians(
     the identity is *not* subtracted (for ``t1 == t2`` subtract it to get the residual Jacobian).
     ``input_ids``: ``[T]`` or ``[1, T]`` real tokens (no padding).
     """
+    model = unwrap_peft(model)
     jac_engine = make_engine(engine)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
@@ -365,13 +375,12 @@ def token_jacobians(
         raise ValueError(
             f"token_jacobians takes one prompt: input_ids of shape [T] or [1, T], got {tuple(ids.shape)}"
         )
-    (seq,) = prompt_sequences(
-        ids, None, None, getattr(model.config, "vocab_size", None), context_length(model)
-    )
+    (seq,) = prompt_sequences(ids, None, None, config_attr(model, "vocab_size"), context_length(model))
     if not pairs:
         raise ValueError("pairs is empty; give (t_in, t_out) token pairs")
     t_in = torch.tensor([token_positions(p[0], len(seq), 0)[0] for p in pairs])
     t_out = torch.tensor([token_positions(p[1], len(seq), 0)[0] for p in pairs])
+    check_differentiable(model, input_device(model))
     with probe_mode(model, attention):
         calls = capture_block_calls(model, adapter, blocks, seq[None].to(input_device(model)))
         out = []

@@ -10,7 +10,7 @@ from torch import nn
 
 from alignscope.autodiff.jacobian import make_engine
 from alignscope.core.randomized import RandomizedSVD
-from alignscope.models import get_adapter, resolve_layers
+from alignscope.models import config_attr, get_adapter, resolve_layers
 from alignscope.probing.engines.base import ProbeEngine, Target, TokenFactors
 from alignscope.probing.engines.exact import ExactEngine, SequenceEngine, SingleTokenEngine
 from alignscope.probing.engines.randomized import RandomizedEngine
@@ -66,7 +66,7 @@ def planned_engine(model: nn.Module, settings: Any, plan: Plan | None = None) ->
     ``"single_token"`` or ``"randomized"`` (e.g. to skip ``keep_blocks``, which needs Jacobians)."""
     adapter = get_adapter(model)
     probed = resolve_layers(settings.layers, len(adapter.blocks(model)))
-    d = getattr(model.config, "hidden_size", None)
+    d = config_attr(model, "hidden_size")
     ks = settings.ks_for(d)[0]
     chosen = select_engine(
         settings.engine,

@@ -1,0 +1,332 @@
+"""Block adapters found from a model's structure, for architectures with no registry entry.
+
+:func:`discover_adapter` finds the block stack (the ``nn.ModuleList`` with one entry per layer of the
+config), the final norm beside it, the input kind, and whether the single-token engine can evaluate a token
+alone against the model's KV cache. Nothing found is trusted before it is checked on a short real forward:
+
+- the blocks must all be called, in order, with hidden states ``[1, T, d]``, and they must *chain*: each
+  block's input equals the previous block's output (else the stack is not the residual path);
+- the final norm is the norm module beside the stack whose input is the last block's output;
+- ``causal``: a decoding step against the model's own cache reproduces every block's output at the last
+  token, and re-calling each block on that token (twice, the cache put back between) gives it again;
+- ``token_copies``: several copies of the token in one call give the single-token output.
+
+A model that fails the first check is refused with the reason and the registration hook; failing a later
+check turns the feature off (``causal=False``: the full-sequence engine) and says why in ``notes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignscope.models.adapters import BlockAdapter
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+"""Config attributes that hold the number of blocks."""
+_PREFERRED = ("language_model", "text_model", "decoder", "transformer", "model")
+_CHAIN_RTOL = 1e-5
+
+_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, BlockAdapter] = weakref.WeakKeyDictionary()
+
+
+class DiscoveryError(NotImplementedError):
+    """No verified block stack: the message says what was found, what failed and how to register one."""
+
+
+def layer_count(config: Any) -> int | None:
+    """The number of blocks the config declares (of its text config for a composite model), or None."""
+    for cfg in _configs(config):
+        for key in LAYER_COUNT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _configs(config: Any) -> list[Any]:
+    out = []
+    try:
+        text = config.get_text_config()
+        if text is not config:
+            out.append(text)
+    except Exception:  # several text configs (ambiguous), or not a PretrainedConfig
+        pass
+    return [*out, config]
+
+
+def discover_adapter(model: nn.Module) -> BlockAdapter:
+    """A verified :class:`BlockAdapter` for ``model`` (cached per model instance); raises
+    :class:`DiscoveryError` when no block stack passes the checks."""
+    cached = _DISCOVERED.get(model)
+    if cached is not None:
+        return cached
+    adapter = _discover(model)
+    _DISCOVERED[model] = adapter
+    return adapter
+
+
+def _refuse(model: nn.Module, why: str) -> DiscoveryError:
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    return DiscoveryError(
+        f"alignscope cannot probe {type(model).__name__} (model_type {model_type!r}): {why}. If the model has "
+        f"a residual block stack, register it: alignscope.register_adapter({model_type!r}, "
+        "BlockAdapter(block_paths=('<path.to.blocks>',)))"
+    )
+
+
+def structural_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` has no block stack to probe, from its structure alone (no forward; works on the meta
+    device), or None when it has candidates."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and _has_both_stacks(model):
+        return (
+            "it is an encoder-decoder model, with two block stacks; probe one stack as a model of its own, "
+            "e.g. alignscope.probe(model.get_encoder(), input_ids)"
+        )
+    n = layer_count(config)
+    if n is None:
+        return f"its config declares no block count (none of {', '.join(LAYER_COUNT_KEYS)})"
+    if not _stack_paths(model, n):
+        return f"no nn.ModuleList of {n} blocks (the config's block count) was found"
+    return None
+
+
+def _has_both_stacks(model: nn.Module) -> bool:
+    """An encoder and a decoder inside (an encoder-decoder model, not one of its stacks alone)."""
+    base = getattr(model, "base_model", model)
+    return any(
+        isinstance(getattr(root, "encoder", None), nn.Module)
+        and isinstance(getattr(root, "decoder", None), nn.Module)
+        for root in (model, base)
+    )
+
+
+def _discover(model: nn.Module) -> BlockAdapter:
+    why = structural_refusal(model)
+    if why is not None:
+        raise _refuse(model, why)
+    paths = _stack_paths(model, layer_count(model.config))
+    inputs = (
+        "pixel_values" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "input_ids"
+    )
+    from alignscope.models.capture import probe_mode
+
+    first_refusal = None
+    for path in paths:  # the most likely stack first; the first that passes the checks is the one
+        provisional = BlockAdapter(block_paths=(path,), inputs=inputs, causal=False, source="discovered")
+        try:
+            with probe_mode(model):
+                return _verified(model, provisional)
+        except DiscoveryError as err:
+            first_refusal = first_refusal or err
+    raise first_refusal
+
+
+def _stack_paths(model: nn.Module, n: int) -> list[str]:
+    """Dotted paths of the candidate block stacks, outermost ``nn.ModuleList`` s of ``n`` modules: the
+    language model's (by name) first, then by parameter count."""
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and name
+    ]
+    outer = [(name, mod) for name, mod in found if not any(name.startswith(o + ".") for o, _ in found)]
+
+    def rank(item: tuple[str, nn.Module]) -> tuple[int, int]:
+        name, mod = item
+        preferred = any(part in _PREFERRED[:3] for part in name.split("."))
+        return (int(preferred), sum(p.numel() for p in mod.parameters()))
+
+    return [name for name, _ in sorted(outer, key=rank, reverse=True)]
+
+
+def _probe_input(model: nn.Module, adapter: BlockAdapter) -> Tensor:
+    """A short input for the checks: 4 token ids, or one random image of the config's size."""
+    config = model.config
+    device = _device(model)
+    if adapter.inputs == "pixel_values":
+        size, channels = image_shape(config)
+        g = torch.Generator().manual_seed(0)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return torch.randn(1, channels, size, size, generator=g).to(device=device, dtype=dtype)
+    vocab = next(
+        (v for cfg in _configs(config) if isinstance(v := getattr(cfg, "vocab_size", None), int)), 16
+    )
+    return (torch.arange(4) % max(vocab - 3, 1) + 3).clamp(max=vocab - 1)[None].to(device)
+
+
+def vision_attr(config: Any, name: str) -> Any:
+    """``config.<name>``, or its ``vision_config``'s (CLIP-style composite configs)."""
+    value = getattr(config, name, None)
+    return value if value is not None else getattr(getattr(config, "vision_config", None), name, None)
+
+
+def image_shape(config: Any) -> tuple[int, int]:
+    """``(image size, channels)`` of a vision config (224 and 3 where it does not say)."""
+    size = vision_attr(config, "image_size") or 224
+    size = size if isinstance(size, int) else size[0]
+    return size, vision_attr(config, "num_channels") or 3
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _verified(model: nn.Module, adapter: BlockAdapter) -> BlockAdapter:
+    from alignscope.models.capture import capture_block_calls
+
+    blocks = adapter.blocks(model)
+    inputs = _probe_input(model, adapter)
+    norms = _norm_candidates(model, adapter.block_paths[0])
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.setdefault(name, _first_tensor(args, kwargs))
+
+        return hook
+
+    handles = [mod.register_forward_pre_hook(record(name), with_kwargs=True) for name, mod in norms]
+    counts = [0] * len(blocks)
+
+    def count(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            counts[i] += 1
+
+        return hook
+
+    handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
+    try:
+        calls = capture_block_calls(model, adapter, blocks, inputs)
+    except RuntimeError as err:
+        raise _refuse(model, f"a forward through the stack {adapter.block_paths[0]!r} failed: {err}") from err
+    except Exception as err:
+        raise _refuse(model, f"its forward fails on a 4-token prompt ({type(err).__name__}: {err})") from err
+    finally:
+        for h in handles:
+            h.remove()
+    repeated = [i for i, c in enumerate(counts) if c > 1]
+    if repeated:
+        raise _refuse(
+            model,
+            f"blocks {repeated} of {adapter.block_paths[0]!r} run {max(counts)} times in one forward (a looped, "
+            "recurrent-depth stack), so 'the Jacobian of block l' has no single value",
+        )
+    first = calls[0].input
+    if first.ndim != 3 or first.shape[0] != 1:
+        raise _refuse(
+            model,
+            f"its blocks take hidden states of shape {tuple(first.shape)} for one prompt, not [1, tokens, d] "
+            "(e.g. several parallel residual streams)",
+        )
+    if adapter.inputs == "input_ids" and first.shape[1] != inputs.shape[1]:
+        raise _refuse(
+            model, f"its blocks see {first.shape[1]} positions for a {inputs.shape[1]}-token prompt"
+        )
+    for i in range(len(calls) - 1):
+        out, nxt = calls[i].output, calls[i + 1].input
+        if out.shape != nxt.shape or not _close(out, nxt):
+            raise _refuse(
+                model,
+                f"the outputs of the blocks in {adapter.block_paths[0]!r} do not chain: block {i + 1}'s input "
+                f"is not block {i}'s output (the model changes the residual stream between blocks)",
+            )
+    last = calls[-1].output
+    norm = next(
+        (
+            name
+            for name, _ in norms
+            if name in seen and seen[name].shape == last.shape and _close(seen[name], last)
+        ),
+        None,
+    )
+    prefix = 0
+    if adapter.inputs == "pixel_values":
+        patch = vision_attr(model.config, "patch_size")
+        patch = patch if isinstance(patch, int) else (patch or [1])[0]
+        patches = (inputs.shape[-1] // patch) ** 2 if patch else first.shape[1]
+        prefix = max(first.shape[1] - patches, 0)
+    adapter = dataclasses.replace(
+        adapter,
+        final_norm_paths=(norm,) if norm else (),
+        residual_form="pre-norm" if norm else "post-norm",
+        prefix_tokens=prefix,
+    )
+    if adapter.inputs == "input_ids" and _generates(model):
+        adapter = _with_single_token(model, adapter, blocks, inputs, calls)
+    return adapter
+
+
+def _generates(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:
+        return False
+
+
+def _norm_candidates(model: nn.Module, stack_path: str) -> list[tuple[str, nn.Module]]:
+    """Norm modules beside the stack (children of its parent whose class is a norm), by dotted path."""
+    parent_path, _, _ = stack_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    out = []
+    for name, mod in parent.named_children():
+        kind = type(mod).__name__.lower()
+        if "norm" in kind or isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+            out.append((f"{parent_path}.{name}" if parent_path else name, mod))
+    return out
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    value = args[0] if args else next(iter(kwargs.values()), None)
+    return value.detach() if isinstance(value, Tensor) else torch.empty(0)
+
+
+def _close(a: Tensor, b: Tensor, rtol: float = _CHAIN_RTOL) -> bool:
+    a, b = a.float(), b.float()
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    return bool(((a - b).abs().max() <= rtol * scale).item())
+
+
+def _with_single_token(
+    model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, inputs: Tensor, calls: list
+) -> BlockAdapter:
+    """``adapter`` with ``causal`` (and ``token_copies``) set as the checks on the last token allow."""
+    from alignscope.models.capture import capture_tokens_calls, token_block_function, token_copies_function
+
+    causal = dataclasses.replace(adapter, causal=True)
+    t = inputs.shape[1] - 1
+    try:
+        for _, token_calls in capture_tokens_calls(model, causal, blocks, inputs, [t]):
+            for i, (call, full) in enumerate(zip(token_calls, calls)):
+                expected = full.output[:, t : t + 1]
+                if call.output.shape != expected.shape or not _close(call.output, expected, 1e-4):
+                    raise ValueError(f"the decoding step's block {i} output differs from the full forward's")
+                fn = token_block_function(blocks[i], call, causal, call.input.dtype)
+                with torch.no_grad():
+                    for _ in range(2):
+                        if not _close(fn(call.input), expected, 1e-4):
+                            raise ValueError(
+                                f"block {i} re-called on the token does not reproduce its output"
+                            )
+                    copies = token_copies_function(blocks[i], call, causal, call.input.dtype)
+                    if copies is not None and not _close(
+                        copies(call.input[0].expand(2, -1)), expected[0], 1e-4
+                    ):
+                        causal = dataclasses.replace(causal, token_copies=False)
+    except Exception as err:
+        return dataclasses.replace(
+            adapter,
+            notes=(
+                *adapter.notes,
+                f"the single-token engine is off: a token evaluated alone against the KV cache failed its check "
+                f"({type(err).__name__}: {str(err)[:200]}); the full-sequence engine ('exact') is used",
+            ),
+        )
+    return causal
