@@ -96,3 +96,17 @@ def test_random_init_twin_from_config():
 
 def test_every_registered_adapter_is_tested_on_a_tiny_model():
     assert set(ADAPTERS) <= set(FAMILIES)
+
+
+def test_compiled_and_gradient_checkpointed_models_give_the_plain_models_numbers():
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = probe(tiny_model("llama"), ids, tokens="all", keep_jacobians=True)
+    compiled = torch.compile(tiny_model("llama"), backend="eager")
+    got = probe(compiled, ids, tokens="all", keep_jacobians=True)
+    torch.testing.assert_close(got.jacobians, expected.jacobians, atol=1e-6, rtol=0)
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = probe(model, ids, tokens="all", keep_jacobians=True)
+    torch.testing.assert_close(got.jacobians, expected.jacobians, atol=1e-6, rtol=0)
+    assert model.training and model.is_gradient_checkpointing  # the caller's state is kept

@@ -19,17 +19,24 @@ class Regression:
     intercept: float
     r2: float
     p_value: float
+    note: str = ""
+    """Why the statistics are NaN (too few points, or every x the same), else empty."""
 
 
 def regress(x: Sequence[float], y: Sequence[float], x_name: str = "x", y_name: str = "y") -> Regression:
-    """Linear regression (scipy.stats.linregress); NaN statistics with fewer than 3 points."""
+    """Linear regression (scipy.stats.linregress); NaN statistics, with the reason in ``note``, with fewer
+    than 3 points or when every x is the same (no slope can be fitted)."""
     from scipy import stats
 
     if len(x) != len(y):
         raise ValueError("x and y must have the same length")
+    nan = float("nan")
     if len(x) < 3:
-        nan = float("nan")
-        return Regression(x_name, y_name, len(x), nan, nan, nan, nan)
+        return Regression(
+            x_name, y_name, len(x), nan, nan, nan, nan, f"{len(x)} points: a fit needs 3 or more"
+        )
+    if max(x) == min(x):
+        return Regression(x_name, y_name, len(x), nan, nan, nan, nan, f"{x_name} is {x[0]:g} for every point")
     fit = stats.linregress(x, y)
     return Regression(
         x_name,

@@ -51,7 +51,14 @@ from alignscope.apps.report_runs import (
 )
 from alignscope.apps.report_sweep import training_section
 from alignscope.apps.report_training import find_training_runs
-from alignscope.apps.scores import ScoreTable, ScoreTableError, read_scores
+from alignscope.apps.scores import (
+    PAPER_COUPLING_COLUMN,
+    PAPER_FIG1A_MODELS,
+    PAPER_FIG1A_R2,
+    ScoreTable,
+    ScoreTableError,
+    read_scores,
+)
 
 __all__ = [
     "REPORT_METRICS",
@@ -84,12 +91,13 @@ def write_correlation(points: list[dict[str, Any]], regs: list[Regression], labe
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "correlation.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["x", "y", "n", "slope", "intercept", "r2", "p_value"])
+        writer.writerow(["x", "y", "n", "slope", "intercept", "r2", "p_value", "note"])
         for r in regs:
-            writer.writerow([r.x_name, r.y_name, r.n, r.slope, r.intercept, r.r2, r.p_value])
-    md = ["| x | y | n | slope | intercept | R^2 | p-value |", "|---|---|---|---|---|---|---|"]
+            writer.writerow([r.x_name, r.y_name, r.n, r.slope, r.intercept, r.r2, r.p_value, r.note])
+    md = ["| x | y | n | slope | intercept | R^2 | p-value | note |", "|---|---|---|---|---|---|---|---|"]
     md += [
-        f"| {r.x_name} | {r.y_name} | {r.n} | {r.slope:.4g} | {r.intercept:.4g} | {r.r2:.3f} | {r.p_value:.2g} |"
+        f"| {r.x_name} | {r.y_name} | {r.n} | {r.slope:.4g} | {r.intercept:.4g} | {r.r2:.3f} | {r.p_value:.2g} "
+        f"| {r.note} |"
         for r in regs
     ]
     text = "\n".join(md) + "\n"
@@ -165,6 +173,26 @@ def _run_score_points(
             f"{[row.label for row in table.rows]}; make the CSV's model or hub_id match"
         )
     return table, points, unmatched
+
+
+def _paper_reference(scores: str, score_column: str, regs: list) -> list[str]:
+    """With a scores CSV that has the paper's own coupling column (``coupling_in_paper``, as
+    ``examples/paper_fig1a_scores.csv``): the R^2 the paper reports next to the one of its column and of this
+    report's first regression, so a rerun of the paper's Figure 1a can be read against it."""
+    table = read_scores(scores, numeric=[score_column])
+    if PAPER_COUPLING_COLUMN not in table.columns or not regs:
+        return []
+    paper = read_scores(scores, numeric=[PAPER_COUPLING_COLUMN, score_column])
+    own = regress(
+        [r.values[PAPER_COUPLING_COLUMN] for r in paper.rows], [r.values[score_column] for r in paper.rows]
+    )
+    ours = regs[0]
+    return [
+        f"Against the paper's Figure 1a: the paper reports R^2 = {PAPER_FIG1A_R2:.2f} over "
+        f"{PAPER_FIG1A_MODELS} models; its coupling column in this CSV gives R^2 = {own.r2:.2f} over "
+        f"{own.n}; here {ours.x_name} gives R^2 = {ours.r2:.2f} over {ours.n}.",
+        "",
+    ]
 
 
 def _input_notes(skipped: list[str], unmatched: list[str]) -> list[str]:
@@ -254,6 +282,7 @@ def build_report(
             "[correlation.csv](correlation.csv))",
             "",
             write_correlation(points, regs, "label", out),
+            *_paper_reference(scores, score_column, regs),
             *_input_notes(table.skipped, unmatched),
         ]
     text = "\n".join(sections) + "\n"

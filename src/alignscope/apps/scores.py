@@ -17,6 +17,13 @@ ID_COLUMNS = ("model", "hub_id")
 """Columns that name a model; a row matches a probe run by its model name or hub id."""
 
 
+PAPER_COUPLING_COLUMN = "coupling_in_paper"
+"""The column of ``examples/paper_fig1a_scores.csv`` with the paper's own coupling of each model."""
+PAPER_FIG1A_R2 = 0.80
+PAPER_FIG1A_MODELS = 28
+"""The R^2 of Open LLM Leaderboard score on coupling that the paper reports (Figure 1a), and over how many models."""
+
+
 class ScoreTableError(ValueError):
     """A scores CSV that cannot be used; the message says what is wrong and how to fix it."""
 

@@ -10,7 +10,7 @@ from alignscope.models.adapters import (
     get_adapter,
     register_adapter,
     resolve_layers,
-    unwrap_peft,
+    unwrap_model,
 )
 from alignscope.models.build import ModelConfigError, check_config_keys, random_init_twin
 from alignscope.models.cache_build import cache_root
@@ -33,5 +33,5 @@ __all__ = [
     "random_init_twin",
     "register_adapter",
     "resolve_layers",
-    "unwrap_peft",
+    "unwrap_model",
 ]

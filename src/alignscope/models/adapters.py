@@ -102,21 +102,28 @@ def _roots(model: nn.Module) -> list[nn.Module]:
     """Where adapter paths start: the model, its ``base_model`` when that is another module, and for a PEFT
     model the adapted Hugging Face model inside it (``get_base_model()``)."""
     roots = [model]
-    for base in (getattr(model, "base_model", None), unwrap_peft(model)):
+    for base in (getattr(model, "base_model", None), unwrap_model(model)):
         if isinstance(base, nn.Module) and all(base is not r for r in roots):
             roots.append(base)
     return roots
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PEFT ``PeftModel`` (its adapter layers injected, so its forward is the
-    adapted model's), or ``model`` itself when it is not one."""
-    get_base = getattr(type(model), "get_base_model", None)
-    if callable(get_base) and type(model).__module__.startswith("peft."):
-        inner = model.get_base_model()
-        if isinstance(inner, nn.Module):
-            return inner
-    return model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model a probe runs: inside a ``torch.compile`` wrapper its original module (hooks do
+    not reach into a compiled graph; the parameters are the same), inside a PEFT ``PeftModel`` the adapted
+    base model (its adapter layers injected, so its forward is the PeftModel's); else ``model`` itself."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch._dynamo OptimizedModule
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+            continue
+        get_base = getattr(type(model), "get_base_model", None)
+        if callable(get_base) and type(model).__module__.startswith("peft."):
+            inner = model.get_base_model()
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                continue
+        return model
 
 
 def _get_path(root: nn.Module, path: str) -> Any:
@@ -194,14 +201,15 @@ def get_adapter(model: nn.Module) -> BlockAdapter:
         return ADAPTERS[model_type]
     from alignscope.models.discovery import discover_adapter
 
-    return discover_adapter(unwrap_peft(model))
+    return discover_adapter(unwrap_model(model))
 
 
 def peft_types(model: nn.Module) -> list[str] | None:
     """The PEFT types of a ``PeftModel``'s adapters (e.g. ``["LORA"]``, ``meta["peft"]``), else None."""
-    if unwrap_peft(model) is model:
+    inner = getattr(model, "_orig_mod", model)
+    configs = getattr(inner, "peft_config", None) if type(inner).__module__.startswith("peft.") else None
+    if not configs:
         return None
-    configs = getattr(model, "peft_config", {}) or {}
     return sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs.values()})
 
 

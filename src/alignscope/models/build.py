@@ -22,13 +22,13 @@ def random_init_twin(model_or_config: Any, seed: int = 0, model_class: type | No
 
     from transformers import PretrainedConfig
 
-    from alignscope.models.adapters import unwrap_peft
+    from alignscope.models.adapters import unwrap_model
 
     if isinstance(model_or_config, PretrainedConfig):
         config = copy.deepcopy(model_or_config)
         cls = model_class
     else:
-        model_or_config = unwrap_peft(model_or_config)  # a PEFT model's twin is its base architecture's
+        model_or_config = unwrap_model(model_or_config)  # a PEFT model's twin is its base architecture's
         config = copy.deepcopy(model_or_config.config)
         cls = model_class or type(model_or_config)
     if cls is None:

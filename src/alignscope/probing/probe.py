@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from alignscope.autodiff.jacobian import JacobianEngine, make_engine
 from alignscope.core.factorization import SVD
 from alignscope.core.token_coupling import token_coupling
-from alignscope.models import config_attr, context_length, get_adapter, resolve_layers, unwrap_peft
+from alignscope.models import config_attr, context_length, get_adapter, resolve_layers, unwrap_model
 from alignscope.models.adapters import peft_types
 from alignscope.models.capture import block_function, capture_block_calls, probe_mode
 from alignscope.models.quantized import check_differentiable, quantization
@@ -135,7 +135,7 @@ def probe(
             (:func:`alignscope.models.context_length`).
     """
     peft = peft_types(model)
-    model = unwrap_peft(model)  # the adapted Hugging Face model: its forward is the PeftModel's
+    model = unwrap_model(model)  # the adapted Hugging Face model: its forward is the PeftModel's
     given = ProbeSettings(
         layers,
         tokens,
@@ -365,7 +365,7 @@ def token_jacobians(
     the identity is *not* subtracted (for ``t1 == t2`` subtract it to get the residual Jacobian).
     ``input_ids``: ``[T]`` or ``[1, T]`` real tokens (no padding).
     """
-    model = unwrap_peft(model)
+    model = unwrap_model(model)
     jac_engine = make_engine(engine)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
