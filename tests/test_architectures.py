@@ -41,7 +41,7 @@ def test_every_architecture_probes_or_is_refused_as_the_table_says(task, model_t
 def test_the_table_covers_the_installed_mappings_and_every_decoder_mostly_works():
     assert set(TABLE) == set(CASES), "docs/models.md is stale: run scripts/survey_models.py"
     causal = [s for (task, _), s in TABLE.items() if task == "causal_lm"]
-    assert causal.count("works") >= 170
+    assert causal.count("works") >= 175
 
 
 def _renamed(model, model_type: str):

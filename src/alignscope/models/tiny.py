@@ -132,6 +132,7 @@ TYPE_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "granitemoehybrid": dict(_MAMBA, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "longcat_flash": dict(qk_head_dim=16),
     "mamba2": dict(head_dim=16, n_groups=1, state_size=16),
     "nemotron": dict(num_key_value_heads=4),
@@ -187,6 +188,9 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
     from transformers import PretrainedConfig
 
     values = config.to_dict()
+    for key, value in (overrides or {}).items():  # first: a validator may check them against the sizes
+        if key in values or hasattr(config, key):
+            _set(config, key, value)
     heads = values.get("num_attention_heads")
     kv_equal = heads is not None and values.get("num_key_value_heads") in (heads, None)
     for key, value in values.items():
@@ -199,6 +203,16 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
             new = 2
         if new is not None and (value is None or value > new or key in _LAYER_KEYS):
             _set(config, key, new)
+    for key, value in values.items():  # per-stage lists of hierarchical models (Swin): 4 heads, 1 block each
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            if "heads" in key.lower():
+                _set(config, key, [4] * len(value))
+            elif key.lower() in ("depths", "depth"):
+                _set(config, key, [1] * len(value))
     kinds = list(dict.fromkeys(getattr(config, "layer_types", None) or []))
     if kinds and not isinstance(getattr(type(config), "layer_types", None), property):
         count = max(layers, len(kinds))
@@ -220,7 +234,7 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
 
 
 def _set(config: Any, key: str, value: Any) -> None:
-    with contextlib.suppress(AttributeError, TypeError, ValueError):  # a derived property, a validated field
+    with contextlib.suppress(Exception):  # a derived property, or a field its validator refuses
         setattr(config, key, value)
 
 
@@ -253,5 +267,8 @@ def tiny_model_of_type(model_type: str, class_name: str, seed: int = 0) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls._from_config(config)
+    languages = getattr(model.config, "languages", None)
+    if languages and hasattr(model, "set_default_language"):  # X-MOD: one adapter per language
+        model.set_default_language(languages[0])
     model.config.alignscope_init_seed = seed
     return model.to(torch.float32).eval()
