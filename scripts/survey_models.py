@@ -31,16 +31,22 @@ row against the installed transformers, so this table is current when the test s
 
 Each model type of the transformers mappings below is built as a tiny random-init model from
 `AutoConfig.for_model` (shrunk: 2 blocks, or one of each block kind of a hybrid stack; width 32; 4 experts),
-probed at its last token (the CLS token of a vision model) with `engine="auto"`, and every block's residual
-Jacobian is compared with an independent reference: autograd through the whole model's own forward, a hook
-perturbing the block's input (`alignscope.models.reference.reference_jacobian`).
+probed at its last token (token 0 of a vision model: its CLS token, or its first patch where it has none)
+with `engine="auto"`, and checked two ways: every block's residual Jacobian against autograd through the
+whole model's own forward, a hook perturbing the block's input
+(`alignscope.models.reference.reference_jacobian`), and the probed trajectory against transformers' own
+`output_hidden_states` (entry `l` is block `l`'s input, the last entry the last block's output with or
+without the final norm the adapter found), which checks the stack and the final norm independently of how
+alignscope found them.
 
 - **works**: every block Jacobian equals the reference within {tolerance:g} of its largest entry (the
   error column); the engine column says which engine `auto` took (`single_token`: the token alone
   against the KV cache; `exact`: the full sequence, used where the single-token check fails, e.g. hybrid
   SSM / linear-attention stacks, and for encoders).
 - **refused**: alignscope cannot probe the type and `probe()` raises an error that says why (the reason
-  column) and how to register an adapter; nothing wrong is ever returned.
+  column) and how to register an adapter, instead of returning numbers: blocks that do not chain, run
+  more than once per forward, carry several residual streams, are fed earlier blocks' states, or have no
+  gradient; encoder-decoder models (their encoder stack probes on its own).
 - **no tiny model**: the shrunk config does not build or run in transformers itself (reason column), so
   the type is untested here; a full-size model may still probe.
 - `adapter`: `registered` (alignscope's registry) or `discovered` (found from the model's structure and

@@ -108,3 +108,11 @@ def test_the_monitor_probes_a_lightning_module_whose_model_is_wrapped_by_peft(tm
     assert lines[0]["coupling/k10"] != lines[-1]["coupling/k10"]  # the LoRA weights trained, J moved
     final = probe(module.net, monitor.prompts, settings=monitor.settings)
     assert final.scalars()["coupling/k10"] == pytest.approx(lines[-1]["coupling/k10"], abs=1e-6)
+
+
+def test_prompt_learning_adapters_which_act_outside_the_blocks_are_refused():
+    model = peft.get_peft_model(
+        tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    )
+    with pytest.raises(ValueError, match=r"prompt-learning adapters \(PREFIX_TUNING\).*LoRA"):
+        probe(model, prompt_ids(1, 4))

@@ -42,6 +42,9 @@ class BlockAdapter:
         prefix_tokens: vision models: the tokens the blocks see before the patch tokens (ViT's CLS token;
             DeiT's CLS and distillation tokens), so an image has ``prefix_tokens + patches`` tokens, the
             patches in row-major order. The default probed token of a vision model is the CLS token (0).
+        causal_attention: each token sees only the tokens before it (a decoder), whether or not it can be
+            evaluated alone against a KV cache (``causal``); None: the same as ``causal``. Used where
+            reachability matters (:func:`alignscope.context_coupling`), e.g. for hybrid decoders.
         source: how the adapter was obtained: ``"registered"`` (the registry, :func:`register_adapter`) or
             ``"discovered"`` (found from the model's structure and checked, :mod:`alignscope.models.discovery`);
             recorded as ``meta["adapter"]``.
@@ -56,8 +59,14 @@ class BlockAdapter:
     final_norm_paths: tuple[str, ...] = ()
     inputs: str = "input_ids"
     prefix_tokens: int = 0
+    causal_attention: bool | None = None
     source: str = "registered"
     notes: tuple[str, ...] = ()
+
+    @property
+    def attends_back_only(self) -> bool:
+        """Tokens see only earlier tokens (``causal_attention``, else ``causal``)."""
+        return self.causal if self.causal_attention is None else self.causal_attention
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The model's block list, in forward order."""
@@ -211,6 +220,27 @@ def peft_types(model: nn.Module) -> list[str] | None:
     if not configs:
         return None
     return sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs.values()})
+
+
+def check_peft(model: nn.Module) -> None:
+    """Refuse a PEFT model with prompt-learning adapters (prompt tuning, prefix tuning, p-tuning): PEFT
+    applies them in the ``PeftModel``'s own forward (virtual tokens, prefix keys and values), outside the
+    base model that a probe runs, so the probe would silently measure the unadapted model."""
+    inner = getattr(model, "_orig_mod", model)
+    if not type(inner).__module__.startswith("peft."):
+        return
+    prompt = sorted(
+        str(getattr(c.peft_type, "value", c.peft_type))
+        for c in (getattr(inner, "peft_config", None) or {}).values()
+        if getattr(c, "is_prompt_learning", False)
+    )
+    if prompt:
+        raise ValueError(
+            f"this PeftModel has prompt-learning adapters ({', '.join(prompt)}), which PEFT applies outside the "
+            "base model's blocks (virtual tokens, prefix keys and values); alignscope probes the blocks of the "
+            "base model, so it would measure the model without them. Adapters that PEFT injects into the "
+            "layers (LoRA, LoHa, LoKr, IA3, ...) are supported"
+        )
 
 
 def config_attr(model: nn.Module, name: str) -> Any:

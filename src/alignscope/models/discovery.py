@@ -38,9 +38,13 @@ class DiscoveryError(NotImplementedError):
     """No verified block stack: the message says what was found, what failed and how to register one."""
 
 
-def layer_count(config: Any) -> int | None:
-    """The number of blocks the config declares (of its text config for a composite model), or None."""
-    for cfg in _configs(config):
+def layer_count(config: Any, vision: bool = False) -> int | None:
+    """The number of blocks the config declares: of its text config for a composite model, of its vision
+    config for a vision model (``vision``); None when it declares none."""
+    configs = _configs(config)
+    if vision and getattr(config, "vision_config", None) is not None:
+        configs = [config.vision_config, *configs]
+    for cfg in configs:
         for key in LAYER_COUNT_KEYS:
             value = getattr(cfg, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -88,7 +92,7 @@ def structural_refusal(model: nn.Module) -> str | None:
             "it is an encoder-decoder model, with two block stacks; probe one stack as a model of its own, "
             "e.g. alignscope.probe(model.get_encoder(), input_ids)"
         )
-    n = layer_count(config)
+    n = layer_count(config, _is_vision(model))
     if n is None:
         return f"its config declares no block count (none of {', '.join(LAYER_COUNT_KEYS)})"
     if not _stack_paths(model, n):
@@ -110,10 +114,12 @@ def _discover(model: nn.Module) -> BlockAdapter:
     why = structural_refusal(model)
     if why is not None:
         raise _refuse(model, why)
-    paths = _stack_paths(model, layer_count(model.config))
-    inputs = (
-        "pixel_values" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "input_ids"
-    )
+    if _device(model).type == "meta" and not hasattr(model, "hf_device_map"):
+        raise _refuse(
+            model, "its weights are on the meta device (not loaded); load them, e.g. from_pretrained()"
+        )
+    paths = _stack_paths(model, layer_count(model.config, _is_vision(model)))
+    inputs = "pixel_values" if _is_vision(model) else "input_ids"
     from alignscope.models.capture import probe_mode
 
     first_refusal = None
@@ -125,6 +131,10 @@ def _discover(model: nn.Module) -> BlockAdapter:
         except DiscoveryError as err:
             first_refusal = first_refusal or err
     raise first_refusal
+
+
+def _is_vision(model: nn.Module) -> bool:
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
 
 
 def _stack_paths(model: nn.Module, n: int) -> list[str]:
@@ -150,10 +160,9 @@ def _probe_input(model: nn.Module, adapter: BlockAdapter) -> Tensor:
     config = model.config
     device = _device(model)
     if adapter.inputs == "pixel_values":
-        size, channels = image_shape(config)
         g = torch.Generator().manual_seed(0)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return torch.randn(1, channels, size, size, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(1, *image_shape(config), generator=g).to(device=device, dtype=dtype)
     vocab = next(
         (v for cfg in _configs(config) if isinstance(v := getattr(cfg, "vocab_size", None), int)), 16
     )
@@ -166,11 +175,11 @@ def vision_attr(config: Any, name: str) -> Any:
     return value if value is not None else getattr(getattr(config, "vision_config", None), name, None)
 
 
-def image_shape(config: Any) -> tuple[int, int]:
-    """``(image size, channels)`` of a vision config (224 and 3 where it does not say)."""
+def image_shape(config: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of a vision config's images (3 x 224 x 224 where it does not say)."""
     size = vision_attr(config, "image_size") or 224
-    size = size if isinstance(size, int) else size[0]
-    return size, vision_attr(config, "num_channels") or 3
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return vision_attr(config, "num_channels") or 3, height, width
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -184,11 +193,11 @@ def _verified(model: nn.Module, adapter: BlockAdapter) -> BlockAdapter:
     blocks = adapter.blocks(model)
     inputs = _probe_input(model, adapter)
     norms = _norm_candidates(model, adapter.block_paths[0])
-    seen: dict[str, Tensor] = {}
+    seen: dict[str, list[Tensor]] = {}  # every input of each norm (one module may also norm the embeddings)
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.setdefault(name, _first_tensor(args, kwargs))
+            seen.setdefault(name, []).append(_first_tensor(args, kwargs))
 
         return hook
 
@@ -237,20 +246,22 @@ def _verified(model: nn.Module, adapter: BlockAdapter) -> BlockAdapter:
                 f"the outputs of the blocks in {adapter.block_paths[0]!r} do not chain: block {i + 1}'s input "
                 f"is not block {i}'s output (the model changes the residual stream between blocks)",
             )
+    _check_second_stream(model, calls)
+    _check_recall(model, adapter, blocks, calls)
     last = calls[-1].output
     norm = next(
         (
             name
             for name, _ in norms
-            if name in seen and seen[name].shape == last.shape and _close(seen[name], last)
+            if any(x.shape == last.shape and _close(x, last) for x in seen.get(name, ()))
         ),
         None,
     )
     prefix = 0
     if adapter.inputs == "pixel_values":
         patch = vision_attr(model.config, "patch_size")
-        patch = patch if isinstance(patch, int) else (patch or [1])[0]
-        patches = (inputs.shape[-1] // patch) ** 2 if patch else first.shape[1]
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch or (0, 0))[:2]
+        patches = (inputs.shape[-2] // ph) * (inputs.shape[-1] // pw) if ph and pw else first.shape[1]
         prefix = max(first.shape[1] - patches, 0)
     adapter = dataclasses.replace(
         adapter,
@@ -259,8 +270,61 @@ def _verified(model: nn.Module, adapter: BlockAdapter) -> BlockAdapter:
         prefix_tokens=prefix,
     )
     if adapter.inputs == "input_ids" and _generates(model):
+        adapter = dataclasses.replace(adapter, causal_attention=True)
         adapter = _with_single_token(model, adapter, blocks, inputs, calls)
     return adapter
+
+
+def _check_second_stream(model: nn.Module, calls: list) -> None:
+    """Refuse blocks that are also passed a residual stream through another argument (dense or cross-block
+    connections: earlier blocks' states handed to later ones): ``x^l`` then depends on earlier states
+    besides ``x^{l-1}``, and a probe would hold that copy constant."""
+    for i, call in enumerate(calls[1:], start=1):
+        for key, value in [*enumerate(call.args), *call.kwargs.items()]:
+            if not (isinstance(value, Tensor) and value.is_floating_point() and value.ndim >= 3):
+                continue
+            for j in range(i + 1):
+                stream = calls[j].input[0].float()  # [T, d]
+                if value.shape[-1] != stream.shape[-1] or not stream.abs().max() > 0:
+                    continue
+                rows = value.detach().float().reshape(-1, stream.shape[-1]).to(stream.device)
+                scale = stream.abs().max().item()
+                hits = (rows[None] - stream[:, None]).abs().amax(-1) <= _CHAIN_RTOL * scale  # [T, rows]
+                if bool(hits.any(-1).all()):
+                    raise _refuse(
+                        model,
+                        f"block {i} is also passed block {j}'s input through its argument {key!r} (connections "
+                        "across blocks), so x^l is not a function of x^(l-1) alone",
+                    )
+
+
+def _check_recall(model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, calls: list) -> None:
+    """Each block re-called on its recorded input with its recorded arguments must give its recorded output,
+    through autograd (a block that runs without a graph, e.g. reversible layers under ``no_grad``, would give
+    a zero derivative; one that reads state besides its arguments would give another output)."""
+    from alignscope.models.capture import block_function
+
+    for i, (block, call) in enumerate(zip(blocks, calls)):
+        fn = block_function(block, call, adapter, call.input.dtype)
+        x = call.input.detach().clone().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                y = fn(x)
+        except Exception as err:
+            why = f"block {i} cannot be re-called with its own arguments ({type(err).__name__}: {err})"
+            raise _refuse(model, why) from err
+        if not y.requires_grad:
+            raise _refuse(
+                model,
+                f"block {i}'s output does not depend on its input under autograd (the block runs without a "
+                "gradient graph, e.g. reversible layers under no_grad), so its Jacobian cannot be taken",
+            )
+        if y.shape != call.output.shape or not _close(y.detach(), call.output, 1e-4):
+            raise _refuse(
+                model,
+                f"block {i} re-called with its recorded arguments does not reproduce its output (it reads state "
+                "besides its arguments, e.g. a second residual stream)",
+            )
 
 
 def _generates(model: nn.Module) -> bool:
@@ -272,14 +336,17 @@ def _generates(model: nn.Module) -> bool:
 
 
 def _norm_candidates(model: nn.Module, stack_path: str) -> list[tuple[str, nn.Module]]:
-    """Norm modules beside the stack (children of its parent whose class is a norm), by dotted path."""
-    parent_path, _, _ = stack_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    out = []
-    for name, mod in parent.named_children():
-        kind = type(mod).__name__.lower()
-        if "norm" in kind or isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
-            out.append((f"{parent_path}.{name}" if parent_path else name, mod))
+    """Norm modules beside the stack: children of its parent, then of each ancestor up to the model, whose
+    class is a norm (the innermost first), by dotted path."""
+    out: list[tuple[str, nn.Module]] = []
+    path = stack_path
+    while path:
+        path, _, _ = path.rpartition(".")
+        parent = model.get_submodule(path) if path else model
+        for name, mod in parent.named_children():
+            kind = type(mod).__name__.lower()
+            if "norm" in kind or isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+                out.append((f"{path}.{name}" if path else name, mod))
     return out
 
 
@@ -289,7 +356,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
 
 
 def _close(a: Tensor, b: Tensor, rtol: float = _CHAIN_RTOL) -> bool:
-    a, b = a.float(), b.float()
+    a, b = a.float(), b.float().to(a.device)  # blocks of a device-mapped model sit on several devices
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     return bool(((a - b).abs().max() <= rtol * scale).item())
 

@@ -50,7 +50,7 @@ def context_coupling(
     if (t_in is None) == (t_out is None):
         raise ValueError("give exactly one of t_in (fixed input token) or t_out (fixed output token)")
     ids = torch.as_tensor(input_ids).reshape(-1)
-    length, causal = len(ids), get_adapter(model).causal
+    length, causal = len(ids), get_adapter(model).attends_back_only
     fixed_at = t_in if t_in is not None else t_out
     if not -length <= fixed_at < length:
         raise IndexError(f"token {fixed_at} is beyond the prompt's {length} tokens")

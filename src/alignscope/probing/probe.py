@@ -22,7 +22,7 @@ from alignscope.autodiff.jacobian import JacobianEngine, make_engine
 from alignscope.core.factorization import SVD
 from alignscope.core.token_coupling import token_coupling
 from alignscope.models import config_attr, context_length, get_adapter, resolve_layers, unwrap_model
-from alignscope.models.adapters import peft_types
+from alignscope.models.adapters import check_peft, peft_types
 from alignscope.models.capture import block_function, capture_block_calls, probe_mode
 from alignscope.models.quantized import check_differentiable, quantization
 from alignscope.probing.analysis import analyze
@@ -134,6 +134,7 @@ def probe(
         ValueError: a bad argument, or a prompt longer than the model's context
             (:func:`alignscope.models.context_length`).
     """
+    check_peft(model)
     peft = peft_types(model)
     model = unwrap_model(model)  # the adapted Hugging Face model: its forward is the PeftModel's
     given = ProbeSettings(
@@ -160,6 +161,11 @@ def probe(
     sequences, lengths = prompt_inputs(model, adapter, input_ids, pixel_values, attention_mask, tokenizer)
     vision = adapter.inputs == "pixel_values"
     positions = [token_positions(run.settings.tokens, n, b, cls_token=vision) for b, n in enumerate(lengths)]
+    if vision and adapter.prefix_tokens == 0 and run.settings.tokens == "last":
+        run.notes.append(
+            "this vision model has no CLS token (its blocks see the patches alone), so the default token 0 "
+            "is the top-left patch; pass tokens='all' or positions to probe others"
+        )
     started = time.perf_counter()
     with probe_mode(model, run.settings.attention):
         loop = _probe_tokens(run, sequences, positions)
@@ -365,6 +371,7 @@ def token_jacobians(
     the identity is *not* subtracted (for ``t1 == t2`` subtract it to get the residual Jacobian).
     ``input_ids``: ``[T]`` or ``[1, T]`` real tokens (no padding).
     """
+    check_peft(model)
     model = unwrap_model(model)
     jac_engine = make_engine(engine)
     adapter = get_adapter(model)

@@ -102,15 +102,55 @@ def _survey(row: SurveyRow) -> tuple[str, str]:
         for i, ref in enumerate(refs)
     ]
     row.max_error = max(errors)
-    notes = [n for n in res.meta["notes"] if "single-token engine is off" in n or "not a causal" in n]
-    return ("works" if row.max_error <= TOLERANCE else "wrong"), (notes[0] if notes else "")
+    if row.max_error > TOLERANCE:
+        return "wrong", f"block Jacobians differ from the reference by {row.max_error:.1e}"
+    mismatch = _hidden_states_mismatch(model, kw, res, t)
+    if mismatch:
+        return "wrong", mismatch
+    notes = [n for n in res.meta["notes"] if "single-token engine is off" in n]
+    return "works", (notes[0] if notes else "")
+
+
+def _hidden_states_mismatch(model: torch.nn.Module, kw: dict, res, t: int) -> str:
+    """Where the probed stack disagrees with transformers' own ``output_hidden_states`` (an independent
+    account of the residual stream): entry ``l`` must be block ``l``'s input, and the last entry the last
+    block's output, after the final norm the adapter found (or without one where it found none). Empty when
+    they agree, or when the model returns no such tuple of ``L + 1`` entries."""
+    from alignscope.models import get_adapter
+
+    try:
+        with torch.no_grad():
+            hidden = getattr(model(**kw, output_hidden_states=True), "hidden_states", None)
+    except Exception:
+        return ""
+    blocks = res.meta["num_blocks"]
+    if not isinstance(hidden, (tuple, list)) or len(hidden) != blocks + 1:
+        return ""
+    traj = res.hidden_states[0]  # [L + 1, d]: x^0..x^L at the probed token
+    norm = get_adapter(model).final_norm(model)
+    with torch.no_grad():
+        normed = norm(traj[-1][None, None])[0, 0] if norm is not None else traj[-1]
+    theirs = [h[0, t].float() for h in hidden]
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        scale = max(b.abs().max().item(), 1e-12)
+        return a.shape == b.shape and (a - b).abs().max().item() <= TOLERANCE * scale
+
+    # the last entry: x^L after the final norm, or x^L itself (vision models keep the norm out of the tuple);
+    # a norm the adapter missed shows as an entry equal to neither
+    if not any(same(x, theirs[-1]) for x in (normed, traj[-1])):
+        return "the last entry of output_hidden_states is neither the last block's output nor its final norm"
+    # the others: the block inputs x^0..x^{L-1}, or (Mamba, RWKV) the block outputs x^1..x^{L-1}
+    if not (all(map(same, traj[:-1], theirs[:-1])) or all(map(same, traj[1:-1], theirs[:-2]))):
+        first = next(i for i, (a, b) in enumerate(zip(traj, theirs)) if not same(a, b))
+        return f"entry {first} of output_hidden_states is not block {first}'s input as the adapter finds it"
+    return ""
 
 
 def _inputs(model: torch.nn.Module) -> torch.Tensor:
     if model.main_input_name == "pixel_values":
-        size, channels = image_shape(model.config)
         g = torch.Generator().manual_seed(1)
-        return torch.randn(1, channels, size, size, generator=g)
+        return torch.randn(1, *image_shape(model.config), generator=g)
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 100, (1, 5), generator=g)
 
