@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from alignscope import probe
 from alignscope.models import BlockAdapter, get_adapter, register_adapter
@@ -15,8 +16,11 @@ from alignscope.models.discovery import DiscoveryError, discover_adapter
 from alignscope.probing.survey import MAPPINGS, read_table, survey_type, survey_types
 from conftest import prompt_ids, tiny_model, whole_model_jacobian
 
-TABLE = read_table(str(Path(__file__).parents[1] / "docs" / "models.md"))
+MODELS_MD = Path(__file__).parents[1] / "docs" / "models.md"
+TABLE = read_table(str(MODELS_MD))
 CASES = [(task, model_type) for task in MAPPINGS for model_type in survey_types(task)]
+SAME_TRANSFORMERS = f"transformers {transformers.__version__}\n" in MODELS_MD.read_text()
+"""The table was generated with the installed transformers (another version may add or change types)."""
 
 
 @pytest.mark.slow
@@ -28,16 +32,21 @@ def test_every_architecture_probes_or_is_refused_as_the_table_says(task, model_t
         assert row.max_error <= 1e-4
     if row.status == "refused":
         assert row.reason, "a refusal must say why"
-    expected = TABLE.get((task, model_type))
-    assert expected is not None, (
-        f"{task}/{model_type} is missing from docs/models.md: run scripts/survey_models.py"
-    )
-    assert row.status == expected, (
-        f"docs/models.md says {expected}, the probe gives {row.status}: {row.reason}"
-    )
+    if SAME_TRANSFORMERS:  # the table of another transformers version may not have the type, or differ
+        expected = TABLE.get((task, model_type))
+        assert expected is not None, (
+            f"{task}/{model_type} is missing from docs/models.md: run scripts/survey_models.py"
+        )
+        assert row.status == expected, (
+            f"docs/models.md says {expected}, the probe gives {row.status}: {row.reason}"
+        )
 
 
 def test_the_table_covers_the_installed_mappings_and_every_decoder_mostly_works():
+    if not SAME_TRANSFORMERS:
+        pytest.skip(
+            f"docs/models.md is not for transformers {transformers.__version__}: rerun scripts/survey_models.py"
+        )
     assert set(TABLE) == set(CASES), "docs/models.md is stale: run scripts/survey_models.py"
     causal = [s for (task, _), s in TABLE.items() if task == "causal_lm"]
     assert causal.count("works") >= 172
