@@ -126,6 +126,10 @@ _MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups
 TYPE_OVERRIDES: dict[str, dict[str, Any]] = {
     # what the generic shrink cannot infer, by model type (set on the config and its sub-configs that have it)
     "bamba": dict(_MAMBA, attn_layer_indices=[1]),
+    "cohere_compass_text": dict(
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    ),
+    "dbrx": {"attn_config.rope_theta": 1e4, "attn_config.clip_qkv": 8.0},
     "deepseek_v2": dict(num_experts_per_tok=2),
     "falcon_h1": dict(_MAMBA, mamba_d_ssm=64),
     "gemma3n_text": dict(num_kv_shared_layers=0),
@@ -141,7 +145,14 @@ TYPE_OVERRIDES: dict[str, dict[str, Any]] = {
     ),
     "recurrent_gemma": dict(lru_width=32, block_types=["recurrent", "attention"]),
     "reformer": dict(is_decoder=True, axial_pos_shape=(8, 8), axial_pos_embds_dim=(16, 16)),
-    "zamba2": dict(mamba_headdim=16, n_mamba_heads=4, mamba_d_state=16, hybrid_layer_ids=[1]),
+    "zamba2": dict(
+        mamba_headdim=16,
+        n_mamba_heads=4,
+        mamba_d_state=16,
+        hybrid_layer_ids=[1],
+        attention_hidden_size=64,
+        attention_head_dim=16,
+    ),
 }
 
 
@@ -189,7 +200,11 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
 
     values = config.to_dict()
     for key, value in (overrides or {}).items():  # first: a validator may check them against the sizes
-        if key in values or hasattr(config, key):
+        if "." in key:  # a sub-config's attribute: "attn_config.rope_theta"
+            sub, _, attr = key.partition(".")
+            if getattr(config, sub, None) is not None:
+                _set(getattr(config, sub), attr, value)
+        elif key in values or hasattr(config, key):
             _set(config, key, value)
     heads = values.get("num_attention_heads")
     kv_equal = heads is not None and values.get("num_key_value_heads") in (heads, None)
@@ -221,7 +236,7 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
                 _set(config, key, count)
         _set(config, "layer_types", (kinds * count)[:count])
     for key, value in (overrides or {}).items():
-        if key in values or hasattr(config, key):
+        if "." not in key and (key in values or hasattr(config, key)):
             _set(config, key, value)
     for sub in list(vars(config).values()):
         if isinstance(sub, PretrainedConfig):
