@@ -7,8 +7,9 @@ alone against the model's KV cache. Nothing found is trusted before it is checke
 - the blocks must all be called, in order, with hidden states ``[1, T, d]``, and they must *chain*: each
   block's input equals the previous block's output (else the stack is not the residual path);
 - the final norm is the norm module beside the stack whose input is the last block's output;
-- ``causal``: a decoding step against the model's own cache reproduces every block's output at the last
-  token, and re-calling each block on that token (twice, the cache put back between) gives it again;
+- ``causal``: a decoding step against the model's own cache reproduces every block's output at two tokens
+  (the second and the last), and re-calling each block on such a token (twice, the cache put back between)
+  gives it again;
 - ``token_copies``: several copies of the token in one call give the single-token output.
 
 A model that fails the first check is refused with the reason and the registration hook; failing a later
@@ -364,13 +365,13 @@ def _close(a: Tensor, b: Tensor, rtol: float = _CHAIN_RTOL) -> bool:
 def _with_single_token(
     model: nn.Module, adapter: BlockAdapter, blocks: nn.ModuleList, inputs: Tensor, calls: list
 ) -> BlockAdapter:
-    """``adapter`` with ``causal`` (and ``token_copies``) set as the checks on the last token allow."""
+    """``adapter`` with ``causal`` (and ``token_copies``) set as the checks at two tokens allow."""
     from alignscope.models.capture import capture_tokens_calls, token_block_function, token_copies_function
 
     causal = dataclasses.replace(adapter, causal=True)
-    t = inputs.shape[1] - 1
+    positions = [1, inputs.shape[1] - 1]  # a token with one cached token before it, and the last
     try:
-        for _, token_calls in capture_tokens_calls(model, causal, blocks, inputs, [t]):
+        for t, token_calls in capture_tokens_calls(model, causal, blocks, inputs, positions):
             for i, (call, full) in enumerate(zip(token_calls, calls)):
                 expected = full.output[:, t : t + 1]
                 if call.output.shape != expected.shape or not _close(call.output, expected, 1e-4):
