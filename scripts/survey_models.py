@@ -66,7 +66,7 @@ QUANTIZED = """
 | bitsandbytes 8-bit (`BitsAndBytesConfig(load_in_8bit=True)`) | works (tested against the reference) | works (bitsandbytes' autograd path; `scripts/gpu_check.py` case) | the dequantized computation the model runs (bitsandbytes casts the 8-bit matmul inputs to float16, so `J` carries float16 rounding) |
 | bitsandbytes 4-bit, NF4 or FP4 (`load_in_4bit=True`) | refused: bitsandbytes repacks the weights for an inference kernel with no gradient, so `J` would be zero; the error says to use a GPU, 8-bit or a float dtype | expected to work through bitsandbytes' 4-bit autograd path (`scripts/gpu_check.py` case) | the dequantized computation |
 | GGUF (`source=pypi_gguf`, or transformers' `gguf_file=`) | works | works | float weights: GGUF files are dequantized when loaded |
-| GPTQ, AWQ, torchao, HQQ | not tested | not tested | load in a float dtype (`torch_dtype=torch.bfloat16`, no `quantization_config`) to be sure |
+| GPTQ, AWQ, torchao, HQQ and other `quantization_config` methods | refused, saying to load the model in a float dtype | refused likewise | not checked here: their packed weights may sit in buffers that a cast copy of a block would corrupt |
 
 `meta["quantization"]` of a probe names the bitsandbytes scheme it ran through.
 """

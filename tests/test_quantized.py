@@ -54,3 +54,10 @@ def test_a_4bit_model_on_the_cpu_is_refused_with_what_to_do(saved_llama):
     model = _load(saved_llama, load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     with pytest.raises(ValueError, match=r"4-bit layers on the CPU.*CUDA GPU.*load_in_8bit.*float dtype"):
         probe(model, prompt_ids(1, 4))
+
+
+def test_an_untested_quantization_scheme_is_refused_with_how_to_load_it_in_a_float_dtype():
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(ValueError, match=r"quantized with 'gptq'.*float dtype.*torch_dtype=torch.bfloat16"):
+        probe(model, prompt_ids(1, 4))

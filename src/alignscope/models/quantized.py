@@ -29,9 +29,28 @@ def quantization(model: nn.Module) -> str | None:
     return ", ".join(sorted(kinds)) or None
 
 
+DEQUANTIZED_AT_LOAD = ("gguf",)
+"""``quantization_config`` methods whose weights are float once loaded."""
+
+
+def _config_method(model: nn.Module) -> str | None:
+    """The ``quant_method`` of the model's ``quantization_config`` (transformers' quantizers), or None."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() if method is not None else None
+
+
 def check_differentiable(model: nn.Module, device: torch.device) -> None:
     """Raise a ``ValueError`` saying what to do when the model's quantized layers give no input gradient
-    on ``device`` (bitsandbytes 4-bit on the CPU)."""
+    on ``device`` (bitsandbytes 4-bit on the CPU), or are of a scheme not tested here (GPTQ, AWQ, HQQ,
+    torchao, ...: their packed weights may sit in buffers that a cast copy of a block would corrupt)."""
+    method = _config_method(model)
+    if method is not None and method != "bitsandbytes" and method not in DEQUANTIZED_AT_LOAD:
+        raise ValueError(
+            f"this model is quantized with {method!r}, which alignscope has not been checked against (only "
+            "bitsandbytes is); load it in a float dtype to probe it: from_pretrained(..., "
+            "torch_dtype=torch.bfloat16) without quantization_config, e.g. the unquantized checkpoint"
+        )
     kind = quantization(model) or ""
     if "4-bit" in kind and device.type == "cpu":
         raise ValueError(
