@@ -13,6 +13,7 @@ from alignscope import probe
 from alignscope.models import BlockAdapter, get_adapter, register_adapter
 from alignscope.models.adapters import ADAPTERS
 from alignscope.models.discovery import DiscoveryError, discover_adapter
+from alignscope.models.reference import perturbed_block_output
 from alignscope.probing.survey import MAPPINGS, read_table, survey_type, survey_types
 from conftest import prompt_ids, tiny_model, whole_model_jacobian
 
@@ -78,23 +79,13 @@ def test_discovery_finds_gpt2_style_stacks_and_its_final_norm():
     res = probe(model, ids, keep_jacobians=True, include_final_norm=True)
     # the last block with the final norm: d ln_f(x^L) / d x^{L-1} = J_ln_f(x^L) (I + J_L), by autograd alone
     block = whole_model_jacobian(model, ids, 2, 4, 4)
-    norm_jac = torch.autograd.functional.jacobian(model.transformer.ln_f, _block_output(model, ids, 2)[4])
+    with torch.no_grad():
+        x_last = perturbed_block_output(model, ids, 2, 4, 4)(torch.zeros(()))  # x^L at the token
+    norm_jac = torch.autograd.functional.jacobian(model.transformer.ln_f, x_last)
     expected = norm_jac @ block - torch.eye(32)
     torch.testing.assert_close(res.jacobians[0, 2], expected, atol=1e-6 * expected.abs().max().item(), rtol=0)
     plain = probe(model, ids, keep_jacobians=True)
     assert (plain.jacobians[0, 2] - res.jacobians[0, 2]).abs().max() > 1e-2  # the norm is in
-
-
-def _block_output(model, ids, layer):
-    seen = {}
-    handle = model.transformer.h[layer].register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        handle.remove()
-    y = seen["y"]
-    return (y[0] if isinstance(y, tuple) else y)[0]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import torch
 
 from alignscope import probe
 from alignscope.core.randomized import RandomizedSVD
+from alignscope.models.reference import perturbed_block_output
 from alignscope.models.tiny import tiny_model_of_type
 from conftest import prompt_ids, whole_model_jacobian
 
@@ -75,29 +76,11 @@ def test_the_moe_jacobian_is_the_derivative_at_the_taken_routing_by_finite_diffe
     res = probe(model, ids, tokens=[4], layers=[1], keep_jacobians=True, dtype=torch.float64)
     assert model.config._experts_implementation == "grouped_mm"  # put back
     model.set_experts_implementation("eager")
-    block = model.model.layers[1]
-    seen = {}
+    block_output = perturbed_block_output(model, ids, 1, 4, 4)
 
     def run(delta):
-        def pre(module, args, kwargs):
-            h = kwargs["hidden_states"].clone() if not args else args[0].clone()
-            h[:, 4] += delta
-            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-        def post(module, args, kwargs, output):
-            seen["y"] = (output[0] if isinstance(output, tuple) else output)[0, 4]
-
-        hs = [
-            block.register_forward_pre_hook(pre, with_kwargs=True),
-            block.register_forward_hook(post, with_kwargs=True),
-        ]
-        try:
-            with torch.no_grad():
-                model(input_ids=ids)
-        finally:
-            for h in hs:
-                h.remove()
-        return seen["y"]
+        with torch.no_grad():
+            return block_output(delta)
 
     # small enough that no token changes experts; transformers' norms round float64 through float32, so
     # central differences are good to ~1e-4 here

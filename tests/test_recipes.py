@@ -54,7 +54,7 @@ def _dry_run(root: Path, jobs: list[tuple[str, list[str]]], seeds: list[int]) ->
     """Each job of a recipe, run by the probe app on a tiny local model instead of the hub model."""
     from alignscope.apps.probe_app import run
 
-    for job, ((experiment_overrides), seed) in enumerate(zip(jobs, seeds)):
+    for job, (experiment_overrides, seed) in enumerate(zip(jobs, seeds)):
         local = save_tiny_local_model(root / f"model{seed}", seed=seed)
         run(
             _compose(

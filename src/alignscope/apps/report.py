@@ -175,13 +175,13 @@ def _run_score_points(
     return table, points, unmatched
 
 
-def _paper_reference(scores: str, score_column: str, regs: list) -> list[str]:
+def _paper_reference(table: ScoreTable, score_column: str, regs: list[Regression]) -> list[str]:
     """With a scores CSV that has the paper's own coupling column (``coupling_in_paper``, as
     ``examples/paper_fig1a_scores.csv``): the R^2 the paper reports next to the one of its column and of this
     report's first regression, so a rerun of the paper's Figure 1a can be read against it."""
-    table = read_scores(scores, numeric=[score_column])
     if PAPER_COUPLING_COLUMN not in table.columns or not regs:
         return []
+    scores = table.path
     paper = read_scores(scores, numeric=[PAPER_COUPLING_COLUMN, score_column])
     own = regress(
         [r.values[PAPER_COUPLING_COLUMN] for r in paper.rows], [r.values[score_column] for r in paper.rows]
@@ -282,7 +282,7 @@ def build_report(
             "[correlation.csv](correlation.csv))",
             "",
             write_correlation(points, regs, "label", out),
-            *_paper_reference(scores, score_column, regs),
+            *_paper_reference(table, score_column, regs),
             *_input_notes(table.skipped, unmatched),
         ]
     text = "\n".join(sections) + "\n"

@@ -213,26 +213,30 @@ def get_adapter(model: nn.Module) -> BlockAdapter:
     return discover_adapter(unwrap_model(model))
 
 
+def _peft_configs(model: nn.Module) -> dict[str, Any]:
+    """A PEFT ``PeftModel``'s adapter configs by name (also inside a ``torch.compile`` wrapper), else {}."""
+    inner = getattr(model, "_orig_mod", model)
+    if not type(inner).__module__.startswith("peft."):
+        return {}
+    return dict(getattr(inner, "peft_config", None) or {})
+
+
+def _peft_type(config: Any) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 def peft_types(model: nn.Module) -> list[str] | None:
     """The PEFT types of a ``PeftModel``'s adapters (e.g. ``["LORA"]``, ``meta["peft"]``), else None."""
-    inner = getattr(model, "_orig_mod", model)
-    configs = getattr(inner, "peft_config", None) if type(inner).__module__.startswith("peft.") else None
-    if not configs:
-        return None
-    return sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in configs.values()})
+    configs = _peft_configs(model)
+    return sorted({_peft_type(c) for c in configs.values()}) if configs else None
 
 
 def check_peft(model: nn.Module) -> None:
     """Refuse a PEFT model with prompt-learning adapters (prompt tuning, prefix tuning, p-tuning): PEFT
     applies them in the ``PeftModel``'s own forward (virtual tokens, prefix keys and values), outside the
     base model that a probe runs, so the probe would silently measure the unadapted model."""
-    inner = getattr(model, "_orig_mod", model)
-    if not type(inner).__module__.startswith("peft."):
-        return
     prompt = sorted(
-        str(getattr(c.peft_type, "value", c.peft_type))
-        for c in (getattr(inner, "peft_config", None) or {}).values()
-        if getattr(c, "is_prompt_learning", False)
+        _peft_type(c) for c in _peft_configs(model).values() if getattr(c, "is_prompt_learning", False)
     )
     if prompt:
         raise ValueError(

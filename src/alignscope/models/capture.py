@@ -39,8 +39,9 @@ class BlockCall:
 @contextlib.contextmanager
 def probe_mode(model: nn.Module, attention: str = "eager") -> Iterator[None]:
     """Eval mode, ``attention`` implementation (``"eager"`` default, or ``"sdpa"`` with the math kernel),
-    the eager (plain loop) experts implementation of a mixture-of-experts model, no parameter gradients; the model's training flags, attention setting and ``requires_grad`` flags are
-    restored on exit, also after an error. Parameter values are never touched."""
+    the eager (plain loop) experts implementation of a mixture-of-experts model, no parameter gradients;
+    the model's training flags, attention and experts settings and ``requires_grad`` flags are restored on
+    exit, also after an error. Parameter values are never touched."""
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"attention must be 'eager' or 'sdpa' (math kernel), got {attention!r}")
     training = {m: m.training for m in model.modules()}

@@ -1,19 +1,23 @@
 """Block adapters found from a model's structure, for architectures with no registry entry.
 
 :func:`discover_adapter` finds the block stack (the ``nn.ModuleList`` with one entry per layer of the
-config), the final norm beside it, the input kind, and whether the single-token engine can evaluate a token
-alone against the model's KV cache. Nothing found is trusted before it is checked on a short real forward:
+config), the final norm, the input kind, and whether the single-token engine can evaluate a token alone
+against the model's KV cache. Nothing found is trusted before it is checked on a short real forward:
 
-- the blocks must all be called, in order, with hidden states ``[1, T, d]``, and they must *chain*: each
-  block's input equals the previous block's output (else the stack is not the residual path);
-- the final norm is the norm module beside the stack whose input is the last block's output;
+- the blocks must all be called, once each and in order, with hidden states ``[1, T, d]``, and they must
+  *chain*: each block's input equals the previous block's output (else the stack is not the residual path);
+- no block is also passed an earlier block's input through another argument (connections across blocks);
+- each block re-called with its recorded arguments reproduces its output, through autograd;
+- the final norm is the norm module beside the stack (or beside one of its ancestors) whose input is the
+  last block's output;
 - ``causal``: a decoding step against the model's own cache reproduces every block's output at two tokens
   (the second and the last), and re-calling each block on such a token (twice, the cache put back between)
   gives it again;
 - ``token_copies``: several copies of the token in one call give the single-token output.
 
-A model that fails the first check is refused with the reason and the registration hook; failing a later
-check turns the feature off (``causal=False``: the full-sequence engine) and says why in ``notes``.
+A model that fails one of the first three checks is refused with the reason and the registration hook;
+failing a later check turns the feature off (``causal=False``: the full-sequence engine) and says why in
+``notes``.
 """
 
 from __future__ import annotations
@@ -25,18 +29,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignscope.models.adapters import BlockAdapter
+from alignscope.models.adapters import BlockAdapter, config_attr
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 """Config attributes that hold the number of blocks."""
-_PREFERRED = ("language_model", "text_model", "decoder", "transformer", "model")
+_PREFERRED = ("language_model", "text_model", "decoder")
+"""Path parts that mark the language model's stack among several of the same length."""
 _CHAIN_RTOL = 1e-5
 
 _DISCOVERED: weakref.WeakKeyDictionary[nn.Module, BlockAdapter] = weakref.WeakKeyDictionary()
 
 
 class DiscoveryError(NotImplementedError):
-    """No verified block stack: the message says what was found, what failed and how to register one."""
+    """No verified block stack: the message says what was found, what failed and how to register one;
+    ``reason`` is the failed check alone."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def layer_count(config: Any, vision: bool = False) -> int | None:
@@ -80,25 +90,30 @@ def _refuse(model: nn.Module, why: str) -> DiscoveryError:
     return DiscoveryError(
         f"alignscope cannot probe {type(model).__name__} (model_type {model_type!r}): {why}. If the model has "
         f"a residual block stack, register it: alignscope.register_adapter({model_type!r}, "
-        "BlockAdapter(block_paths=('<path.to.blocks>',)))"
+        "BlockAdapter(block_paths=('<path.to.blocks>',)))",
+        why,
     )
 
 
 def structural_refusal(model: nn.Module) -> str | None:
     """Why ``model`` has no block stack to probe, from its structure alone (no forward; works on the meta
     device), or None when it has candidates."""
+    return _candidate_stacks(model)[1]
+
+
+def _candidate_stacks(model: nn.Module) -> tuple[list[str], str | None]:
+    """The dotted paths of the candidate stacks (:func:`_stack_paths`), or ``([], why there are none)``."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False) and _has_both_stacks(model):
-        return (
+        return [], (
             "it is an encoder-decoder model, with two block stacks; probe one stack as a model of its own, "
             "e.g. alignscope.probe(model.get_encoder(), input_ids)"
         )
     n = layer_count(config, _is_vision(model))
     if n is None:
-        return f"its config declares no block count (none of {', '.join(LAYER_COUNT_KEYS)})"
-    if not _stack_paths(model, n):
-        return f"no nn.ModuleList of {n} blocks (the config's block count) was found"
-    return None
+        return [], f"its config declares no block count (none of {', '.join(LAYER_COUNT_KEYS)})"
+    paths = _stack_paths(model, n)
+    return paths, None if paths else f"no nn.ModuleList of {n} blocks (the config's block count) was found"
 
 
 def _has_both_stacks(model: nn.Module) -> bool:
@@ -112,14 +127,13 @@ def _has_both_stacks(model: nn.Module) -> bool:
 
 
 def _discover(model: nn.Module) -> BlockAdapter:
-    why = structural_refusal(model)
+    paths, why = _candidate_stacks(model)
     if why is not None:
         raise _refuse(model, why)
     if _device(model).type == "meta" and not hasattr(model, "hf_device_map"):
         raise _refuse(
             model, "its weights are on the meta device (not loaded); load them, e.g. from_pretrained()"
         )
-    paths = _stack_paths(model, layer_count(model.config, _is_vision(model)))
     inputs = "pixel_values" if _is_vision(model) else "input_ids"
     from alignscope.models.capture import probe_mode
 
@@ -150,7 +164,7 @@ def _stack_paths(model: nn.Module, n: int) -> list[str]:
 
     def rank(item: tuple[str, nn.Module]) -> tuple[int, int]:
         name, mod = item
-        preferred = any(part in _PREFERRED[:3] for part in name.split("."))
+        preferred = any(part in _PREFERRED for part in name.split("."))
         return (int(preferred), sum(p.numel() for p in mod.parameters()))
 
     return [name for name, _ in sorted(outer, key=rank, reverse=True)]
@@ -164,9 +178,8 @@ def _probe_input(model: nn.Module, adapter: BlockAdapter) -> Tensor:
         g = torch.Generator().manual_seed(0)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         return torch.randn(1, *image_shape(config), generator=g).to(device=device, dtype=dtype)
-    vocab = next(
-        (v for cfg in _configs(config) if isinstance(v := getattr(cfg, "vocab_size", None), int)), 16
-    )
+    vocab = config_attr(model, "vocab_size")
+    vocab = vocab if isinstance(vocab, int) else 16
     return (torch.arange(4) % max(vocab - 3, 1) + 3).clamp(max=vocab - 1)[None].to(device)
 
 
@@ -214,10 +227,9 @@ def _verified(model: nn.Module, adapter: BlockAdapter) -> BlockAdapter:
     handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
     try:
         calls = capture_block_calls(model, adapter, blocks, inputs)
-    except RuntimeError as err:
-        raise _refuse(model, f"a forward through the stack {adapter.block_paths[0]!r} failed: {err}") from err
     except Exception as err:
-        raise _refuse(model, f"its forward fails on a 4-token prompt ({type(err).__name__}: {err})") from err
+        why = f"its forward through the stack {adapter.block_paths[0]!r} fails ({type(err).__name__}: {err})"
+        raise _refuse(model, why) from err
     finally:
         for h in handles:
             h.remove()

@@ -199,13 +199,7 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
     from transformers import PretrainedConfig
 
     values = config.to_dict()
-    for key, value in (overrides or {}).items():  # first: a validator may check them against the sizes
-        if "." in key:  # a sub-config's attribute: "attn_config.rope_theta"
-            sub, _, attr = key.partition(".")
-            if getattr(config, sub, None) is not None:
-                _set(getattr(config, sub), attr, value)
-        elif key in values or hasattr(config, key):
-            _set(config, key, value)
+    _override(config, values, overrides)  # first: a validator may check them against the sizes
     heads = values.get("num_attention_heads")
     kv_equal = heads is not None and values.get("num_key_value_heads") in (heads, None)
     for key, value in values.items():
@@ -235,9 +229,7 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
             if key in values:
                 _set(config, key, count)
         _set(config, "layer_types", (kinds * count)[:count])
-    for key, value in (overrides or {}).items():
-        if "." not in key and (key in values or hasattr(config, key)):
-            _set(config, key, value)
+    _override(config, values, overrides)  # and last: the generic shrink must not undo them
     for sub in list(vars(config).values()):
         if isinstance(sub, PretrainedConfig):
             shrink_config(sub, layers, overrides)
@@ -246,6 +238,15 @@ def shrink_config(config: Any, layers: int = _TINY_LAYERS, overrides: dict[str, 
         if isinstance(value, int) and value >= 128:
             _set(config, key, 1)
     return config
+
+
+def _override(config: Any, values: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+    """Set the ``overrides`` that ``config`` has (``"attn_config.rope_theta"``: a sub-config's attribute)."""
+    for key, value in (overrides or {}).items():
+        sub, _, attr = key.rpartition(".")
+        target = getattr(config, sub, None) if sub else config
+        if target is not None and (sub or key in values or hasattr(config, key)):
+            _set(target, attr, value)
 
 
 def _set(config: Any, key: str, value: Any) -> None:
@@ -279,11 +280,10 @@ def tiny_model_of_type(model_type: str, class_name: str, seed: int = 0) -> nn.Mo
     size = sum(p.numel() for p in skeleton.parameters())
     if size > MAX_TINY_PARAMS:
         raise TinyModelError(f"the shrunk {model_type} config still has {size:,} parameters", skeleton)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls._from_config(config)
+    from alignscope.models.build import random_init_twin
+
+    model = random_init_twin(config, seed=seed, model_class=cls)
     languages = getattr(model.config, "languages", None)
     if languages and hasattr(model, "set_default_language"):  # X-MOD: one adapter per language
         model.set_default_language(languages[0])
-    model.config.alignscope_init_seed = seed
-    return model.to(torch.float32).eval()
+    return model

@@ -2,8 +2,9 @@
 
 :func:`survey_type` builds a tiny random-init model of one model type (its config from
 ``AutoConfig.for_model``, shrunk by :func:`alignscope.models.tiny.shrink_config`), probes the last token
-(a vision model: its CLS token) of every block with ``engine="auto"``, and compares each block's residual
-Jacobian with the independent whole-model reference (:func:`alignscope.models.reference.reference_jacobian`).
+(a vision model: token 0) of every block with ``engine="auto"``, compares each block's residual Jacobian with
+the independent whole-model reference (:func:`alignscope.models.reference.reference_jacobian`), and the
+probed trajectory with transformers' own ``output_hidden_states``.
 ``scripts/survey_models.py`` writes the table in ``docs/models.md``; the test suite checks every row.
 """
 
@@ -87,7 +88,7 @@ def _survey(row: SurveyRow) -> tuple[str, str]:
             warnings.simplefilter("ignore")
             res = probe(model, **kw, ks=(2,), keep_jacobians=True)
     except DiscoveryError as err:
-        return "refused", str(err).split(": ", 1)[-1].split(". If the model has", 1)[0]
+        return "refused", err.reason
     except Exception as err:
         return "error", _short(err)
     row.engine, row.adapter, row.blocks = res.meta["engine"], res.meta["adapter"], res.meta["num_blocks"]
@@ -148,10 +149,10 @@ def _hidden_states_mismatch(model: torch.nn.Module, kw: dict, res, t: int) -> st
 
 
 def _inputs(model: torch.nn.Module) -> torch.Tensor:
-    if model.main_input_name == "pixel_values":
-        g = torch.Generator().manual_seed(1)
-        return torch.randn(1, *image_shape(model.config), generator=g)
+    """One random image of the config's shape, or 5 random token ids."""
     g = torch.Generator().manual_seed(1)
+    if model.main_input_name == "pixel_values":
+        return torch.randn(1, *image_shape(model.config), generator=g)
     return torch.randint(3, 100, (1, 5), generator=g)
 
 
