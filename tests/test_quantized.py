@@ -34,6 +34,7 @@ def test_an_8bit_model_probes_with_the_jacobian_of_its_dequantized_computation(s
     ids = prompt_ids(1, 5)
     res = probe(model, ids, tokens=[1, 4], keep_jacobians=True, engine=engine)
     assert res.meta["quantization"] == "bitsandbytes 8-bit"
+    assert any("compute in their own dtype" in note for note in res.meta["notes"])
     for p, t in enumerate((1, 4)):
         for layer in range(2):
             expected = whole_model_jacobian(model, ids, layer, t, t) - torch.eye(128)

@@ -246,6 +246,12 @@ def _resolve(model: nn.Module, s: ProbeSettings, keep_blocks: Sequence[int] | No
     chain_blocks = len(blocks) - 1 if s.linearization == "drop_last" else None
     target = Target(model, adapter, blocks, probed, max(ks), s.dtype, final_norm, chain_blocks)
     notes = [*([notice] if notice else []), *adapter.notes]
+    quantized = quantization(model)
+    if quantized:
+        notes.append(
+            f"{quantized} layers compute in their own dtype (8-bit: float16 matmul inputs), whatever dtype= says; "
+            "the Jacobians carry that rounding"
+        )
     return _Run(s, ks, dropped, notes, target, kept, engine, device)
 
 
